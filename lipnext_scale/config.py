@@ -1,0 +1,280 @@
+"""One typed job config: dataclasses, loaded from TOML files under `configs/`, with `--set a.b=value`.
+
+Every component receives its section of one `JobConfig`; nothing reads `os.environ` except entry points.
+Loading validates early: unknown keys are rejected with the list of valid ones, values are checked
+against the field types, and each section's `validate()` checks ranges with messages that say the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names it and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "lipnext-tiny"
+    num_classes: int = 10
+    image_size: int = 32
+    # Architecture overrides of the registry entry; None keeps the registry's value.
+    width: int | None = None
+    depth: int | None = None
+    expansion: int | None = None
+    patch_size: int | None = None
+    beta: float | None = None
+    residual_alpha: float | None = None
+    shift_mode: str | None = None
+
+    def validate(self) -> None:
+        if self.num_classes < 2:
+            raise ConfigError(f"model.num_classes={self.num_classes}: need at least 2 classes")
+        if self.image_size < 1:
+            raise ConfigError(f"model.image_size={self.image_size}: must be a positive pixel count")
+
+    def overrides(self) -> dict[str, Any]:
+        keys = ("width", "depth", "expansion", "patch_size", "beta", "residual_alpha", "shift_mode")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+@dataclass
+class OptimConfig:
+    # Riemannian momentum on orthogonal matrices (paper.md B.8); AdamW on everything else.
+    lr: float = 0.05
+    momentum: float = 0.9
+    retraction: str = "polar_ns"  # qr | cayley | exp | polar_ns
+    ns_iters: int = 6
+    reortho_every: int = 100
+    euclid_lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 0.0
+
+    def validate(self) -> None:
+        allowed = ("qr", "cayley", "exp", "polar_ns")
+        if self.retraction not in allowed:
+            raise ConfigError(f"optim.retraction={self.retraction!r}: choose one of {', '.join(allowed)}")
+        for name in ("lr", "euclid_lr"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"optim.{name}={getattr(self, name)}: must be > 0")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"optim.momentum={self.momentum}: must be in [0, 1)")
+        if self.total_steps < 1 or self.warmup_steps < 0 or self.warmup_steps > self.total_steps:
+            raise ConfigError(
+                f"optim.warmup_steps={self.warmup_steps}, optim.total_steps={self.total_steps}: "
+                "need 0 <= warmup_steps <= total_steps and total_steps >= 1"
+            )
+
+
+@dataclass
+class DataConfig:
+    # A shard pattern ("{train-000000..000009}.tar" brace syntax) or a manifest URL; any fsspec URL.
+    train_url: str = ""
+    eval_url: str = ""
+    dataset: str = "digits"  # digits | cifar10 | cifar100 | tiny-imagenet | imagenet: picks augmentation
+    batch_size: int = 64
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size={self.batch_size}: must be >= 1")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers}: must be >= 0")
+
+
+@dataclass
+class LossConfig:
+    # Margin-aware cross-entropy (paper.md B.9): logits of non-target classes are raised by
+    # offset * eps_train * ||w_y - w_j||, then divided by temperature.
+    eps_train: float = 36 / 255
+    offset: float = 1.0
+    temperature: float = 0.25
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"loss.temperature={self.temperature}: must be > 0")
+        if self.eps_train < 0 or self.offset < 0:
+            raise ConfigError("loss.eps_train and loss.offset must be >= 0")
+
+
+@dataclass
+class CertifyConfig:
+    eps: str = "36/255,72/255,108/255"
+    batch_size: int = 256
+    lipschitz_tol: float = 1e-4
+    allow_approx: bool = False
+
+    def validate(self) -> None:
+        from lipnext_scale.certify.certify import parse_eps_list
+
+        parse_eps_list(self.eps)
+        if self.lipschitz_tol < 0:
+            raise ConfigError(f"certify.lipschitz_tol={self.lipschitz_tol}: must be >= 0")
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    certify: CertifyConfig = field(default_factory=CertifyConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: TOML file -> nested dict -> dataclasses, then `--set` overrides, then validation.
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check (and minimally convert) `value` against the annotated type `tp`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}={value!r}: expected a list of {len(args)} values")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r}: expected a list")
+        return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}={value!r}: expected a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}={value!r}: expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r}: expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={value!r}: expected a string")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r}: expected a table")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {tp!r}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"valid keys{' in [' + where + ']' if where else ''}: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{key}] must be a table, got {value!r}")
+            kwargs[name] = _build(tp, value, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value); the value is read as a TOML value, else kept as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set optim.lr=0.1")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: the key must be dotted names, e.g. model.width")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word such as lipnext-tiny or s3://bucket/x
+    return key.split("."), value
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {path[-1]: value}
+    for part in reversed(path[:-1]):
+        out = {part: out}
+    return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config; `extends = "other.toml"` (relative to this file) layers this one on top."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass a path such as configs/train/demo.toml")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from e
+    parent = data.pop("extends", None)
+    if parent is not None:
+        data = _merge(read_toml(p.parent / parent), data)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                cls: type = JobConfig) -> Any:
+    data: dict[str, Any] = read_toml(path) if path else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        data = _merge(data, _nest(keys, value))
+    cfg = _build(cls, data, "")
+    cfg.validate()
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,60 @@
+"""Lipschitz bounds of a LipNeXt feature map: empirical (power iteration) and rigorous (from weights).
+
+The rigorous bound is what certification divides radii by when weights are only approximately
+orthogonal (paper.md B.1): per matrix ||W||_2 <= sqrt(1 + ||G - I||_F) with G the Gram matrix of the
+smaller side, since ||W||_2^2 = lambda_max(G) <= 1 + ||G - I||_2 <= 1 + ||G - I||_F. All other layers
+(shift, beta-Abs, pooling, patchify, mean subtraction) are 1-Lipschitz by construction; a convex
+residual (1 - a) x + a g(x) is (1 - a) + a L_g Lipschitz.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from lipnext_scale.model.layers import OrthogonalProjection
+
+
+def spectral_norm_upper_bound(weight: torch.Tensor) -> float:
+    """sqrt(1 + ||G - I||_F), computed in float64; >= ||W||_2 for any W."""
+    w = weight.detach().to(torch.float64)
+    gram = w.t() @ w if w.shape[0] >= w.shape[1] else w @ w.t()
+    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    return math.sqrt(1.0 + float(torch.linalg.matrix_norm(gram - eye, ord="fro")))
+
+
+def rigorous_lipschitz_bound(model: torch.nn.Module) -> float:
+    """Upper bound of the Lipschitz constant of `model.features` from its weights (>= 1 only by rounding)."""
+    bound = spectral_norm_upper_bound(model.stem.weight)
+    for block in model.blocks:
+        inner = spectral_norm_upper_bound(block.expand.weight) * spectral_norm_upper_bound(block.contract.weight)
+        a = block.residual_alpha
+        bound *= (1.0 - a) + a * inner
+    return bound
+
+
+def max_orthogonality_error(model: torch.nn.Module) -> float:
+    """max over matrices of max |G - I|."""
+    from lipnext_scale.model.layers import orthogonality_error
+
+    return max((orthogonality_error(m.weight) for m in model.modules() if isinstance(m, OrthogonalProjection)),
+               default=0.0)
+
+
+def jacobian_spectral_norm(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, iters: int = 50,
+                           seed: int = 0) -> float:
+    """Largest singular value of d fn / d x at x, by power iteration on J^T J with autograd."""
+    x = x.detach()
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    v = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
+    v = v / v.norm()
+    sigma = 0.0
+    for _ in range(iters):
+        _, jv = torch.func.jvp(fn, (x,), (v,))
+        _, vjp_fn = torch.func.vjp(fn, x)
+        (jtjv,) = vjp_fn(jv)
+        sigma = float(jv.norm())
+        v = jtjv / jtjv.norm().clamp_min(1e-30)
+    return sigma
