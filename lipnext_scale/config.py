@@ -131,12 +131,65 @@ class CertifyConfig:
 
 
 @dataclass
+class TrainConfig:
+    # One training run: where it writes (checkpoints, TensorBoard, resolved config) and how it runs.
+    name: str = "run"
+    storage: str = "./runs"  # fsspec URL (local path, file://, s3://, gs://); the run lives in {storage}/{name}
+    steps: int = 1000  # optimizer steps (each = grad_accum micro-batches per worker)
+    grad_accum: int = 1
+    precision: str = "bf16"  # bf16 | fp32 (fp32 gives bit-exact resume checks)
+    num_workers: int = 2  # Ray Train workers = data-parallel ranks
+    cpus_per_worker: int = 1
+    use_gpu: bool | str = "auto"  # "auto" uses GPUs when the Ray cluster has them
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 4  # held-out batches per worker per evaluation
+    seed: int = 0
+    deterministic_data: bool = False  # fixed data order: exact resume (tests, debugging), slower loading
+    max_failures: int = 0  # Ray Train restarts from the last checkpoint this many times
+    resume: str = "auto"  # auto (newest valid checkpoint of this run) | none | a checkpoint path/URL
+    deepspeed: str = "configs/deepspeed/zero3_bf16.json"  # ZeRO settings; batch/precision/clip set from here
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"train.name={self.name!r}: must be a non-empty name without '/'")
+        if not self.storage:
+            raise ConfigError("train.storage is empty: set a directory or URL, e.g. --set train.storage=./runs")
+        for key in ("steps", "grad_accum", "num_workers", "cpus_per_worker", "log_every", "eval_batches"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(self, key)}: must be >= 1")
+        if self.eval_every < 0 or self.max_failures < 0:
+            raise ConfigError("train.eval_every and train.max_failures must be >= 0")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"train.precision={self.precision!r}: choose bf16 or fp32")
+        if self.use_gpu not in ("auto", True, False):
+            raise ConfigError(f"train.use_gpu={self.use_gpu!r}: choose \"auto\", true or false")
+        if not self.resume:
+            raise ConfigError("train.resume is empty: use \"auto\", \"none\" or a checkpoint path")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 100  # also written at the end of the run and on SIGTERM
+    keep_last: int = 3  # older complete checkpoints are deleted
+
+    def validate(self) -> None:
+        if self.every_steps < 1 or self.keep_last < 1:
+            raise ConfigError(
+                f"ckpt.every_steps={self.every_steps}, ckpt.keep_last={self.keep_last}: both must be >= 1"
+            )
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     certify: CertifyConfig = field(default_factory=CertifyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

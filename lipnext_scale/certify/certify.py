@@ -116,6 +116,8 @@ def certified_accuracy(pred: torch.Tensor, radius: torch.Tensor, labels: torch.T
 
 
 def format_eps(eps: float) -> str:
-    """0.1411... -> '36/255' when it is a multiple of 1/255, else the decimal."""
+    """0.1411... -> '36/255' when it is a non-integer multiple of 1/255, else the decimal ('1', '0.5')."""
     k = eps * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-9 and eps != 0 else f"{eps:g}"
+    if eps != round(eps) and abs(k - round(k)) < 1e-9:
+        return f"{round(k)}/255"
+    return f"{eps:g}"

@@ -146,6 +146,11 @@ class LipNeXt(nn.Module):
                                   f"with image_size={x.shape[2]}")
         if not x.is_floating_point():
             raise ModelInputError(f"input dtype {x.dtype}: expected floats in [0, 1] (divide uint8 by 255)")
+        # One reduction and a host sync per batch: negligible next to the network, and a NaN image
+        # would otherwise flow into logits and certificates silently.
+        if not bool(torch.isfinite(x).all()):
+            raise ModelInputError("input contains NaN or inf; images must be finite floats in [0, 1] "
+                                  "(check the data pipeline's decode and normalisation)")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The 1-Lipschitz feature map: raw pixels (B, 3, H, W) -> (B, width)."""

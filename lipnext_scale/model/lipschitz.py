@@ -55,6 +55,6 @@ def jacobian_spectral_norm(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.
         _, jv = torch.func.jvp(fn, (x,), (v,))
         _, vjp_fn = torch.func.vjp(fn, x)
         (jtjv,) = vjp_fn(jv)
-        sigma = float(jv.norm())
-        v = jtjv / jtjv.norm().clamp_min(1e-30)
+        sigma = float(jv.detach().norm())
+        v = (jtjv / jtjv.norm().clamp_min(1e-30)).detach()
     return sigma

@@ -1,0 +1,9 @@
+"""Test-session environment: CPU-only DeepSpeed, one BLAS thread per process (2-core CI machine)."""
+
+import os
+
+# Entry-point settings (tests are an entry point): child processes inherit them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
