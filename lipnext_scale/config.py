@@ -64,9 +64,22 @@ class OptimConfig:
     warmup_steps: int = 0
     total_steps: int = 1000
     min_lr_ratio: float = 0.0
+    # > 0: each group is clipped by its own global grad norm (manifold: the optimizer; Euclidean: the
+    # optimizer in one process, DeepSpeed's gradient_clipping under ZeRO-3). 0: no clipping.
     grad_clip: float = 0.0
+    # ZeRO-3 manifold step: fp32 MiB of matrices an owner gathers per round (at least one matrix), which
+    # bounds the memory it holds beyond its shard; larger = fewer collectives.
+    manifold_bucket_mb: float = 256.0
 
     def validate(self) -> None:
+        if self.ns_iters < 1:
+            raise ConfigError(f"optim.ns_iters={self.ns_iters}: must be >= 1")
+        if self.reortho_every < 0:
+            raise ConfigError(f"optim.reortho_every={self.reortho_every}: must be >= 0 (0 disables it)")
+        if self.grad_clip < 0 or self.manifold_bucket_mb <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.grad_clip={self.grad_clip}, optim.manifold_bucket_mb={self.manifold_bucket_mb}, "
+                              f"optim.min_lr_ratio={self.min_lr_ratio}: need grad_clip >= 0, "
+                              "manifold_bucket_mb > 0 and 0 <= min_lr_ratio <= 1")
         allowed = ("qr", "cayley", "exp", "polar_ns")
         if self.retraction not in allowed:
             raise ConfigError(f"optim.retraction={self.retraction!r}: choose one of {', '.join(allowed)}")
@@ -98,6 +111,10 @@ class DataConfig:
             raise ConfigError(f"data.batch_size={self.batch_size}: must be >= 1")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers}: must be >= 0")
+        datasets = ("digits", "cifar10", "cifar100", "tiny-imagenet", "imagenet")  # = data.transforms.DATASETS
+        if self.dataset not in datasets:
+            raise ConfigError(f"data.dataset={self.dataset!r}: choose one of {', '.join(datasets)} "
+                              "(it picks the augmentation)")
 
 
 @dataclass
@@ -121,6 +138,9 @@ class CertifyConfig:
     batch_size: int = 256
     lipschitz_tol: float = 1e-4
     allow_approx: bool = False
+    workers: int = 2  # Ray actors, one model copy each; 0 runs in the calling process
+    attack: str = ""  # "" | "pgd": l2 PGD on certified points, a soundness check
+    attack_steps: int = 10
 
     def validate(self) -> None:
         from lipnext_scale.certify.certify import parse_eps_list
@@ -128,6 +148,11 @@ class CertifyConfig:
         parse_eps_list(self.eps)
         if self.lipschitz_tol < 0:
             raise ConfigError(f"certify.lipschitz_tol={self.lipschitz_tol}: must be >= 0")
+        if self.workers < 0 or self.batch_size < 1 or self.attack_steps < 1:
+            raise ConfigError(f"certify.workers={self.workers}, certify.batch_size={self.batch_size}, "
+                              f"certify.attack_steps={self.attack_steps}: need workers >= 0, the others >= 1")
+        if self.attack not in ("", "pgd"):
+            raise ConfigError(f"certify.attack={self.attack!r}: choose \"pgd\" or \"\" (no attack)")
 
 
 @dataclass
@@ -331,3 +356,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict[str, Any], cls: type = JobConfig) -> Any:
+    """Inverse of `config_to_dict` (e.g. a config stored in a checkpoint), validated like a loaded file."""
+    cfg = _build(cls, data, "")
+    cfg.validate()
+    return cfg

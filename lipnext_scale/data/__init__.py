@@ -1,0 +1,12 @@
+"""Data: preprocess data sets into WebDataset shards (`prep`), stream them into training and eval (`shards`).
+
+prep.py        prepare(kind, source, out_url, ...): source layout -> shards + manifest, one Ray task per shard
+sources/       one module per source layout (ImageNet x3, CIFAR, Tiny-ImageNet, digits): what to write
+encode.py      source image -> stored RGB JPEG/PNG at the prepared size
+manifest.py    {split}-manifest.parquet and classes.json
+shards.py      resolve_shards, make_train_loader, make_eval_loader, iter_shard_samples (the public loader API)
+streams.py     the train (resampled, resumable) and eval (exactly once) streams behind the loaders
+tar_reader.py  shard -> raw samples, bad ones skipped/counted/logged; tar_stream.py the tar parser
+transforms.py  decode + augmentation with PIL, no std division
+urls.py        fsspec URL helpers and atomic writes
+"""

@@ -1,0 +1,120 @@
+"""The certification job's view of the evaluation data: which shards, their samples, and checks.
+
+Shard URLs and tar reading come from the data pipeline (`lipnext_scale.data`). Certification is stricter
+than training: it never resizes and never skips. An image of the wrong size, a label outside the model's
+classes, an undecodable sample or a truncated shard is an error naming the shard, the key and the fix,
+because a silently dropped sample would make the reported accuracy a lie.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from typing import Iterator
+
+import torch
+
+from lipnext_scale.certify.model_loading import CertifyError
+
+
+def resolve_shards(data_url: str) -> list[str]:
+    """Shard URLs of `data_url`: a manifest, a brace pattern, a glob, one .tar or a split prefix."""
+    from lipnext_scale.data.shards import resolve_shards as data_resolve_shards
+    from lipnext_scale.data.urls import DataError
+
+    try:
+        return list(data_resolve_shards(data_url))
+    except DataError as e:
+        raise CertifyError(f"--data: {e}") from None
+
+
+def shard_name(shard_url: str) -> str:
+    """A file-name-safe id of a shard, unique within one data set (its base name without .tar)."""
+    base = posixpath.basename(shard_url.rstrip("/"))
+    return base[:-4] if base.endswith(".tar") else base
+
+
+def iter_shard_samples(shard_url: str) -> Iterator[tuple[str, torch.Tensor, int]]:
+    """(key, CHW float32 image in [0, 1], label) in shard order, at the stored size; any bad sample or
+    unreadable part of the shard raises CertifyError."""
+    from lipnext_scale.data.tar_reader import SkipStats, decode_raw, iter_raw_samples
+    from lipnext_scale.data.transforms import SampleError, to_float_chw
+
+    stats = SkipStats()
+    for sample in iter_raw_samples(shard_url, stats):
+        try:
+            img, label = decode_raw(sample)
+        except SampleError as e:
+            raise CertifyError(f"shard {shard_url!r}, sample {sample.key!r}: {e}; re-create the shard "
+                               "(`lipnext prep`)") from None
+        yield sample.key, to_float_chw(img.convert("RGB")), label
+    if stats.total:
+        reasons = ", ".join(f"{r} x{n}" for r, n in stats.by_reason.items())
+        raise CertifyError(f"shard {shard_url!r} is missing, truncated or corrupt ({reasons}); re-create it "
+                           "(`lipnext prep` resumes and rewrites bad shards)")
+
+
+def check_sample(shard_url: str, key: str, image: torch.Tensor, label: int, image_size: int,
+                 num_classes: int) -> None:
+    where = f"shard {shard_url!r}, sample {key!r}"
+    if tuple(image.shape[-2:]) != (image_size, image_size):
+        raise CertifyError(f"{where}: image is {image.shape[-2]}x{image.shape[-1]} but the model takes "
+                           f"{image_size}x{image_size}; prepare the data with image_size={image_size} or "
+                           "certify a model trained at this size")
+    if not 0 <= label < num_classes:
+        raise CertifyError(f"{where}: label {label} is outside the model's {num_classes} classes; this "
+                           "data set does not match the checkpoint")
+
+
+def _data_dir(shards: list[str]) -> str:
+    from lipnext_scale.data.urls import parent_url
+
+    return parent_url(shards[0])
+
+
+def dataset_num_classes(shards: list[str]) -> int | None:
+    """The class count of classes.json next to the shards (written by `lipnext prep`), if there is one."""
+    from lipnext_scale.data.urls import exists, join_url, read_bytes
+
+    url = join_url(_data_dir(shards), "classes.json")
+    if not exists(url):
+        return None
+    try:
+        info = json.loads(read_bytes(url))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CertifyError(f"{url!r} is not valid JSON ({e}); re-create the data set") from None
+    if isinstance(info, list):
+        return len(info)
+    if isinstance(info, dict) and ("num_classes" in info or "classes" in info):
+        return int(info["num_classes"]) if "num_classes" in info else len(info["classes"])
+    raise CertifyError(f"{url!r} has neither `num_classes` nor `classes`; re-create the data set")
+
+
+def preflight(shards: list[str], image_size: int, num_classes: int) -> None:
+    """Fail before any work when the data cannot match the model: class count, first image's size."""
+    data_classes = dataset_num_classes(shards)
+    if data_classes is not None and data_classes != num_classes:
+        raise CertifyError(f"the data set has {data_classes} classes (classes.json next to {shards[0]!r}) "
+                           f"but the model has {num_classes}; certify with data of the model's classes")
+    first = next(iter_shard_samples(shards[0]), None)
+    if first is None:
+        raise CertifyError(f"shard {shards[0]!r} is empty; re-create the data set")
+    check_sample(shards[0], *first, image_size, num_classes)
+
+
+def data_fingerprint(shards: list[str]) -> str:
+    """sha256 over the shard list (names and sizes) and the split's manifest when there is one
+    (`{split}-manifest.parquet`, which holds every shard's sha256): identifies the evaluation data in
+    the report without reading every shard."""
+    from lipnext_scale.data.urls import join_url, read_bytes, url_to_fs
+
+    h = hashlib.sha256()
+    fs, _ = url_to_fs(shards[0])
+    for url in shards:
+        h.update(f"{shard_name(url)}|{fs.size(url_to_fs(url)[1])}\n".encode())
+    for split in sorted({shard_name(s).rsplit("-", 1)[0] for s in shards}):
+        manifest = join_url(_data_dir(shards), f"{split}-manifest.parquet")
+        if fs.isfile(url_to_fs(manifest)[1]):
+            h.update(read_bytes(manifest))
+    return h.hexdigest()

@@ -1,0 +1,65 @@
+"""`lipnext prep KIND --out URL ...` and the `data_prep/*.py` scripts: parse, call `prepare`, print a summary.
+
+No torch/ray import at module level: `lipnext --help` imports this module to build its parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lipnext_scale.data.sources import KINDS  # light: PIL, no torch/ray
+
+
+def add_arguments(p: argparse.ArgumentParser, kind: str | None = None) -> None:
+    if kind is None:
+        p.add_argument("kind", choices=KINDS, help="which data set (its source layout is detected)")
+    p.add_argument("--source", default=None,
+                   help="source URL/path: ImageNet folders, archives or CLS-LOC; the CIFAR release archive "
+                        "(python or binary) or its extracted folder; tiny-imagenet-200; none for digits")
+    p.add_argument("--out", required=True, help="output fsspec URL (path, file://, s3://, gs://, memory://)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="short side of stored images (default: 256 ImageNet, 64 Tiny-ImageNet, 32 CIFAR/digits)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    p.add_argument("--workers", type=int, default=None, help="concurrent shard tasks (default: cluster CPUs)")
+    p.add_argument("--splits", default=None, help="comma-separated subset of splits, e.g. val")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run_prep(args: argparse.Namespace) -> int:
+    from lipnext_scale.data.prep import prepare
+    from lipnext_scale.data.urls import DataError
+
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
+    try:
+        summary = prepare(args.kind, args.source, args.out, shard_size=args.shard_size, image_size=args.image_size,
+                          quality=args.quality, workers=args.workers, splits=splits, progress=not args.no_progress)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{summary['kind']} -> {summary['out']}: {summary['images_written']} images written in "
+          f"{summary['seconds']:.1f} s ({summary['images_per_s']} images/s, {summary['workers']} workers)")
+    for split, s in summary["splits"].items():
+        print(f"  {split}: {s['samples']} samples in {s['shards']} shards "
+              f"({s['shards_written']} written, {s['shards_skipped']} already complete), {s['bytes'] / 2**20:.1f} MiB")
+    if summary["files_skipped"]:
+        print(f"  skipped {summary['files_skipped']} unreadable source files: {summary['files_skipped_by_reason']}")
+        for origin, reason in summary["files_skipped_examples"]:
+            print(f"    {origin}: {reason}")
+    return 0
+
+
+def main_for(kind: str, argv: list[str] | None = None) -> int:
+    """Entry point of `data_prep/<kind>.py`."""
+    p = argparse.ArgumentParser(prog=f"data_prep/{kind.replace('-', '_')}.py",
+                                description=f"Preprocess {kind} into WebDataset shards (a Ray job).")
+    add_arguments(p, kind=kind)
+    args = p.parse_args(argv)
+    args.kind = kind
+    return run_prep(args)

@@ -1,0 +1,170 @@
+"""Streaming input pipeline over WebDataset shards on any fsspec URL: resolve, read, load.
+
+    urls = resolve_shards("s3://bucket/imagenet/train-manifest.parquet")
+    loader = make_train_loader(urls, image_size=224, batch_size=256, dataset="imagenet",
+                               rank=r, world_size=n, num_workers=8, seed=0)
+    images, labels = next(iter(loader))   # float32 (B, 3, 224, 224) in [0, 1], int64 (B,)
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from braceexpand import braceexpand
+
+from lipnext_scale.data.manifest import manifest_meta, manifest_shard_urls, read_manifest
+from lipnext_scale.data.tar_reader import SkipStats, decode_raw, iter_raw_samples
+from lipnext_scale.data.transforms import SampleError, check_dataset, eval_transform, to_float_chw
+from lipnext_scale.data.urls import DataError, exists, parent_url, url_to_fs
+
+_HOW = ("pass a manifest (.../train-manifest.parquet), a brace pattern (.../train-{000000..000009}.tar), "
+        "a glob (.../train-*.tar), or a directory/prefix with a split (.../out/train)")
+
+
+def _from_manifest(url: str) -> list[str]:
+    if not exists(url):
+        raise DataError(f"manifest {url!r} does not exist; run `lipnext prep ... --out {parent_url(url)}` "
+                        f"first, or {_HOW}")
+    table = read_manifest(url)
+    meta = manifest_meta(table)
+    if not meta.get("complete", False):
+        raise DataError(f"manifest {url!r} is incomplete ({table.num_rows} of {meta.get('num_shards', '?')} "
+                        "shards): the prep was interrupted; re-run the same `lipnext prep` command to finish it")
+    if table.num_rows == 0:
+        raise DataError(f"manifest {url!r} lists no shards; the split was empty at prep time")
+    return manifest_shard_urls(url, table)
+
+
+def _check_all_exist(urls: list[str], pattern: str) -> None:
+    fs, _ = url_to_fs(urls[0])
+    listed: dict[str, set[str]] = {}
+    missing = []
+    for u in urls:
+        path = fs._strip_protocol(u)
+        parent = path.rsplit("/", 1)[0]
+        if parent not in listed:
+            try:
+                listed[parent] = {p.rstrip("/") for p in fs.ls(parent, detail=False)}
+            except (FileNotFoundError, NotADirectoryError):
+                listed[parent] = set()
+        if path not in listed[parent]:
+            missing.append(u)
+    if missing:
+        raise DataError(f"{len(missing)} of {len(urls)} shards of {pattern!r} do not exist (first: "
+                        f"{missing[0]!r}); fix the pattern's range or re-run prep")
+
+
+def _glob(pattern: str) -> list[str]:
+    fs, path = url_to_fs(pattern)
+    return [fs.unstrip_protocol(p) for p in sorted(fs.glob(path)) if p.endswith(".tar")]
+
+
+def resolve_shards(url: str | list[str], *, split: str | None = None) -> list[str]:
+    """Concrete shard URLs from a manifest URL, a brace pattern, a glob, one .tar, or a directory/prefix
+    (+ `split`: `out/` with split="train" or `out/train` reads `out/train-manifest.parquet`, else
+    `out/train-*.tar`). Raises DataError naming the URL and the fix if nothing readable is found."""
+    if isinstance(url, (list, tuple)):
+        if not url:
+            raise DataError(f"empty shard list; {_HOW}")
+        return [u for item in url for u in resolve_shards(item, split=split)]
+    if not url:
+        raise DataError(f"empty data URL (set data.train_url / data.eval_url); {_HOW}")
+    if url.endswith(".parquet"):
+        return _from_manifest(url)
+    if "{" in url:
+        urls = list(braceexpand(url))
+        _check_all_exist(urls, url)
+        return urls
+    if any(c in url for c in "*?["):
+        urls = _glob(url)
+        if not urls:
+            raise DataError(f"no .tar shard matches {url!r}; {_HOW}")
+        return urls
+    fs, path = url_to_fs(url)
+    if path.endswith(".tar"):
+        if not fs.exists(path):
+            raise DataError(f"shard {url!r} does not exist; {_HOW}")
+        return [url]
+    if fs.isdir(path):
+        if split is None:
+            raise DataError(f"{url!r} is a directory: say which split to read (e.g. {url.rstrip('/')}/train); {_HOW}")
+        url = f"{url.rstrip('/')}/{split}"
+    manifest = f"{url}-manifest.parquet"
+    if exists(manifest):
+        return _from_manifest(manifest)
+    urls = _glob(f"{url}-*.tar")
+    if not urls:
+        raise DataError(f"nothing found at {url!r}: neither {manifest!r} nor {url}-*.tar exists; {_HOW}")
+    return urls
+
+
+def iter_shard_samples(shard_url: str, *, image_size: int, dataset: str,
+                       stats: SkipStats | None = None) -> Iterator[tuple[str, "torch.Tensor", int]]:
+    """(key, image (3, H, W) float32 in [0, 1] with the eval transform, label) for every good sample of
+    one shard, in shard order; bad samples are skipped, counted in `stats` and logged."""
+    check_dataset(dataset)
+    stats = stats if stats is not None else SkipStats()
+    for sample in iter_raw_samples(shard_url, stats):
+        try:
+            img, label = decode_raw(sample)
+        except SampleError as e:
+            stats.skip(sample.shard, sample.key, str(e))
+            continue
+        yield sample.key, to_float_chw(eval_transform(img, dataset, image_size)), label
+
+
+def _init_worker(_worker_id: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # decode is per-sample PIL work; intra-op threads only oversubscribe
+
+
+def _loader(dataset, num_workers: int):
+    from torch.utils.data import DataLoader
+
+    if num_workers < 0:
+        raise ValueError(f"num_workers={num_workers}: must be >= 0")
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, worker_init_fn=_init_worker,
+                      prefetch_factor=4 if num_workers else None)
+
+
+def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+
+
+def make_train_loader(url: str | list[str], *, image_size: int, batch_size: int, dataset: str, rank: int = 0,
+                      world_size: int = 1, num_workers: int = 2, seed: int = 0, epoch: int = 0,
+                      start_batch: int = 0, shuffle_buffer: int = 1000, deterministic: bool = False):
+    """Infinite iterable of (images float32 (B,3,H,W) in [0,1], labels int64 (B,)) with augmentation.
+
+    Shards are drawn with replacement, per (rank, worker) stream, then pass a shuffle buffer. With
+    `deterministic=True` the batch sequence is a pure function of (seed, epoch, rank, world_size,
+    num_workers) and `start_batch=k` yields exactly the batches k, k+1, ... of a fresh loader (the
+    skipped batches are read and decoded, not augmented). Otherwise `start_batch` only re-seeds.
+    """
+    from lipnext_scale.data.streams import TrainStream
+
+    check_dataset(dataset)
+    _check_rank(rank, world_size, batch_size)
+    if start_batch < 0:
+        raise ValueError(f"start_batch={start_batch}: must be >= 0")
+    stream = TrainStream(resolve_shards(url, split="train"), image_size=image_size, batch_size=batch_size,
+                         dataset=dataset, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
+                         start_batch=start_batch, shuffle_buffer=shuffle_buffer, deterministic=deterministic)
+    return _loader(stream, num_workers)
+
+
+def make_eval_loader(url: str | list[str], *, image_size: int, batch_size: int, dataset: str, rank: int = 0,
+                     world_size: int = 1, num_workers: int = 2):
+    """Finite iterable of (images, labels, keys: list[str]): every sample exactly once over all ranks
+    and workers (ranks may get different counts; the last batch of each worker may be short)."""
+    from lipnext_scale.data.streams import EvalStream
+
+    check_dataset(dataset)
+    _check_rank(rank, world_size, batch_size)
+    stream = EvalStream(resolve_shards(url, split="val"), image_size=image_size, batch_size=batch_size,
+                        dataset=dataset, rank=rank, world_size=world_size)
+    return _loader(stream, num_workers)

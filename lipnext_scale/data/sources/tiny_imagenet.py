@@ -1,0 +1,45 @@
+"""Tiny-ImageNet (`tiny-imagenet-200/`): train/<wnid>/images/*.JPEG, val/images + val_annotations.txt.
+
+Labels are the index of the wnid in the sorted training wnids (the same convention as ImageNet).
+The unlabeled test split is not prepared.
+"""
+
+from __future__ import annotations
+
+from lipnext_scale.data.sources.base import FileRef, SourcePlan, SourceSample, safe_key
+from lipnext_scale.data.sources.imagefiles import list_images, read_text, subdirs
+from lipnext_scale.data.urls import DataError, join_url, url_to_fs
+
+
+def list_tiny_imagenet(source: str | None) -> SourcePlan:
+    if not source:
+        raise DataError("tiny-imagenet needs --source: the extracted tiny-imagenet-200 folder")
+    fs, path = url_to_fs(source)
+    root = join_url(source, "tiny-imagenet-200") if fs.isdir(join_url(path, "tiny-imagenet-200")) else source
+    if not fs.isdir(url_to_fs(join_url(root, "train"))[1]):
+        raise DataError(f"{source!r} is not a tiny-imagenet-200 folder: no train/ directory in it")
+    wnids = subdirs(join_url(root, "train"))
+    index = {w: i for i, w in enumerate(wnids)}
+    train = [SourceSample(safe_key(name.rsplit(".", 1)[0]), index[w], f"train/{w}/images/{name}", FileRef(url))
+             for w in wnids for name, url in list_images(join_url(root, "train", w, "images"))]
+    splits = {"train": train}
+    ann_url = join_url(root, "val", "val_annotations.txt")
+    if fs.exists(url_to_fs(ann_url)[1]):
+        val = []
+        for n, line in enumerate(read_text(ann_url).splitlines()):
+            parts = line.split("\t")
+            if len(parts) < 2:
+                continue
+            name, wnid = parts[0], parts[1]
+            if wnid not in index:
+                raise DataError(f"{ann_url} line {n + 1}: wnid {wnid!r} has no train/{wnid}/ folder")
+            val.append(SourceSample(safe_key(name.rsplit(".", 1)[0]), index[wnid], f"val/images/{name}",
+                                    FileRef(join_url(root, "val", "images", name))))
+        splits["val"] = sorted(val, key=lambda s: s.key)
+    words_url = join_url(root, "words.txt")
+    names = None
+    if fs.exists(url_to_fs(words_url)[1]):
+        words = dict(ln.split("\t", 1) for ln in read_text(words_url).splitlines() if "\t" in ln)
+        names = [words.get(w, w).strip() for w in wnids]
+    return SourcePlan(kind="tiny-imagenet", classes=wnids, names=names, splits=splits, image_format="jpg",
+                      default_image_size=64)

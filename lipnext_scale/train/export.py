@@ -1,0 +1,187 @@
+"""The exported-model format: what `lipnext export` writes and `lipnext certify` (or anyone) loads.
+
+A directory (any fsspec URL) holding
+  model.safetensors  fp32 weights (safetensors: no pickle, safe to load from anywhere)
+  config.json        the resolved JobConfig dict (at least its `model` section)
+  manifest.json      format version, sha256 + size of each file above, library versions
+It is written under a temporary name and renamed into place, so a reader sees all of it or none.
+`load_exported` checks the manifest's hashes before it parses anything, and checks the weight names
+and shapes against the model the config describes, so a corrupt or mismatched export fails clearly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+import torch
+
+FORMAT = "lipnext-exported"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+MANIFEST_FILE = "manifest.json"
+
+
+class ExportError(ValueError):
+    """An exported model is missing, corrupt or does not match its config; the message names the file."""
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+
+    import lipnext_scale
+
+    return {"lipnext_scale": getattr(lipnext_scale, "__version__", "unknown"), "torch": torch.__version__,
+            "safetensors": safetensors.__version__}
+
+
+def _file_entry(data: bytes) -> dict[str, Any]:
+    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+def _model_section(config: dict) -> dict:
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict) or not model.get("name"):
+        raise ExportError("the config of an exported model needs a [model] section with at least `name` "
+                          "(pass config_to_dict(job_config))")
+    return model
+
+
+def model_kwargs(config: dict) -> tuple[str, dict[str, Any]]:
+    """(registry name, create_model kwargs) from a config dict's model section: num_classes, image_size
+    and the architecture overrides that are set."""
+    from lipnext_scale.config import ModelConfig, _build
+
+    model = _model_section(config)
+    try:
+        section = _build(ModelConfig, model, "model")
+        section.validate()
+    except ValueError as e:
+        raise ExportError(f"the model section of the config is invalid: {e}") from None
+    return section.name, {"num_classes": section.num_classes, "image_size": section.image_size,
+                          **section.overrides()}
+
+
+def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Parameter/buffer names and shapes of the model `config` describes, sized on the meta device."""
+    from lipnext_scale.model import create_model
+
+    name, kwargs = model_kwargs(config)
+    try:
+        model = create_model(name, device="meta", **kwargs)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"cannot build model {name!r} from the config: {e}") from None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_state_dict(state_dict: dict[str, torch.Tensor], config: dict, where: str) -> None:
+    """Raise ExportError naming missing, unexpected or mis-shaped weights."""
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if wrong:
+            parts.append("wrong shapes " + ", ".join(
+                f"{k}: {tuple(state_dict[k].shape)} != {expected[k]}" for k in wrong[:5]))
+        raise ExportError(f"{where}: weights do not match model {config['model']['name']!r} of its config "
+                          f"({'; '.join(parts)}); export the checkpoint again with the config it was "
+                          "trained with")
+
+
+def save_exported(state_dict: dict[str, torch.Tensor], config: dict, out_url: str, *,
+                  overwrite: bool = False) -> None:
+    """Write an exported model directory at `out_url` atomically (temp directory, then rename)."""
+    from safetensors.torch import save
+
+    check_state_dict(state_dict, config, f"export to {out_url!r}")
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+    files = {
+        WEIGHTS_FILE: save(tensors, metadata={"format": FORMAT}),
+        CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True).encode(),
+    }
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": _versions(),
+                "files": {name: _file_entry(data) for name, data in files.items()}}
+    files[MANIFEST_FILE] = json.dumps(manifest, indent=2, sort_keys=True).encode()
+
+    fs, path = fsspec.core.url_to_fs(out_url)
+    path = path.rstrip("/")
+    if fs.exists(path):
+        if not overwrite:
+            raise ExportError(f"{out_url!r} already exists; choose a new output URL or pass overwrite=True")
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    fs.makedirs(tmp, exist_ok=True)
+    try:
+        for name, data in files.items():
+            with fs.open(posixpath.join(tmp, name), "wb") as f:
+                f.write(data)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        fs.mv(tmp, path, recursive=True)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)
+
+
+def is_exported(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.isfile(posixpath.join(path.rstrip("/"), MANIFEST_FILE))
+
+
+def _read_verified(fs, path: str, name: str, manifest: dict, url: str) -> bytes:
+    entry = manifest["files"].get(name)
+    if not isinstance(entry, dict):
+        raise ExportError(f"{url!r}: manifest.json lists no {name}; the export is incomplete, export it again")
+    file_path = posixpath.join(path, name)
+    if not fs.isfile(file_path):
+        raise ExportError(f"{url!r}: {name} is missing; the export is incomplete, export it again")
+    with fs.open(file_path, "rb") as f:
+        data = f.read()
+    if len(data) != entry.get("size") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        raise ExportError(f"{url!r}: {name} does not match its sha256/size in manifest.json (corrupt or "
+                          "modified file); copy or export the model again")
+    return data
+
+
+def load_exported(url: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(fp32 state_dict, config dict) of an exported model, after verifying every file's hash."""
+    from safetensors.torch import load
+
+    fs, path = fsspec.core.url_to_fs(url)
+    path = path.rstrip("/")
+    manifest_path = posixpath.join(path, MANIFEST_FILE)
+    if not fs.exists(path):
+        raise ExportError(f"exported model {url!r} does not exist; check the URL")
+    if not fs.isfile(manifest_path):
+        raise ExportError(f"{url!r} has no manifest.json: it is not an exported model (write one with "
+                          "`lipnext export`)")
+    try:
+        with fs.open(manifest_path, "rb") as f:
+            manifest = json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{url!r}: manifest.json is not valid JSON ({e}); export the model again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(
+            manifest.get("files"), dict):
+        raise ExportError(f"{url!r}: manifest.json is not a {FORMAT} manifest; export the model again")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{url!r}: format_version {manifest.get('format_version')!r} is not supported "
+                          f"(this code reads {FORMAT_VERSION}); upgrade lipnext_scale or export again")
+    config_bytes = _read_verified(fs, path, CONFIG_FILE, manifest, url)
+    weights_bytes = _read_verified(fs, path, WEIGHTS_FILE, manifest, url)
+    try:
+        config = json.loads(config_bytes)
+        state_dict = load(weights_bytes)
+    except Exception as e:  # hash matched, so this is a writer bug or a hand-made manifest
+        raise ExportError(f"{url!r}: cannot parse config.json/model.safetensors ({e}); export again") from None
+    check_state_dict(state_dict, config, repr(url))
+    return state_dict, config

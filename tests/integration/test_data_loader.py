@@ -1,0 +1,95 @@
+"""The streaming loader on real digits shards written by real Ray prep tasks."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import fsspec
+import pytest
+import torch
+
+from fixtures_data import ray_local  # noqa: F401  (module-scoped Ray fixture)
+from lipnext_scale.data.prep import prepare
+from lipnext_scale.data.shards import iter_shard_samples, make_eval_loader, make_train_loader, resolve_shards
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def digits(ray_local, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("digits")
+    summary = prepare("digits", None, str(out), shard_size=400, workers=2, progress=False)
+    assert summary["splits"]["train"]["samples"] == 1497 and summary["splits"]["val"]["samples"] == 300
+    return out
+
+
+def all_keys(urls):
+    return [k for u in urls for k, _, _ in iter_shard_samples(u, image_size=32, dataset="digits")]
+
+
+def test_train_batches_are_float_images_and_labels(digits):
+    from sklearn.datasets import load_digits
+
+    loader = make_train_loader(str(digits / "train-manifest.parquet"), image_size=32, batch_size=32,
+                               dataset="digits", rank=0, world_size=1, num_workers=2, seed=0)
+    it = iter(loader)
+    for _ in range(3):
+        images, labels = next(it)
+        assert images.shape == (32, 3, 32, 32) and images.dtype == torch.float32
+        assert labels.shape == (32,) and labels.dtype == torch.int64
+        assert 0.0 <= images.min() and images.max() <= 1.0 and images.max() > 0.5
+        assert labels.min() >= 0 and labels.max() <= 9
+    target = load_digits().target
+    for key, image, label in iter_shard_samples(str(digits / "val-000000.tar"), image_size=32, dataset="digits"):
+        assert label == target[int(key.split("_")[1])]
+        assert image.shape == (3, 32, 32) and torch.equal(image[0], image[1])  # gray stored as RGB
+
+
+@pytest.mark.parametrize("start", [1, 4, 5])
+def test_deterministic_resume_is_exact(digits, start):
+    kw = dict(image_size=32, batch_size=16, dataset="digits", rank=1, world_size=2, num_workers=2, seed=7,
+              shuffle_buffer=64, deterministic=True)
+    url = str(digits / "train-manifest.parquet")
+    it = iter(make_train_loader(url, **kw))
+    full = [next(it) for _ in range(start + 3)]
+    it = iter(make_train_loader(url, start_batch=start, **kw))
+    for want in full[start:]:
+        got = next(it)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_seed_and_rank_change_the_stream(digits):
+    url = str(digits / "train-manifest.parquet")
+    kw = dict(image_size=32, batch_size=16, dataset="digits", world_size=2, num_workers=0, deterministic=True)
+    a = next(iter(make_train_loader(url, rank=0, seed=0, **kw)))[0]
+    b = next(iter(make_train_loader(url, rank=0, seed=1, **kw)))[0]
+    c = next(iter(make_train_loader(url, rank=1, seed=0, **kw)))[0]
+    assert not torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("pattern", ["val-manifest.parquet", "train-{000000..000003}.tar", "train-00000[0-2].tar"])
+def test_eval_two_ranks_two_workers_each_key_once(digits, pattern):
+    url = str(digits / pattern)
+    keys = Counter()
+    for rank in range(2):
+        loader = make_eval_loader(url, image_size=32, batch_size=50, dataset="digits", rank=rank, world_size=2,
+                                  num_workers=2)
+        for images, labels, batch_keys in loader:
+            assert images.shape[0] == labels.shape[0] == len(batch_keys) <= 50
+            keys.update(batch_keys)
+    expected = all_keys(resolve_shards(url))
+    assert len(expected) == len(set(expected)) > 0
+    assert set(keys) == set(expected) and set(keys.values()) == {1}
+
+
+def test_reads_through_memory_url(digits):
+    fs = fsspec.filesystem("memory")
+    for name in ("val-000000.tar", "val-manifest.parquet"):
+        fs.pipe(f"/digits-copy/{name}", (digits / name).read_bytes())
+    loader = make_eval_loader("memory://digits-copy/val-manifest.parquet", image_size=32, batch_size=64,
+                              dataset="digits", num_workers=0)
+    keys = [k for _, _, ks in loader for k in ks]
+    assert len(keys) == 300 and len(set(keys)) == 300
+    train = make_train_loader("memory://digits-copy/val", image_size=32, batch_size=8, dataset="digits",
+                              num_workers=0)
+    assert next(iter(train))[0].shape == (8, 3, 32, 32)

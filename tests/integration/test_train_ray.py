@@ -1,0 +1,187 @@
+"""Real Ray Train + DeepSpeed ZeRO-3 on CPU (gloo), 2 workers, lipnext-tiny shrunk, fp32, fixed data order.
+
+Four runs check many things each (every run costs ~30-60 s of start-up on a 2-core machine):
+  ref    24 uninterrupted steps: checkpoints (keep-last-3), TensorBoard scalars, orthogonal weights;
+  fault  the same job with a worker SIGKILLed mid-run: Ray Train restarts it, it resumes from the last
+         valid checkpoint and ends with weights and optimizer state equal to ref's (exact resume);
+  b      1 worker resuming ref's step-12 checkpoint (2 -> 1): its re-partitioned step 12 equals ref's;
+  c      2 workers, run dir holding b's step 12 (written at 1 worker) and a truncated step 18: the corrupt
+         one is skipped, step 12 resumed (1 -> 2), and the final weights equal ref's step 24.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+
+import pytest
+import torch
+
+from lipnext_scale.config import load_config
+from lipnext_scale.model import orthogonality_error
+from lipnext_scale.train.checkpoint import CheckpointError, load_train_state, validate_checkpoint
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+STEPS = 24
+TINY = [
+    "model.width=16", "model.depth=2", "data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=64",
+    "train.precision=fp32", "train.deepspeed=configs/deepspeed/zero3_fp32.json", "train.deterministic_data=true",
+    "train.progress_bar=false", "train.num_workers=2", "train.log_every=3", "train.eval_batches=2",
+    f"train.steps={STEPS}", f"optim.total_steps={STEPS}", "optim.warmup_steps=2", "optim.grad_clip=5.0",
+    "ckpt.every_steps=6", "ckpt.keep_last=3",
+]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # never create ~/.ray/auth_token in the real HOME
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    if started:
+        ray.shutdown()
+    if saved is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = saved
+
+
+@pytest.fixture(scope="module")
+def digits(ray_cluster, tmp_path_factory):
+    from lipnext_scale.data.prep import prepare
+
+    out = tmp_path_factory.mktemp("digits")
+    prepare("digits", None, str(out), image_size=32, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+def _train(digits, storage, name, *extra):
+    from lipnext_scale.train.trainer import run_training
+
+    cfg = load_config(None, [*TINY, f"data.train_url={digits}/train-manifest.parquet", f"train.storage={storage}",
+                             f"train.name={name}", *extra])
+    return run_training(cfg)
+
+
+def _assert_same_state(a_url: str, b_url: str) -> None:
+    a, b = load_train_state(a_url), load_train_state(b_url)
+    assert a.step == b.step
+    for what, x, y in [("weights", a.params, b.params), ("manifold momentum", a.manifold, b.manifold),
+                       *[(f"optimizer {k}", a.optim[k], b.optim[k]) for k in a.optim]]:
+        assert x.keys() == y.keys(), what
+        diff = {n: float((x[n] - y[n]).abs().max()) for n in x if not torch.equal(x[n], y[n])}
+        assert not diff, f"{what} differ between {a_url} and {b_url}: {diff}"
+    assert a.optim_scalars == b.optim_scalars and a.manifold_extra == b.manifold_extra
+    assert a.optim, "the Euclidean AdamW state must be part of the checkpoint"
+
+
+@pytest.fixture(scope="module")
+def ref(digits, storage):
+    return _train(digits, storage, "ref", f"data.eval_url={digits}/val-manifest.parquet", "train.eval_every=12")
+
+
+def test_short_run_writes_checkpoints_and_tensorboard_scalars(ref, storage):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = storage / "ref"
+    assert ref["run_dir"] == str(run) and ref["checkpoint"] == f"{run}/step_{STEPS:08d}"
+    assert ref["metrics"]["step"] == STEPS and ref["metrics"]["final"] is True
+    # every 6 steps, keep the last 3: step 6 was deleted once step 24 was written
+    assert sorted(p.name for p in run.glob("step_*")) == ["step_00000012", "step_00000018", "step_00000024"]
+    for p in run.glob("step_*"):
+        assert validate_checkpoint(str(p))["world_size"] == 2
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ["train/loss", "train/lr", "train/acc", "train/images_per_s", "train/max_orthogonality_error",
+                "eval/clean_acc", "eval/cra_36_255", "eval/cra_108_255", "time/data", "time/forward",
+                "time/backward", "time/retraction", "time/checkpoint"]:
+        assert tag in tags, f"{tag} missing from {sorted(tags)}"
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(3, STEPS + 1, 3))
+    assert [e.step for e in acc.Scalars("eval/clean_acc")] == [12, 24]
+    assert all(e.value < 1e-4 for e in acc.Scalars("train/max_orthogonality_error"))
+    state = load_train_state(ref["checkpoint"])
+    assert state.config["train"]["name"] == "ref" and state.data["batches_per_rank"] == STEPS
+    for name, w in state.params.items():
+        if name.endswith(("stem.weight", "expand.weight", "contract.weight")):
+            assert orthogonality_error(w) < 1e-4, name
+
+
+def _worker_pids() -> list[int]:
+    """Ray Train worker processes started by this test process's own Ray instance (never anyone else's)."""
+    import psutil
+
+    out = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                out.append(proc.pid)
+        except psutil.Error:
+            continue
+    return out
+
+
+def _kill_a_worker_after(ckpt_dir, killed: list, deadline_s: float = 300) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            validate_checkpoint(str(ckpt_dir))
+        except CheckpointError:
+            time.sleep(0.02)
+            continue
+        pids = _worker_pids()
+        if pids:
+            os.kill(pids[-1], 9)
+            killed.append(pids[-1])
+        return
+
+
+def test_worker_sigkill_resumes_and_matches_the_uninterrupted_run(ref, digits, storage):
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_worker_after, args=(storage / "fault" / "step_00000006", killed),
+                              daemon=True)
+    killer.start()
+    out = _train(digits, storage, "fault", "train.max_failures=2")
+    killer.join(timeout=5)
+    assert killed, "no worker was killed: the run ended before its first checkpoint was seen"
+    assert out["metrics"]["resumed_from"].startswith(str(storage / "fault" / "step_")), out["metrics"]
+    assert out["metrics"]["step"] == STEPS
+    _assert_same_state(ref["checkpoint"], out["checkpoint"])
+
+
+@pytest.fixture(scope="module")
+def one_worker(ref, digits, storage):
+    return _train(digits, storage, "b", "train.num_workers=1", "train.steps=18",
+                  f"train.resume={storage}/ref/step_00000012")
+
+
+def test_two_to_one_worker_resume_keeps_weights_and_optimizer_state(one_worker, storage):
+    assert one_worker["metrics"]["resumed_from"] == f"{storage}/ref/step_00000012"
+    b12 = storage / "b" / "step_00000012"
+    assert validate_checkpoint(str(b12))["world_size"] == 1
+    _assert_same_state(f"{storage}/ref/step_00000012", str(b12))
+    assert one_worker["checkpoint"] == f"{storage}/b/step_00000018"
+
+
+def test_one_to_two_resume_skips_a_truncated_checkpoint_and_matches(ref, one_worker, digits, storage):
+    run = storage / "c"
+    run.mkdir()
+    shutil.copytree(storage / "b" / "step_00000012", run / "step_00000012")  # written by 1 worker
+    shutil.copytree(storage / "b" / "step_00000018", run / "step_00000018")
+    victim = run / "step_00000018" / "rank-00000.safetensors"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    out = _train(digits, storage, "c")
+    assert out["metrics"]["resumed_from"] == f"{run}/step_00000012"
+    _assert_same_state(ref["checkpoint"], out["checkpoint"])

@@ -1,0 +1,34 @@
+"""l2 PGD against closed forms: on a linear classifier the smallest adversarial l2 perturbation is
+known exactly (margin / ||w_y - w_j||), so the attack must fail inside it and succeed beyond it."""
+
+import torch
+
+from lipnext_scale.certify.attack import attack_breaks, pgd_l2
+
+
+def _linear(d=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(2, d, generator=g, dtype=torch.float64)
+    return (lambda x: x.flatten(1) @ w.t()), w
+
+
+def test_iterates_stay_in_the_ball_and_the_box():
+    model, _ = _linear()
+    x = torch.rand(8, 3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.zeros(8, dtype=torch.long)
+    for eps in (0.01, 0.3, 5.0):
+        adv = pgd_l2(model, x, y, eps, steps=15)
+        assert ((adv - x).flatten(1).norm(dim=1) <= eps * (1 + 1e-9)).all()
+        assert adv.min() >= 0 and adv.max() <= 1
+    assert torch.equal(pgd_l2(model, x, y, 0.0), x)
+
+
+def test_linear_classifier_breaks_exactly_beyond_the_minimal_perturbation():
+    model, w = _linear()
+    x = torch.full((1, 3, 2, 2), 0.5, dtype=torch.float64)  # the box is far: the l2 ball binds
+    logits = model(x)
+    y = logits.argmax(1)
+    exact = float((logits[0, y] - logits[0, 1 - y]).abs() / (w[0] - w[1]).norm())
+    assert exact < 0.4  # the closed form's perturbation stays inside [0, 1]
+    assert not attack_breaks(model, x, y, exact * 0.99, steps=20).any()
+    assert attack_breaks(model, x, y, exact * 1.01, steps=20).all()

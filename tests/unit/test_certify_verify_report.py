@@ -1,0 +1,86 @@
+"""Weight verification before certification, per-batch certification, and the report's pure parts."""
+
+import json
+
+import pyarrow as pa
+import pytest
+import torch
+
+from lipnext_scale.certify.certify import certified_radius, head_pair_distances
+from lipnext_scale.certify.model_loading import CertifyRefused, state_dict_sha256, verify_model
+from lipnext_scale.certify.report import build_report, format_table, plot_certified_accuracy, soundness_alarms
+from lipnext_scale.certify.worker import certify_batch
+from lipnext_scale.model import create_model
+from lipnext_scale.model.lipschitz import rigorous_lipschitz_bound
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return create_model("lipnext-tiny", width=32, depth=2).eval()
+
+
+def test_orthogonal_weights_pass_with_their_bound(tiny):
+    v = verify_model(tiny, lipschitz_tol=1e-4, allow_approx=False)
+    assert not v.approx and 1.0 <= v.lipschitz_used <= 1 + 1e-4
+    assert v.max_orthogonality_error < 1e-5 and len(v.orthogonality_errors) == 5  # stem + 2 x (expand, contract)
+    assert json.dumps(v.as_dict())
+
+
+def test_a_scaled_matrix_is_refused_unless_approx(tiny):
+    with torch.no_grad():
+        tiny.blocks[0].contract.weight.mul_(1.1)
+    with pytest.raises(CertifyRefused, match="blocks.0.contract.weight"):
+        verify_model(tiny, lipschitz_tol=1e-4, allow_approx=False)
+    v = verify_model(tiny, lipschitz_tol=1e-4, allow_approx=True)
+    assert v.approx and v.lipschitz_used == rigorous_lipschitz_bound(tiny) > 1.1
+    with torch.no_grad():
+        tiny.blocks[0].contract.weight.fill_(float("nan"))
+    with pytest.raises(CertifyRefused):  # a NaN bound is never accepted, even approximately
+        verify_model(tiny, lipschitz_tol=1e-4, allow_approx=True)
+
+
+def test_weights_hash_depends_on_values_only():
+    a = {"w": torch.ones(2, 2), "b": torch.zeros(2)}
+    assert state_dict_sha256(a) == state_dict_sha256({"b": torch.zeros(2), "w": torch.ones(2, 2, dtype=torch.float64)})
+    assert state_dict_sha256(a) != state_dict_sha256({"w": torch.ones(2, 2), "b": torch.tensor([0.0, 1e-7])})
+
+
+def test_certify_batch_matches_the_radius_formula(tiny):
+    x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pred, margin, radius = certified_radius(tiny(x).double(), head_pair_distances(tiny.head.weight), 1.25)
+    labels = pred.clone()
+    labels[:4] = (labels[:4] + 1) % 10  # four wrong: never certified
+    eps = [0.0, float(radius.median())]
+    out = certify_batch(tiny, x, labels, eps, lipschitz=1.25, attack_steps=3)
+    assert torch.equal(out["prediction"], pred) and torch.equal(out["radius"], radius)
+    for e in eps:
+        key = f"certified@{e:g}" if e else "certified@0"
+        assert torch.equal(out[key], (pred == labels) & (radius > e))
+        assert not out[key.replace("certified", "pgd_broken")].any()
+
+
+def _table(certified, broken):
+    n = len(certified)
+    return pa.table({"shard": ["s"] * n, "key": [f"k{i}" for i in range(n)], "label": [0] * n,
+                     "prediction": [0] * n, "margin": [1.0] * n, "radius": [0.5] * n,
+                     "certified@0.1": certified, "pgd_broken@0.1": broken})
+
+
+def test_alarm_lists_exactly_the_broken_certified_points():
+    table = _table([True, True, False, True], [False, True, True, False])
+    assert soundness_alarms(table, [0.1]) == [{"eps": "0.1", "shard": "s", "key": "k1"}]
+
+
+def test_report_table_and_plot():
+    table = _table([True, False, True, True], [False, False, False, False])
+    verification = {"lipschitz_bound": 1.2, "lipschitz_used": 1.2, "approx": True, "max_orthogonality_error": 0.1}
+    report = build_report(table, [0.1], verification=verification, checkpoint={"model": "m"}, data={"url": "d"},
+                          attack_steps=5, timing={})
+    assert report["samples"] == 4 and report["clean_accuracy"] == 1.0
+    assert report["certified_accuracy"] == {"0.1": 0.75}
+    assert "1.2" in report["note"] and report["soundness_alarm"] == []
+    text = format_table(report)
+    assert "75.00%" in text and "APPROXIMATE" in text and "PGD breaks" in text
+    assert plot_certified_accuracy(table, [0.1], "t")[:4] == b"\x89PNG"
