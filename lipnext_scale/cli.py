@@ -14,6 +14,13 @@ import sys
 
 _COMMANDS: list[tuple[str, str, str]] = [
     ("info", "lipnext_scale.info:run_info", "list registered models: params, width, depth, FLOPs"),
+    ("train", "lipnext_scale.train.cli:run_train", "train a model from a TOML job config (Ray Train + DeepSpeed)"),
+    ("export", "lipnext_scale.train.cli:run_export", "consolidate a checkpoint into safetensors + config.json"),
+    ("certify", "lipnext_scale.certify.cli:run_certify",
+     "certify a checkpoint on evaluation shards with Ray workers: CRA report, optional PGD check"),
+    ("demo", "lipnext_scale.demo:run_demo", "prepare digits, train lipnext-tiny on 2 CPU workers, certify it"),
+    ("prep", "lipnext_scale.data.cli:run_prep",
+     "preprocess imagenet / cifar10 / cifar100 / tiny-imagenet / digits into WebDataset shards (Ray tasks)"),
 ]
 
 
@@ -29,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, target, help_text in _COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_target=target)
-        importlib.import_module(target.split(":")[0]).add_arguments(p)
+        module = importlib.import_module(target.split(":")[0])
+        # A module serving several subcommands names their flag adders add_{name}_arguments.
+        (getattr(module, f"add_{name}_arguments", None) or module.add_arguments)(p)
     return parser
 
 

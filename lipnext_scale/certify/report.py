@@ -52,7 +52,7 @@ def merge_shard_tables(out_url: str, shard_urls: list[str]):
     for shard in shard_urls:
         fs, path = fsspec.core.url_to_fs(shard_result_url(out_url, shard))
         with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(io.BytesIO(f.read())))
+            tables.append(pq.read_table(io.BytesIO(f.read()), use_threads=False))
     table = pa.concat_tables(tables, promote_options="default")
     ids = [f"{s}/{k}" for s, k in zip(table.column("shard").to_pylist(), table.column("key").to_pylist())]
     if len(set(ids)) != len(ids):

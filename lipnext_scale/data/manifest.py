@@ -55,7 +55,9 @@ def read_manifest(url: str) -> pa.Table:
     """The manifest as a pyarrow Table (see `manifest_meta` and `manifest_rows`)."""
     data = read_bytes(url)
     try:
-        table = pq.read_table(io.BytesIO(data))
+        # use_threads=False: a threaded read in a process that imported fsspec intermittently aborted at
+        # interpreter exit ("terminate called without an active exception", exit 134); manifests are small.
+        table = pq.read_table(io.BytesIO(data), use_threads=False)
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"manifest {url!r} is not a readable parquet file ({e}); "
                         "re-run `lipnext prep` into that output URL to rebuild it") from e

@@ -1,0 +1,40 @@
+"""Ray job entry point: train lipnext-2b on ImageNet shards with configs/train/imagenet_2b.toml.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python launchers/train_2b.py --data s3://bucket/imagenet-shards --storage s3://bucket/runs
+
+--data is the directory the ImageNet data prep wrote (train and val shards with their manifests).
+Without --num-workers it runs one worker per GPU the Ray cluster offers. See docs/multinode.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lipnext_scale.train.cli import (add_set_argument, dataset_overrides, default_num_workers, run_train_config,
+                                    toml_string)
+
+CONFIG = "configs/train/imagenet_2b.toml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="launchers/train_2b.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="prepared ImageNet shard directory (path or URL)")
+    parser.add_argument("--storage", required=True, help="where runs live: shared path, s3://, gs://")
+    parser.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (default: all GPUs)")
+    parser.add_argument("--resume", default=None, metavar="PATH", help="resume from this checkpoint")
+    parser.add_argument("--ray-address", default=None, help="default: RAY_ADDRESS (set by `ray job submit`)")
+    add_set_argument(parser)
+    args = parser.parse_args(argv)
+
+    num_workers = args.num_workers or default_num_workers(args.ray_address)
+    if num_workers is None:
+        return 2
+    overrides = [*dataset_overrides(args.data), f"train.storage={toml_string(args.storage)}",
+                 f"train.num_workers={num_workers}", *args.overrides]
+    return run_train_config(CONFIG, overrides, resume=args.resume, ray_address=args.ray_address)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""`lipnext train` and `lipnext export`: parse flags, build the one JobConfig, call the library.
+
+The launchers under `launchers/` reuse `build_train_config` and `run_train_config`, so a job submitted
+with `ray job submit ... python launchers/train.py` and a local `lipnext train` run the same code.
+Heavy imports (torch, ray, deepspeed) happen inside the functions: `lipnext --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def add_set_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set optim.lr=0.1 (repeatable)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `lipnext train` (and of launchers/train.py)."""
+    p.add_argument("--config", required=True, help="a TOML job config, e.g. configs/train/demo.toml")
+    add_set_argument(p)
+    p.add_argument("--resume", default=None, metavar="PATH",
+                   help="resume from this checkpoint (path or URL) instead of the run's newest valid one")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to run on (default: RAY_ADDRESS, else a new local instance)")
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a training checkpoint directory (path or URL), any world size")
+    p.add_argument("out", help="output directory (path or URL) for model.safetensors + config.json")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
+
+
+def resolve_config_path(path: str) -> Path:
+    """A config path as given, else relative to the repository (so `configs/...` works from anywhere)."""
+    given = Path(path)
+    if given.is_file() or given.is_absolute():
+        return given
+    in_repo = REPO_ROOT / given
+    return in_repo if in_repo.is_file() else given
+
+
+def toml_string(text: str) -> str:
+    """`text` as a TOML basic string, so a --set value such as a path is never re-parsed as a number."""
+    return json.dumps(text)  # JSON string escapes are a subset of TOML basic-string escapes
+
+
+def build_train_config(config_path: str, overrides: list[str], *, resume: str | None = None):
+    """The validated JobConfig: file, then `--set` overrides, then --resume (raises ConfigError)."""
+    from lipnext_scale.config import load_config
+
+    overrides = list(overrides)
+    if resume is not None:
+        overrides.append(f"train.resume={toml_string(resume)}")
+    return load_config(resolve_config_path(config_path), overrides)
+
+
+def dataset_overrides(data_url: str) -> list[str]:
+    """`--set` overrides pointing the job at a prepared data set directory (its train/val manifests)."""
+    root = data_url.rstrip("/")
+    return [f"data.train_url={toml_string(root + '/train-manifest.parquet')}",
+            f"data.eval_url={toml_string(root + '/val-manifest.parquet')}"]
+
+
+def default_num_workers(ray_address: str | None) -> int | None:
+    """One worker per GPU of the Ray cluster; None (after printing why) when it has none."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus < 1:
+        print("error: the Ray cluster offers no GPUs; pass --num-workers N (and --set train.use_gpu=false "
+              "to train on CPU workers)", file=sys.stderr)
+        return None
+    return gpus
+
+
+def print_summary(result: dict[str, Any], out=sys.stdout) -> None:
+    """run_training's result: checkpoint, run directory, then the final metrics, one per line."""
+    print(f"  run_dir: {result.get('run_dir')}\n  checkpoint: {result.get('checkpoint')}", file=out)
+    for key, value in sorted((result.get("metrics") or {}).items()):
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        if isinstance(value, (str, int, float, bool)):
+            print(f"  {key}: {value}", file=out)
+
+
+def run_train_config(config_path: str, overrides: list[str], *, resume: str | None = None,
+                     ray_address: str | None = None) -> int:
+    """Build the config and train; a bad config or input prints one clear line and returns 2."""
+    from lipnext_scale.config import ConfigError
+
+    try:
+        cfg = build_train_config(config_path, overrides, resume=resume)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from lipnext_scale.train.trainer import run_training
+
+    try:
+        result = run_training(cfg, ray_address=ray_address)
+    except (ConfigError, FileNotFoundError) as e:
+        # Raised at job start for unreachable data/storage URLs and bad checkpoints: the message names
+        # the thing and the fix; a traceback would only hide it.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"training finished: {cfg.train.name}")
+    print_summary(result)
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    return run_train_config(args.config, args.overrides, resume=args.resume, ray_address=args.ray_address)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Consolidate a (ZeRO-3, any world size) checkpoint and write it in the exported format."""
+    from lipnext_scale.train.checkpoint import consolidate_checkpoint
+    from lipnext_scale.train.export import ExportError, save_exported
+
+    try:
+        state_dict, config = consolidate_checkpoint(args.checkpoint)
+        save_exported(state_dict, config, args.out, overwrite=args.overwrite)
+    except (ExportError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    params = sum(t.numel() for t in state_dict.values())
+    print(f"exported {args.checkpoint} -> {args.out} ({len(state_dict)} tensors, {params:,} values, "
+          f"model {config['model']['name']})")
+    return 0
