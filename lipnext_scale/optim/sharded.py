@@ -1,0 +1,362 @@
+"""The manifold step under DeepSpeed ZeRO-3: each matrix retracted once per step, by its owner rank.
+
+Usage (every rank):
+    client_opt, manifold_names = build_zero3_optimizers(model, cfg.optim)    # before deepspeed.initialize
+    engine, *_ = deepspeed.initialize(model=model, optimizer=client_opt, config=ds_config)
+    manifold = ShardedManifoldStep(engine, model, cfg.optim)
+    loop: loss = ...; engine.backward(loss); manifold.step(); engine.step()
+
+Why this shape: ZeRO-3 keeps the fp32 master of a parameter as contiguous slices of its flattened value,
+one slice per rank (`param.ds_tensor`, padded to equal size). Writing through
+`deepspeed.zero.GatheredParameters` changes only the bf16 module copy and the fp32 master undoes it at
+the next step, so the step works on the fp32 partitions themselves (`safe_get_local_fp32_param`,
+`safe_get_local_grad`, `safe_set_local_fp32_param`); the next `engine.step()` copies them into the bf16
+module partitions. Between `engine.backward` and `engine.step` one `step()`:
+  1. one all-reduce: global manifold grad norm (for `optim.grad_clip`) and a NaN/Inf count (skip + count);
+  then per round (each owner's next bucket of owned matrices, <= optim.manifold_bucket_mb):
+  2. one all_to_all: every rank sends each owner its slices of (master, grad) for the owner's matrices;
+  3. each owner runs `riemannian_momentum_step` (fp32) on them: once per matrix per step;
+  4. one all_to_all back: each rank receives its slice of every new matrix and writes its fp32 partition;
+  finally the manifold grads are zeroed so DeepSpeed's `gradient_clipping` norm covers the Euclidean group
+  only; the client optimizer skips the manifold groups, so DeepSpeed holds no Adam state for them.
+Beyond its ZeRO-3 shard a rank holds the momentum of its owned matrices and one round (bucket) in flight.
+Owners: greedy by retraction cost n p^2, deterministic from names, shapes and world size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from lipnext_scale.optim.manifold import check_manifold_parameter, orthogonality_error, riemannian_momentum_step
+from lipnext_scale.optim.retraction import orthogonalize_exact
+from lipnext_scale.optim.optimizer import (
+    STATE_FORMAT, check_momentum_names, check_state_format, clip_coefficient, split_parameters,
+)
+from lipnext_scale.optim.schedule import lr_multiplier
+
+log = logging.getLogger(__name__)
+
+
+def retraction_cost(shape: tuple[int, int]) -> int:
+    n, p = max(shape), min(shape)
+    return n * p * p
+
+
+def assign_owners(shapes: dict[str, tuple[int, int]], world_size: int) -> dict[str, int]:
+    """name -> owner rank, balancing the sum of n p^2 per rank (largest first, ties by name)."""
+    load = [0] * world_size
+    owners = {}
+    for name in sorted(shapes, key=lambda n: (-retraction_cost(shapes[n]), n)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += retraction_cost(shapes[name])
+    return owners
+
+
+def plan_rounds(slots: list, world_size: int, bucket_numel: int) -> list[list]:
+    """Split the step into rounds: in round j each owner handles its j-th bucket of owned matrices (packed in
+    order up to `bucket_numel` elements, at least one matrix). Deterministic, so all ranks agree."""
+    buckets: list[list[list]] = [[] for _ in range(world_size)]
+    for s in slots:
+        mine = buckets[s.owner]
+        if not mine or sum(o.numel for o in mine[-1]) + s.numel > bucket_numel:
+            mine.append([])
+        mine[-1].append(s)
+    rounds = max((len(b) for b in buckets), default=0)
+    return [[s for b in buckets if j < len(b) for s in b[j]] for j in range(rounds)]
+
+
+class EuclideanAdamW(torch.optim.AdamW):
+    """AdamW that leaves param groups marked `manifold` alone (no update, no state): DeepSpeed calls
+    `step()` on every group's flat fp32 partition, the manifold ones are handled by ShardedManifoldStep."""
+
+    def step(self, closure=None):
+        hidden = [(g, g["params"]) for g in self.param_groups if g.get("manifold")]
+        for g, _ in hidden:
+            g["params"] = []
+        try:
+            return super().step(closure)
+        finally:
+            for g, params in hidden:
+                g["params"] = params
+
+
+def build_zero3_optimizers(model: nn.Module, cfg) -> tuple[torch.optim.Optimizer, list[str]]:
+    """(client optimizer for `deepspeed.initialize(optimizer=...)`, manifold parameter names).
+
+    Call before `deepspeed.initialize` (it validates the manifold matrices while they are still whole).
+    Group 0: Euclidean params, AdamW(euclid_lr, betas, weight_decay). Group 1 (if any): manifold params,
+    marked `manifold=True`, lr 0; EuclideanAdamW never touches it.
+    """
+    cfg.validate()
+    manifold, euclid = split_parameters(model)
+    for name, p in manifold:
+        check_manifold_parameter(name, tuple(getattr(p, "ds_shape", p.shape)),
+                                 None if hasattr(p, "ds_shape") else p.detach())
+    groups = []
+    if euclid:
+        groups.append({"params": [p for _, p in euclid], "lr": cfg.euclid_lr, "weight_decay": cfg.weight_decay})
+    if manifold:
+        groups.append({"params": [p for _, p in manifold], "lr": 0.0, "weight_decay": 0.0, "manifold": True})
+    if not groups:
+        raise ValueError("build_zero3_optimizers: the model has no trainable parameters")
+    opt = EuclideanAdamW(groups, lr=cfg.euclid_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return opt, [n for n, _ in manifold]
+
+
+class _Slot:
+    """Where one manifold matrix lives: its shape, flat size, per-rank partition size and owner."""
+
+    def __init__(self, name: str, param: nn.Parameter, owner: int, rank: int, world: int):
+        self.name, self.param, self.owner = name, param, owner
+        self.shape = tuple(param.ds_shape)
+        self.numel = int(param.ds_numel)
+        self.part = int(param.ds_tensor.numel())  # equal on every rank; the last one is padded
+        if self.part * world < self.numel:
+            raise RuntimeError(f"{name}: ZeRO-3 partition {self.part} x {world} ranks < {self.numel} elements")
+        self.valid = max(0, min(self.part, self.numel - rank * self.part))
+
+    def full(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(parts)[: self.numel].view(self.shape)
+
+    def slices(self, value: torch.Tensor, world: int) -> list[torch.Tensor]:
+        """Rank r's slice of the flattened value, for every r (views; only a padded last slice is copied)."""
+        flat = value.reshape(-1)
+        out = []
+        for r in range(world):
+            piece = flat[r * self.part: (r + 1) * self.part]
+            if piece.numel() < self.part:
+                piece = torch.cat([piece, piece.new_zeros(self.part - piece.numel())])
+            out.append(piece)
+        return out
+
+
+class ShardedManifoldStep:
+    def __init__(self, engine, model: nn.Module, cfg, schedule_euclidean: bool = True):
+        import torch.distributed as dist
+
+        cfg.validate()
+        self.engine, self.cfg, self.dist = engine, cfg, dist
+        self.schedule_euclidean = schedule_euclidean
+        manifold, _ = split_parameters(model)
+        missing = [n for n, p in manifold if not hasattr(p, "ds_tensor")]
+        if missing:
+            raise RuntimeError(f"ShardedManifoldStep: {missing[:3]} are not ZeRO-3 partitioned; build it after "
+                               "deepspeed.initialize with zero_optimization.stage = 3")
+        self.group = manifold[0][1].ds_process_group if manifold else None
+        self.rank = dist.get_rank(self.group)
+        self.world = dist.get_world_size(self.group)
+        for name, p in manifold:
+            check_manifold_parameter(name, tuple(p.ds_shape))
+        owners = assign_owners({n: tuple(p.ds_shape) for n, p in manifold}, self.world)
+        self.slots = [_Slot(n, p, owners[n], self.rank, self.world) for n, p in manifold]
+        self.owned = [s for s in self.slots if s.owner == self.rank]
+        # collectives run on the partitions' device (cuda under NCCL, cpu under gloo)
+        self.device = manifold[0][1].ds_tensor.device if manifold else torch.device("cpu")
+        self.rounds = plan_rounds(self.slots, self.world, int(cfg.manifold_bucket_mb * 2 ** 20 / 4))
+        self.momentum: dict[str, torch.Tensor] = {}
+        self.step_count = 0
+        self.skipped_steps = 0
+        self.retraction_counts = {s.name: 0 for s in self.owned}  # cumulative, this rank's matrices
+        self.ns_stats: dict = {}
+        self.stats: dict = {}
+        self._check_initial_orthogonality()
+
+    # ------------------------------------------------------------------ collectives
+
+    def _exchange(self, sends: list[torch.Tensor], recv_sizes: list[int]) -> list[torch.Tensor]:
+        """all_to_all of one flat fp32 buffer per destination rank; returns one buffer per source rank."""
+        send = torch.cat(sends)
+        recv = torch.empty(sum(recv_sizes), dtype=torch.float32, device=self.device)
+        self.dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes,
+                                    input_split_sizes=[t.numel() for t in sends], group=self.group)
+        return list(torch.split(recv, recv_sizes))
+
+    def _gather_to_owners(self, slots: list[_Slot], with_grads: bool, grad_scale: float = 1.0):
+        """The matrices of `slots` (one round), whole on their owners: {name: master} and {name: grad}."""
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
+
+        per = 2 if with_grads else 1
+        sends = []
+        for dest in range(self.world):
+            pieces = []
+            for s in slots:
+                if s.owner == dest:
+                    pieces.append(safe_get_local_fp32_param(s.param).reshape(-1).float())
+                    if with_grads:
+                        grad = safe_get_local_grad(s.param).reshape(-1).float()
+                        pieces.append(grad if grad_scale == 1.0 else grad * grad_scale)
+            sends.append(torch.cat(pieces) if pieces else torch.empty(0, device=self.device))
+        mine = [s for s in slots if s.owner == self.rank]
+        recvs = self._exchange(sends, [per * sum(s.part for s in mine)] * self.world)
+        masters, grads, offset = {}, {}, 0
+        for s in mine:
+            masters[s.name] = s.full([r.narrow(0, offset, s.part) for r in recvs])
+            if with_grads:
+                grads[s.name] = s.full([r.narrow(0, offset + s.part, s.part) for r in recvs])
+            offset += per * s.part
+        return masters, grads
+
+    def _scatter_from_owners(self, slots: list[_Slot], new: dict[str, torch.Tensor]) -> None:
+        """Every rank writes its slice of each new matrix of `slots` (one round) into its fp32 partition."""
+        from deepspeed.utils import safe_set_local_fp32_param
+
+        mine = [s for s in slots if s.owner == self.rank]
+        rows = {s.name: s.slices(new[s.name], self.world) for s in mine}
+        sends = [torch.cat([rows[s.name][dest] for s in mine]) if mine else torch.empty(0, device=self.device)
+                 for dest in range(self.world)]
+        sizes = [sum(s.part for s in slots if s.owner == src) for src in range(self.world)]
+        recvs = self._exchange(sends, sizes)
+        offsets = [0] * self.world
+        for s in slots:
+            safe_set_local_fp32_param(s.param, recvs[s.owner].narrow(0, offsets[s.owner], s.part))  # copies
+            offsets[s.owner] += s.part
+
+    def _grad_norm_and_nonfinite(self) -> tuple[float, int]:
+        """(global manifold grad norm, number of matrices with a NaN/Inf grad entry): one all-reduce."""
+        from deepspeed.utils import safe_get_local_grad
+
+        norms = torch.stack([torch.linalg.vector_norm(safe_get_local_grad(s.param).reshape(-1)[: s.valid],
+                                                      dtype=torch.float64) for s in self.slots])
+        finite = torch.isfinite(norms)  # a norm is finite iff every entry is (fp32 squares cannot overflow fp64)
+        local = torch.stack([torch.where(finite, norms, 0.0).pow(2).sum(), (~finite).sum().double()])
+        self.dist.all_reduce(local, group=self.group)
+        return float(local[0].sqrt()), int(local[1])
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """The manifold update of this optimizer step; returns False when it was skipped (NaN/Inf grads)."""
+        if not self.engine.is_gradient_accumulation_boundary():
+            return False  # grads are reduced into the fp32 partitions only at the boundary
+        t0 = time.perf_counter()
+        norm, nonfinite = self._grad_norm_and_nonfinite()
+        if nonfinite:
+            # Grads are left as they are: DeepSpeed's norm check then sees them too.
+            self.skipped_steps += 1
+            if self.rank == 0:
+                log.warning("ShardedManifoldStep: skipped step %d (skipped so far: %d): NaN/Inf in the gradient "
+                            "of %d manifold matrices", self.step_count, self.skipped_steps, nonfinite)
+            self.stats = {"skipped": True, "retractions": {}, "seconds": time.perf_counter() - t0}
+            return False
+        mult = lr_multiplier(self.step_count, self.cfg)
+        scale = clip_coefficient(norm, self.cfg.grad_clip)
+        exact = self.cfg.reortho_every > 0 and (self.step_count + 1) % self.cfg.reortho_every == 0
+        counts, compute = {}, 0.0
+        for slots in self.rounds:  # bounded memory: one round of owned matrices in flight
+            masters, grads = self._gather_to_owners(slots, True, scale)
+            t1 = time.perf_counter()
+            new = {}
+            for name, x in masters.items():
+                new[name], self.momentum[name] = riemannian_momentum_step(
+                    x, grads[name], self.momentum.get(name), lr=self.cfg.lr * mult,
+                    momentum=self.cfg.momentum, method=self.cfg.retraction, ns_iters=self.cfg.ns_iters,
+                    exact=exact, stats=self.ns_stats)
+                counts[name] = counts.get(name, 0) + 1
+                self.retraction_counts[name] += 1
+            compute += time.perf_counter() - t1
+            del masters, grads
+            self._scatter_from_owners(slots, new)
+        self._zero_manifold_grads()
+        if self.schedule_euclidean:
+            for g in self.engine.optimizer.param_groups:
+                if not g.get("manifold"):
+                    g["lr"] = self.cfg.euclid_lr * mult
+        self.step_count += 1
+        seconds = time.perf_counter() - t0
+        self.stats = {"skipped": False, "retractions": counts, "grad_norm": norm, "lr": self.cfg.lr * mult,
+                      "seconds": seconds, "compute_seconds": compute, "comm_seconds": seconds - compute,
+                      "rounds": len(self.rounds), "ns_fallbacks": self.ns_stats.get("ns_fallbacks", 0)}
+        return True
+
+    def _zero_manifold_grads(self) -> None:
+        from deepspeed.utils import safe_set_local_grad
+
+        for s in self.slots:
+            safe_set_local_grad(s.param, torch.zeros(s.part, dtype=torch.float32, device=self.device))
+
+    # ------------------------------------------------------------------ checks and state
+
+    def max_orthogonality_error(self) -> float:
+        """max over all matrices of max|X^T X - I| of the fp32 masters (a collective: call on every rank)."""
+        worst = 0.0
+        for slots in self.rounds:
+            masters, _ = self._gather_to_owners(slots, False)
+            worst = max([worst] + [orthogonality_error(x) for x in masters.values()])
+        local = torch.tensor([worst], dtype=torch.float64, device=self.device)
+        self.dist.all_reduce(local, op=self.dist.ReduceOp.MAX, group=self.group)
+        return float(local[0])
+
+    def _check_initial_orthogonality(self) -> None:
+        """Reject non-orthogonal starting matrices (at the module dtype's rounding level). With a bf16 module
+        DeepSpeed builds the fp32 masters from bf16-rounded weights (error ~1e-3): project those exactly
+        onto the manifold once, so fp32 training starts on it."""
+        bad, low_precision = [], any(s.param.ds_tensor.dtype not in (torch.float32, torch.float64) for s in self.slots)
+        for slots in self.rounds:
+            masters, _ = self._gather_to_owners(slots, False)
+            for name, x in masters.items():
+                slot = next(s for s in slots if s.name == name)
+                try:
+                    check_manifold_parameter(name, slot.shape, x.to(slot.param.ds_tensor.dtype))
+                except ValueError as e:
+                    bad.append(str(e))
+            if low_precision:  # harmless if some are bad: the error below stops everything
+                self._scatter_from_owners(slots, {n: orthogonalize_exact(x) for n, x in masters.items()})
+        flag = torch.tensor([len(bad)], dtype=torch.int64, device=self.device)
+        self.dist.all_reduce(flag, group=self.group)
+        if int(flag[0]):
+            raise ValueError("ShardedManifoldStep: " + ("; ".join(bad) if bad else
+                             f"{int(flag[0])} manifold matrices owned by other ranks are not (semi-)orthogonal "
+                             "(their ranks' errors name them)"))
+
+    def _names_with_momentum(self) -> set[str]:
+        """Matrices that have a momentum buffer on their owner (one small all-reduce: layouts must agree)."""
+        flags = torch.tensor([float(s.name in self.momentum) for s in self.slots], dtype=torch.float32,
+                             device=self.device)
+        self.dist.all_reduce(flags, group=self.group)
+        return {s.name for s, f in zip(self.slots, flags.tolist()) if f > 0}
+
+    def state_dict(self, all_ranks: bool = False) -> dict:
+        """Manifold state keyed by parameter name (a collective). `momentum` holds every matrix's full fp32
+        buffer on rank 0 (on every rank with all_ranks=True) and is empty elsewhere; the dict loads at any
+        world size and into `ManifoldOptimizer`."""
+        have = self._names_with_momentum()
+        sizes = [sum(s.numel for s in self.slots if s.owner == r and s.name in have) for r in range(self.world)]
+        local = torch.zeros(max(sizes + [1]), dtype=torch.float32, device=self.device)
+        mine = [self.momentum[s.name].reshape(-1).float() for s in self.owned if s.name in have]
+        if mine:
+            flat = torch.cat(mine)
+            local[: flat.numel()] = flat
+        out = {"format": STATE_FORMAT, "step": self.step_count, "skipped_steps": self.skipped_steps,
+               "momentum": {}}
+        rows = [torch.empty_like(local) for _ in range(self.world)]
+        if all_ranks:
+            self.dist.all_gather(rows, local, group=self.group)
+        else:
+            dst = self.dist.get_global_rank(self.group, 0) if self.group is not None else 0
+            self.dist.gather(local, rows if self.rank == 0 else None, dst=dst, group=self.group)
+            if self.rank != 0:
+                return out
+        offsets = [0] * self.world
+        for s in self.slots:
+            if s.name in have:
+                o = offsets[s.owner]
+                out["momentum"][s.name] = rows[s.owner][o: o + s.numel].view(s.shape).clone()
+                offsets[s.owner] += s.numel
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a dict from `state_dict()` (any world size) or `ManifoldOptimizer.state_dict()`; call on every
+        rank with the same dict: each rank keeps the momentum of the matrices it owns now."""
+        check_state_format(state, "ShardedManifoldStep.load_state_dict")
+        momentum = state.get("momentum", {})
+        check_momentum_names(momentum, {s.name: s.shape for s in self.slots}, "ShardedManifoldStep.load_state_dict")
+        self.momentum = {s.name: momentum[s.name].detach().to(self.device, torch.float32).clone()
+                         for s in self.owned if s.name in momentum}
+        self.step_count = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
