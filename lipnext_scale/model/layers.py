@@ -177,12 +177,17 @@ class LipNeXtBlock(nn.Module):
         return y if a == 1.0 else (1.0 - a) * x + a * y
 
 
-def orthogonality_error(weight: torch.Tensor) -> float:
-    """max |G - I| of the Gram matrix of the smaller side (W^T W for tall, W W^T for wide), in fp64."""
+def gram_minus_identity(weight: torch.Tensor) -> torch.Tensor:
+    """G - I in fp64, G the Gram matrix of the smaller side (W^T W for tall, W W^T for wide): zero iff
+    W is (semi-)orthogonal, and ||W||_2^2 = lambda_max(G)."""
     w = weight.detach().to(torch.float64)
     gram = w.t() @ w if w.shape[0] >= w.shape[1] else w @ w.t()
-    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-    return float((gram - eye).abs().max())
+    return gram - torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+
+
+def orthogonality_error(weight: torch.Tensor) -> float:
+    """max |G - I| (see `gram_minus_identity`)."""
+    return float(gram_minus_identity(weight).abs().max())
 
 
 def fan_flops(d_in: int, d_out: int, tokens: int) -> int:
@@ -192,7 +197,7 @@ def fan_flops(d_in: int, d_out: int, tokens: int) -> int:
 
 __all__ = [
     "OrthogonalProjection", "SpatialShift", "BetaAbs", "L2SpatialPool", "Patchify", "LipNeXtBlock",
-    "orthogonality_error", "fan_flops", "SHIFT_MODES", "manifold_parameters",
+    "orthogonality_error", "gram_minus_identity", "fan_flops", "SHIFT_MODES", "manifold_parameters",
 ]
 
 

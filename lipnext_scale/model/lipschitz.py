@@ -14,15 +14,12 @@ from typing import Callable
 
 import torch
 
-from lipnext_scale.model.layers import OrthogonalProjection
+from lipnext_scale.model.layers import OrthogonalProjection, gram_minus_identity, orthogonality_error
 
 
 def spectral_norm_upper_bound(weight: torch.Tensor) -> float:
     """sqrt(1 + ||G - I||_F), computed in float64; >= ||W||_2 for any W."""
-    w = weight.detach().to(torch.float64)
-    gram = w.t() @ w if w.shape[0] >= w.shape[1] else w @ w.t()
-    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-    return math.sqrt(1.0 + float(torch.linalg.matrix_norm(gram - eye, ord="fro")))
+    return math.sqrt(1.0 + float(torch.linalg.matrix_norm(gram_minus_identity(weight), ord="fro")))
 
 
 def rigorous_lipschitz_bound(model: torch.nn.Module) -> float:
@@ -37,8 +34,6 @@ def rigorous_lipschitz_bound(model: torch.nn.Module) -> float:
 
 def max_orthogonality_error(model: torch.nn.Module) -> float:
     """max over matrices of max |G - I|."""
-    from lipnext_scale.model.layers import orthogonality_error
-
     return max((orthogonality_error(m.weight) for m in model.modules() if isinstance(m, OrthogonalProjection)),
                default=0.0)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from lipnext_scale.model.layers import orthogonality_error  # one definition, shared with certification
 from lipnext_scale.optim.retraction import orthogonalize_exact, retract
 
 
@@ -45,13 +46,6 @@ def tangent_skew_error(x: torch.Tensor, d: torch.Tensor) -> float:
     dt = d.to(torch.float64)
     dt = dt.mT if wide else dt
     return float(sym(xt.mT @ dt).abs().max())
-
-
-def orthogonality_error(x: torch.Tensor) -> float:
-    """max |X^T X - I| of the tall orientation, in fp64."""
-    xt, _ = _tall(x.detach().to(torch.float64))
-    gram = xt.mT @ xt
-    return float((gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).abs().max())
 
 
 def init_tolerance(dtype: torch.dtype) -> float:
