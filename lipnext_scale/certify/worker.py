@@ -26,13 +26,17 @@ def broken_column(eps: float) -> str:
 
 
 def certify_batch(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, eps_list: list[float],
-                  lipschitz: float, attack_steps: int = 0) -> dict[str, torch.Tensor]:
+                  lipschitz: float, attack_steps: int = 0,
+                  pair_distances: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-sample prediction, margin, radius (float64 from fp32 logits), certified@eps and, when
-    attack_steps > 0, pgd_broken@eps for the certified points (False elsewhere)."""
+    attack_steps > 0, pgd_broken@eps for the certified points (False elsewhere). `pair_distances`
+    (from `head_pair_distances(model.head.weight)`) is computed here when not given; callers that certify
+    many batches pass it once: for 1000 classes it is a 1000 x 1000 x width float64 computation."""
     with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
         logits = model(images.to(torch.float32))
-    pred, margin, radius = certified_radius(logits.double(), head_pair_distances(model.head.weight),
-                                            lipschitz=lipschitz)
+    if pair_distances is None:
+        pair_distances = head_pair_distances(model.head.weight)
+    pred, margin, radius = certified_radius(logits.double(), pair_distances, lipschitz=lipschitz)
     labels = labels.to(pred.device)
     out = {"prediction": pred, "margin": margin, "radius": radius}
     for eps in eps_list:
@@ -86,6 +90,7 @@ class ShardCertifier:
         self.device = torch.device(device)
         spec = self.loaded.model.spec
         self.image_size, self.num_classes = spec.image_size, spec.num_classes
+        self.pair_distances = head_pair_distances(self.loaded.model.head.weight)  # once per model
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -99,7 +104,8 @@ class ShardCertifier:
         pa.table({"key": pa.array([], pa.string())})
         images = torch.full((2, 3, self.image_size, self.image_size), 0.5, device=self.device)
         certify_batch(self.loaded.model, images, torch.zeros(2, dtype=torch.long), self.eps_list[:1],
-                      self.verification.lipschitz_used, attack_steps=min(self.attack_steps, 1))
+                      self.verification.lipschitz_used, attack_steps=min(self.attack_steps, 1),
+                      pair_distances=self.pair_distances)
 
     def column_names(self) -> list[str]:
         names = ["prediction", "margin", "radius"]
@@ -125,7 +131,7 @@ class ShardCertifier:
             images = torch.stack(batch_images).to(self.device)
             labels = torch.tensor(batch_labels, dtype=torch.long)
             result = certify_batch(self.loaded.model, images, labels, self.eps_list,
-                                   self.verification.lipschitz_used, self.attack_steps)
+                                   self.verification.lipschitz_used, self.attack_steps, self.pair_distances)
             columns["key"] += batch_keys
             columns["label"] += batch_labels
             for name, values in result.items():
