@@ -12,7 +12,7 @@
    (an ImageNet-like 350-500 px), images/s per core.
 
 Images: crops of the real photos that ship with scikit-learn (`load_sample_images`), so JPEG decode
-costs are those of natural images. Run: RAY_AUTH_MODE=disabled python bench/bench_data.py [--quick]
+costs are those of natural images. Run: python bench/bench_data.py [--quick]
 """
 
 from __future__ import annotations
@@ -182,6 +182,7 @@ def main() -> int:
         args.images, args.batches, args.rounds = 300, 4, 1
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a bench must not write ~/.ray/auth_token
     import ray
 
     from lipnext_scale.data.prep import prepare
