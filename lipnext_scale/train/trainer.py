@@ -120,6 +120,7 @@ def _worker_entry(config: dict[str, Any]) -> None:
 
     cfg = config_from_dict(config["job"])
     torch.set_num_threads(cfg.train.cpus_per_worker)
+    _quiet_ray_train_reports()
     ctx = ray.train.get_context()
     device = "cpu"
     if config["use_gpu"]:
@@ -135,6 +136,17 @@ def _worker_entry(config: dict[str, Any]) -> None:
 
     train_worker(cfg, config["deepspeed"], config["run_url"], ctx.get_world_rank(), ctx.get_world_size(),
                  report=report, preempted=preempted, device=device)
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every `report` (the whole metrics dict) and every checkpoint at INFO from every
+    worker; our progress bar, TensorBoard and checkpoint warnings already say this. Its loggers are
+    named by file path (`logging.getLogger(__file__)`), hence the match on the package path."""
+    import logging
+
+    for name in list(logging.root.manager.loggerDict):
+        if "ray/train/" in name or name.startswith("ray.train"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _use_gpu(setting, ray_module) -> bool:
