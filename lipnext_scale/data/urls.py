@@ -16,12 +16,13 @@ class DataError(ValueError):
     """A data URL, shard, source layout or manifest is wrong; the message names it and the fix."""
 
 
-def url_to_fs(url: str):
+def url_to_fs(url: str, error: type[Exception] = DataError):
+    """(filesystem, path) of an fsspec URL; an unknown protocol or a missing backend raises `error`."""
     try:
         return fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as e:
-        raise DataError(f"cannot open {url!r}: {e}. Install the fsspec backend for this protocol "
-                        "(s3fs for s3://, gcsfs for gs://) or check the URL") from e
+        raise error(f"cannot open {url!r}: {e}. Install the fsspec backend for this protocol "
+                    "(s3fs for s3://, gcsfs for gs://) or check the URL") from e
 
 
 def join_url(base: str, *parts: str) -> str:

@@ -30,10 +30,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+
+from lipnext_scale.data.urls import url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +103,7 @@ def write_rank_files(local_dir: str, rank: int, tensors: dict[str, torch.Tensor]
 
 
 def _fs(url: str):
-    try:
-        return fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as e:
-        raise CheckpointError(f"cannot open checkpoint URL {url!r}: {e}. Install the fsspec backend "
-                              "(s3fs for s3://, gcsfs for gs://) or check the URL") from e
+    return url_to_fs(url, CheckpointError)
 
 
 def _read(url: str, name: str) -> bytes:

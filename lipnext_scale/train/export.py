@@ -17,8 +17,9 @@ import posixpath
 import uuid
 from typing import Any
 
-import fsspec
 import torch
+
+from lipnext_scale.data.urls import url_to_fs
 
 FORMAT = "lipnext-exported"
 FORMAT_VERSION = 1
@@ -114,7 +115,7 @@ def save_exported(state_dict: dict[str, torch.Tensor], config: dict, out_url: st
                 "files": {name: _file_entry(data) for name, data in files.items()}}
     files[MANIFEST_FILE] = json.dumps(manifest, indent=2, sort_keys=True).encode()
 
-    fs, path = fsspec.core.url_to_fs(out_url)
+    fs, path = url_to_fs(out_url, ExportError)
     path = path.rstrip("/")
     if fs.exists(path):
         if not overwrite:
@@ -134,7 +135,7 @@ def save_exported(state_dict: dict[str, torch.Tensor], config: dict, out_url: st
 
 
 def is_exported(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = url_to_fs(url, ExportError)
     return fs.isfile(posixpath.join(path.rstrip("/"), MANIFEST_FILE))
 
 
@@ -157,7 +158,7 @@ def load_exported(url: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(fp32 state_dict, config dict) of an exported model, after verifying every file's hash."""
     from safetensors.torch import load
 
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = url_to_fs(url, ExportError)
     path = path.rstrip("/")
     manifest_path = posixpath.join(path, MANIFEST_FILE)
     if not fs.exists(path):
