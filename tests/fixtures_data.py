@@ -76,9 +76,9 @@ def _write(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
-def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+def _tar_bytes(members: list[tuple[str, bytes]], mode: str = "w") -> bytes:
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
+    with tarfile.open(fileobj=buf, mode=mode) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -192,13 +192,7 @@ def make_cifar(root: Path, kind: str, fmt: str, per_file: int = 4) -> tuple[Path
     else:
         members.append((f"{folder}/{'batches.meta.txt' if ten else 'fine_label_names.txt'}", "\n".join(names).encode()))
     archive = root / f"{folder}.tar.gz"
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    _write(archive, buf.getvalue())
+    _write(archive, _tar_bytes(members, mode="w:gz"))
     return archive, expected
 
 
