@@ -1,7 +1,7 @@
 """Ray job entry point: train from a TOML job config.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python launchers/train.py --config configs/train/cifar10.toml --set train.storage=s3://bucket/runs
+        python launchers/train.py --config configs/train/cifar10_l32w1024.toml --set train.storage=s3://bucket/runs
 
 Same flags and code path as `lipnext train` (lipnext_scale/train/cli.py); see docs/multinode.md.
 """

@@ -1,13 +1,26 @@
 """LipNeXt layers: each one is 1-Lipschitz in the l2 norm by construction.
 
-Feature maps are channels-last, (B, H, W, C): the orthogonal projection is then one matmul over the
-last dimension and the spatial shift a roll over dims 1 and 2.
+Feature maps are channels-last, (B, H, W, C): an orthogonal projection is then one matmul over the
+last dimension and the spatial shift a copy of strided slices over dims 1 and 2.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def orthogonal_(weight: torch.Tensor) -> torch.Tensor:
+    """Fill a (d_out, d_in) matrix with a Haar-random (semi-)orthogonal one: QR of a Gaussian in fp32,
+    whatever the storage dtype (QR has no bf16 kernel, and bf16 rounding is not orthogonal). No-op on meta."""
+    if weight.is_meta:  # big models are sized on `meta`; nothing to initialise
+        return weight
+    with torch.no_grad():
+        w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        nn.init.orthogonal_(w)
+        weight.copy_(w)
+    return weight
 
 
 class OrthogonalProjection(nn.Module):
@@ -19,94 +32,178 @@ class OrthogonalProjection(nn.Module):
     it in the forward pass (paper: "constraint-free").
     """
 
-    manifold = True  # marks `weight` for the manifold optimizer and the Lipschitz checks
+    manifold_names = ("weight",)  # parameters the manifold optimizer and the Lipschitz checks own
 
     def __init__(self, d_in: int, d_out: int, device=None, dtype=None):
         super().__init__()
         self.d_in, self.d_out = d_in, d_out
         self.weight = nn.Parameter(torch.empty(d_out, d_in, device=device, dtype=dtype))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        if self.weight.is_meta:  # big models are sized on `meta`; nothing to initialise
-            return
-        # QR of a Gaussian in fp32: Haar-distributed (semi-)orthogonal, whatever the storage dtype.
-        with torch.no_grad():
-            w = torch.empty(self.d_out, self.d_in, dtype=torch.float32, device=self.weight.device)
-            nn.init.orthogonal_(w)
-            self.weight.copy_(w)
+        orthogonal_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.t()
+        return F.linear(x, self.weight)  # one GEMM over all leading dims (x @ W.t() is slower on CPU)
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}"
 
 
 SHIFT_MODES = ("circular", "zero")
+# (dh, dw) of the shifted groups, in channel order: up, down, left, right; the remaining channels stay.
+SHIFT_DIRECTIONS = ((-1, 0), (1, 0), (0, -1), (0, 1))
+
+
+def shift_group_size(channels: int, alpha: float, align: int = 8) -> int:
+    """Channels moved in each of the 4 directions: floor(alpha * C), rounded down to a multiple of `align`
+    when that leaves at least `align` (aligned slices for vectorised copies and bf16 tensor-core tiles)."""
+    size = int(alpha * channels)
+    return size - size % align if size >= align else size
+
+
+def _shift_into(out: torch.Tensor, x: torch.Tensor, size: int, sign: int, circular: bool) -> None:
+    """out[..., group g] = x[..., group g] moved one pixel in direction sign * SHIFT_DIRECTIONS[g]; the rest
+    of the channels copied unchanged. Each element is read once and written once (no roll, no cat)."""
+    lo = 0
+    for dh, dw in SHIFT_DIRECTIONS:
+        dh, dw = sign * dh, sign * dw
+        src, dst = x[..., lo:lo + size], out[..., lo:lo + size]
+        dim = 1 if dh else 2
+        step = dh or dw
+        n = x.shape[dim]
+        # roll semantics: dst[i] = src[i - step], the `step` wrapped rows from the other end (or zeros)
+        body_dst, body_src = (dst.narrow(dim, 1, n - 1), src.narrow(dim, 0, n - 1)) if step > 0 else \
+            (dst.narrow(dim, 0, n - 1), src.narrow(dim, 1, n - 1))
+        edge_dst, edge_src = (dst.narrow(dim, 0, 1), src.narrow(dim, n - 1, 1)) if step > 0 else \
+            (dst.narrow(dim, n - 1, 1), src.narrow(dim, 0, 1))
+        body_dst.copy_(body_src)
+        if circular:
+            edge_dst.copy_(edge_src)
+        else:
+            edge_dst.zero_()
+        lo += size
+    out[..., lo:].copy_(x[..., lo:])
+
+
+def _shifted(x: torch.Tensor, size: int, sign: int, circular: bool) -> torch.Tensor:
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _shift_into(out, x, size, sign, circular)
+    return out
+
+
+def shift_reference(x: torch.Tensor, size: int, sign: int = 1, circular: bool = True) -> torch.Tensor:
+    """The same shift from out-of-place ops (roll, slice, cat): the readable definition, which tests
+    compare the one-pass version against, and which composes with every torch.func transform."""
+    parts, lo = [], 0
+    for dh, dw in SHIFT_DIRECTIONS:
+        dh, dw = sign * dh, sign * dw
+        part = torch.roll(x[..., lo:lo + size], shifts=(dh, dw), dims=(1, 2))
+        if not circular:
+            h, w = x.shape[1], x.shape[2]
+            rows = torch.arange(h, device=x.device).view(h, 1, 1)
+            cols = torch.arange(w, device=x.device).view(1, w, 1)
+            wrapped = (rows == (0 if dh > 0 else h - 1)) if dh else (cols == (0 if dw > 0 else w - 1))
+            part = part.masked_fill(wrapped, 0)
+        parts.append(part)
+        lo += size
+    return torch.cat(parts + [x[..., lo:]], dim=-1)
+
+
+class _ShiftFunction(torch.autograd.Function):
+    """The shift as one pass forward and one pass backward. It is linear, and its adjoint is the opposite
+    shift (for the circular mode the inverse permutation; for zero padding the opposite zero-padded
+    shift), so autograd saves nothing and keeps no per-group intermediates. `jvp` makes it usable under
+    torch.func (the Jacobian checks use forward-mode AD)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, size: int, circular: bool) -> torch.Tensor:
+        return _shifted(x, size, 1, circular)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, ctx.size, ctx.circular = inputs
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if torch.is_grad_enabled():  # double backward, or inside a torch.func transform: stay functional
+            return shift_reference(grad, ctx.size, -1, ctx.circular), None, None
+        return _shifted(grad, ctx.size, -1, ctx.circular), None, None
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor, *_):  # only the Lipschitz checks use forward mode: no hot path
+        return shift_reference(tangent, ctx.size, 1, ctx.circular)
 
 
 class SpatialShift(nn.Module):
-    """Parameter-free spatial mixing: channel group g is moved one step in direction g.
+    """Parameter-free spatial mixing (paper: Spatial Shift Module): alpha * C channels move one pixel up,
+    alpha * C down, alpha * C left, alpha * C right; the other (1 - 4 alpha) C stay.
 
-    Groups: unshifted, right, left, down, up (the first `groups` of those). With `mode="circular"` the
-    shift wraps around and is a permutation of coordinates, hence exactly norm preserving; with
-    `mode="zero"` pixels shifted out are dropped (zero padding): norm non-increasing.
+    `mode="circular"` wraps around: a permutation of coordinates, exactly norm preserving (paper: circular
+    padding plus an explicit positional encoding beats zero padding). `mode="zero"` drops what is shifted
+    out: norm non-increasing.
     """
 
-    _DIRECTIONS = ((0, 0), (0, 1), (0, -1), (1, 0), (-1, 0))  # (dh, dw)
-
-    def __init__(self, groups: int = 5, mode: str = "circular", step: int = 1):
+    def __init__(self, alpha: float = 0.125, mode: str = "circular", align: int = 8):
         super().__init__()
-        if not 1 <= groups <= len(self._DIRECTIONS):
-            raise ValueError(f"SpatialShift groups={groups}: must be in 1..{len(self._DIRECTIONS)}")
+        if not 0.0 < alpha <= 0.25:
+            raise ValueError(f"SpatialShift alpha={alpha}: the share of channels per direction must be in "
+                             "(0, 1/4] (the paper uses 1/8 or 1/16)")
         if mode not in SHIFT_MODES:
             raise ValueError(f"SpatialShift mode={mode!r}: choose one of {', '.join(SHIFT_MODES)}")
-        self.groups, self.mode, self.step = groups, mode, step
-
-    def group_bounds(self, channels: int) -> list[tuple[int, int]]:
-        size = channels // self.groups
-        bounds, start = [], 0
-        for g in range(self.groups):
-            end = channels if g == self.groups - 1 else start + size
-            bounds.append((start, end))
-            start = end
-        return bounds
+        self.alpha, self.mode, self.align = alpha, mode, align
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = []
-        for (start, end), (dh, dw) in zip(self.group_bounds(x.shape[-1]), self._DIRECTIONS):
-            part = x[..., start:end]
-            if dh or dw:
-                part = torch.roll(part, shifts=(dh * self.step, dw * self.step), dims=(1, 2))
-                if self.mode == "zero":
-                    part = _zero_wrapped(part, dh * self.step, dw * self.step)
-            parts.append(part)
-        return torch.cat(parts, dim=-1)
+        size = shift_group_size(x.shape[-1], self.alpha, self.align)
+        if size == 0:
+            return x
+        return _ShiftFunction.apply(x, size, self.mode == "circular")
 
     def extra_repr(self) -> str:
-        return f"groups={self.groups}, mode={self.mode}, step={self.step}"
+        return f"alpha={self.alpha}, mode={self.mode}"
 
 
-def _zero_wrapped(x: torch.Tensor, dh: int, dw: int) -> torch.Tensor:
-    """Zero the rows/columns that `torch.roll` wrapped around (turns a roll into a zero-padded shift)."""
-    x = x.clone()
-    if dh > 0:
-        x[:, :dh] = 0
-    elif dh < 0:
-        x[:, dh:] = 0
-    if dw > 0:
-        x[:, :, :dw] = 0
-    elif dw < 0:
-        x[:, :, dw:] = 0
-    return x
+def _flip_where(t: torch.Tensor, negative: torch.Tensor, k: int) -> torch.Tensor:
+    """t with the first k channels negated where `negative` (the derivative of |x| there)."""
+    if torch.is_grad_enabled():  # double backward, or inside a torch.func transform: stay functional
+        return torch.cat([torch.where(negative, -t[..., :k], t[..., :k]), t[..., k:]], dim=-1)
+    out = t.clone(memory_format=torch.contiguous_format)
+    head = out[..., :k]
+    head.copy_(torch.where(negative, -head, head))
+    return out
+
+
+class _BetaAbsFunction(torch.autograd.Function):
+    """|x| on the first k channels, identity on the rest, in one copy (no slice + cat); backward multiplies
+    those k channels of the gradient by sign(x), from a saved bool mask (1 byte per element of k channels,
+    instead of keeping the bf16/fp32 input alive)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, k: int) -> torch.Tensor:
+        y = x.clone(memory_format=torch.contiguous_format)
+        y[..., :k].abs_()
+        return y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.k = inputs
+        negative = x[..., :ctx.k] < 0
+        ctx.save_for_backward(negative)
+        ctx.save_for_forward(negative)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (negative,) = ctx.saved_tensors
+        return _flip_where(grad, negative, ctx.k), None
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor, _):
+        (negative,) = ctx.saved_tensors
+        return _flip_where(tangent, negative, ctx.k)
 
 
 class BetaAbs(nn.Module):
-    """|x| on the first round(beta * C) channels, identity on the rest.
+    """beta-Abs (paper): |x_i| for the first round(beta * C) channels, x_i for the rest.
 
-    Every output coordinate depends on one input coordinate with slope +-1, so the map is 1-Lipschitz
-    and preserves gradient norms (beta = 0.5 is LiResNet's HalfAbs).
+    Every output coordinate depends on one input coordinate with slope +-1, so the map is 1-Lipschitz and
+    norm preserving (beta = 0.5 relates to MinMax by an orthogonal change of basis).
     """
 
     def __init__(self, beta: float = 0.5):
@@ -119,7 +216,11 @@ class BetaAbs(nn.Module):
         k = int(round(self.beta * x.shape[-1]))
         if k == 0:
             return x
-        return torch.cat([x[..., :k].abs(), x[..., k:]], dim=-1)
+        if not torch.is_grad_enabled():  # inference (certification): no sign mask to build and keep
+            y = x.clone(memory_format=torch.contiguous_format)
+            y[..., :k].abs_()
+            return y
+        return _BetaAbsFunction.apply(x, k)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}"
@@ -154,27 +255,88 @@ class Patchify(nn.Module):
 
 
 class LipNeXtBlock(nn.Module):
-    """shift -> expand (isometry d -> k d) -> beta-Abs -> contract (co-isometry k d -> d).
+    """The paper's block, `Z = beta_Abs(M R^T S(R(X + p)) + b)`, channels-last.
 
-    With `residual_alpha = a` in (0, 1]: `(1 - a) x + a block(x)`, a convex combination of two
-    1-Lipschitz maps, hence 1-Lipschitz. a = 1 is the plain (non-residual) block.
+    p (grid, grid, 1): a learnable positional encoding, one value per position broadcast over channels
+    (circular shifts carry no position; p gives it back). R (`rot`), M (`mix`): C x C orthogonal, on the
+    manifold. S: the spatial shift. b: a bias. Each step is a translation, an orthogonal map or a
+    permutation, and beta-Abs is 1-Lipschitz, so the block is 1-Lipschitz.
+
+    M R^T is applied as one matrix: the product costs C^3 once per forward, against one tokens x C^2 matmul
+    saved on the activations (and two in backward), and the bias rides in the same addmm. R and M are
+    parameters of the block itself, not of sub-modules: ZeRO-3 gathers a module's own parameters for its
+    forward, and the fused product needs both at once.
     """
 
-    def __init__(self, width: int, expansion: int, beta: float, shift_groups: int, shift_mode: str,
-                 residual_alpha: float):
+    manifold_names = ("rot", "mix")
+
+    def __init__(self, width: int, grid: int, alpha: float = 0.125, beta: float = 0.5,
+                 shift_mode: str = "circular", positional: bool = True):
         super().__init__()
-        if not 0.0 < residual_alpha <= 1.0:
-            raise ValueError(f"residual_alpha={residual_alpha}: must be in (0, 1]")
-        self.shift = SpatialShift(shift_groups, shift_mode)
+        self.pos = nn.Parameter(torch.zeros(grid, grid, 1)) if positional else None
+        self.rot = orthogonal_(nn.Parameter(torch.empty(width, width)))  # R
+        self.mix = orthogonal_(nn.Parameter(torch.empty(width, width)))  # M
+        self.bias = nn.Parameter(torch.zeros(width))
+        self.shift = SpatialShift(alpha, shift_mode)
+        self.act = BetaAbs(beta)
+
+    def lipschitz_path(self) -> list[str]:
+        """Names (relative to the block) of the matrices applied in order: R, then R^T, then M."""
+        return ["rot", "rot", "mix"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pos is not None:
+            x = x + self.pos
+        u = self.shift(F.linear(x, self.rot))  # S(R x)
+        return self.act(F.linear(u, self.mix @ self.rot.t(), self.bias))  # beta_Abs((M R^T) u + b)
+
+
+class ExpandBlock(nn.Module):
+    """Our earlier block, kept as an ablation option: shift (C/5 channels per direction, as it shipped) ->
+    expand (isometry C -> kC) -> beta-Abs -> contract (co-isometry kC -> C). No positional encoding, no
+    bias; 2 k C^2 matrix entries."""
+
+    def __init__(self, width: int, expansion: int = 2, alpha: float = 0.2, beta: float = 0.5,
+                 shift_mode: str = "circular"):
+        super().__init__()
+        self.shift = SpatialShift(alpha, shift_mode, align=1)
         self.expand = OrthogonalProjection(width, width * expansion)
         self.act = BetaAbs(beta)
         self.contract = OrthogonalProjection(width * expansion, width)
-        self.residual_alpha = residual_alpha
+
+    def lipschitz_path(self) -> list[str]:
+        return ["expand.weight", "contract.weight"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.contract(self.act(self.expand(self.shift(x))))
-        a = self.residual_alpha
-        return y if a == 1.0 else (1.0 - a) * x + a * y
+        return self.contract(self.act(self.expand(self.shift(x))))
+
+
+class NormalizedLinear(nn.Module):
+    """The head with last-layer normalisation (LiResNet++): logit j = <w_j / ||w_j||, x> + b_j.
+
+    The raw parameter is called `direction` on purpose: only `rows()` are the weights the logits use, and
+    certification must read those (there is no `.weight` to pick up by mistake).
+    """
+
+    def __init__(self, d_in: int, num_classes: int):
+        super().__init__()
+        self.d_in, self.num_classes = d_in, num_classes  # ZeRO-3 empties parameter shapes: keep our own
+        self.direction = nn.Parameter(torch.empty(num_classes, d_in))
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+        if not self.direction.is_meta:
+            nn.init.normal_(self.direction)
+
+    def rows(self) -> torch.Tensor:
+        """The unit-norm rows the forward pass multiplies by (normalised in fp32, returned in the
+        parameter's dtype, exactly as `forward` uses them)."""
+        d = self.direction
+        return F.normalize(d.float(), dim=1).to(d.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.rows().to(x.dtype), self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, num_classes={self.num_classes}"
 
 
 def gram_minus_identity(weight: torch.Tensor) -> torch.Tensor:
@@ -195,13 +357,15 @@ def fan_flops(d_in: int, d_out: int, tokens: int) -> int:
     return 2 * d_in * d_out * tokens
 
 
-__all__ = [
-    "OrthogonalProjection", "SpatialShift", "BetaAbs", "L2SpatialPool", "Patchify", "LipNeXtBlock",
-    "orthogonality_error", "gram_minus_identity", "fan_flops", "SHIFT_MODES", "manifold_parameters",
-]
-
-
 def manifold_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, weight) of every (semi-)orthogonal matrix in `model`, in module order."""
-    return [(f"{name}.weight" if name else "weight", m.weight)
-            for name, m in model.named_modules() if getattr(m, "manifold", False)]
+    """(name, parameter) of every (semi-)orthogonal matrix in `model`, in module order: the parameters a
+    module lists in its `manifold_names`."""
+    return [(f"{prefix}.{attr}" if prefix else attr, getattr(m, attr))
+            for prefix, m in model.named_modules() for attr in getattr(m, "manifold_names", ())]
+
+
+__all__ = [
+    "orthogonal_", "OrthogonalProjection", "SpatialShift", "BetaAbs", "L2SpatialPool", "Patchify", "LipNeXtBlock",
+    "ExpandBlock", "NormalizedLinear", "orthogonality_error", "gram_minus_identity", "fan_flops",
+    "SHIFT_MODES", "SHIFT_DIRECTIONS", "shift_group_size", "shift_reference", "manifold_parameters",
+]

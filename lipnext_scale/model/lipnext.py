@@ -2,10 +2,12 @@
 
 images in [0, 1], (B, 3, H, W)
   -> subtract a fixed mean (a translation: Lipschitz constant 1; we never divide by a std)
-  -> patchify (a permutation) -> stem projection (isometry 3p^2 -> d)
-  -> depth x [shift -> expand -> beta-Abs -> contract] (each 1-Lipschitz)
-  -> L2 spatial pooling (1-Lipschitz) -> features (B, d)
-  -> linear head -> logits; certification uses the per-pair norms of its rows (paper.md B.1).
+  -> patchify (a permutation) -> stem projection (isometry 3p^2 -> C; a co-isometry, still
+     1-Lipschitz, in the small test models where 3p^2 > C)
+  -> depth x [beta_Abs(M R^T S(R(X + p)) + b)]  (the paper's block, each 1-Lipschitz)
+  -> L2 spatial pooling (1-Lipschitz) -> features (B, C)
+  -> last-layer-normalised linear head -> logits; certification uses the per-pair norms of its
+     normalised rows, `model.head.rows()` (paper.md B.1, B.3).
 So `features` is 1-Lipschitz from raw pixels, and certified radii are in raw [0, 1] pixel space.
 """
 
@@ -13,13 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 from lipnext_scale.model.layers import (
-    SHIFT_MODES, L2SpatialPool, LipNeXtBlock, OrthogonalProjection, Patchify, fan_flops,
+    SHIFT_MODES, ExpandBlock, L2SpatialPool, LipNeXtBlock, NormalizedLinear, OrthogonalProjection, Patchify,
+    fan_flops,
 )
+
+BlockKind = Literal["paper", "expand"]
+BLOCK_KINDS: tuple[str, ...] = get_args(BlockKind)
+Source = Literal["paper", "inferred", "ours"]
 
 
 class ModelInputError(ValueError):
@@ -30,15 +38,17 @@ class ModelInputError(ValueError):
 class ModelSpec:
     width: int
     depth: int
-    expansion: int
     patch_size: int
     image_size: int
     num_classes: int
-    beta: float = 0.5
-    residual_alpha: float = 1.0  # 1.0: plain blocks; < 1: convex residual (1 - a) x + a block(x)
-    shift_groups: int = 5
-    shift_mode: str = "circular"
+    block: str = "paper"  # "paper": beta_Abs(M R^T S(R(X + p)) + b); "expand": our earlier block (ablation)
+    beta: float = 0.5  # share of channels under |x| in beta-Abs (paper: default not stated; LiResNet's 0.5)
+    shift_alpha: float = 0.125  # share of channels shifted per direction (paper: 1/8 or 1/16 best)
+    shift_mode: str = "circular"  # paper: circular + positional encoding beats zero padding
+    positional: bool = True  # the learnable positional encoding p of each block (paper block only)
+    expansion: int = 2  # "expand" block only: C -> kC -> C
     input_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    source: str = "paper"  # where the size comes from: "paper", "inferred" (from its counts) or "ours"
     description: str = ""
 
     def validate(self) -> None:
@@ -55,43 +65,56 @@ class ModelSpec:
             bad(f"num_classes={self.num_classes}: need at least 2")
         if not 0.0 <= self.beta <= 1.0:
             bad(f"beta={self.beta}: must be in [0, 1]")
-        if not 0.0 < self.residual_alpha <= 1.0:
-            bad(f"residual_alpha={self.residual_alpha}: must be in (0, 1]")
+        if not 0.0 < self.shift_alpha <= 0.25:
+            bad(f"shift_alpha={self.shift_alpha}: the share of channels per direction must be in (0, 1/4]")
         if self.shift_mode not in SHIFT_MODES:
             bad(f"shift_mode={self.shift_mode!r}: choose one of {', '.join(SHIFT_MODES)}")
+        if self.block not in BLOCK_KINDS:
+            bad(f"block={self.block!r}: choose one of {', '.join(BLOCK_KINDS)}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
 
     @property
     def tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return self.grid ** 2
 
     @property
     def stem_in(self) -> int:
         return 3 * self.patch_size ** 2
 
+    def block_params(self) -> int:
+        c = self.width
+        if self.block == "expand":
+            return 2 * self.expansion * c * c
+        return 2 * c * c + c + (self.tokens if self.positional else 0)
+
     def num_params(self) -> int:
-        blocks = self.depth * 2 * self.expansion * self.width ** 2
-        return self.stem_in * self.width + blocks + self.width * self.num_classes + self.num_classes
+        head = self.width * self.num_classes + self.num_classes
+        return self.stem_in * self.width + self.depth * self.block_params() + head
 
     def flops_per_image(self) -> int:
-        """Forward FLOPs of the matmuls (2 per multiply-add); shift, abs and pooling are O(tokens d)."""
-        t, d, k = self.tokens, self.width, self.expansion
-        return (fan_flops(self.stem_in, d, t) + self.depth * 2 * fan_flops(d, k * d, t)
-                + fan_flops(d, self.num_classes, 1))
+        """Forward FLOPs of the per-token matmuls (2 per multiply-add). The paper block applies R and then
+        M R^T; the C^3 product M R^T is per batch, not per image, and left out, as are shift, beta-Abs
+        and pooling (O(tokens C))."""
+        t, d = self.tokens, self.width
+        per_block = 2 * fan_flops(d, self.expansion * d if self.block == "expand" else d, t)
+        return fan_flops(self.stem_in, d, t) + self.depth * per_block + fan_flops(d, self.num_classes, 1)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
 _REGISTRY: dict[str, ModelSpec] = {
-    "lipnext-tiny": ModelSpec(64, 4, 2, 4, 32, 10, description="tests and the CPU demo"),
-    "lipnext-cifar-s": ModelSpec(256, 12, 2, 2, 32, 10, description="CIFAR-10/100, small"),
-    "lipnext-cifar-m": ModelSpec(512, 24, 2, 2, 32, 10, description="CIFAR-10/100, medium"),
-    "lipnext-cifar-l": ModelSpec(2048, 15, 2, 2, 32, 10,
-                                 description="CIFAR-10/100 at the paper's ~256M scale"),
-    "lipnext-tinyimagenet": ModelSpec(1024, 16, 2, 4, 64, 200, description="Tiny-ImageNet 64x64"),
-    "lipnext-1b": ModelSpec(4096, 15, 2, 16, 224, 1000, input_mean=IMAGENET_MEAN,
-                            description="ImageNet 224, ~1B parameters"),
-    "lipnext-2b": ModelSpec(4096, 30, 2, 16, 224, 1000, input_mean=IMAGENET_MEAN,
-                            description="ImageNet 224, ~2B parameters"),
+    "lipnext-tiny": ModelSpec(64, 8, 4, 32, 10, source="ours", description="tests and the CPU demo"),
+    "lipnext-l32w1024": ModelSpec(1024, 32, 2, 32, 10,
+                                  description="CIFAR-10 64M (paper Table 1); patch 2 is ours"),
+    "lipnext-l32w2048": ModelSpec(2048, 32, 2, 32, 10,
+                                  description="CIFAR-10/100, Tiny-ImageNet 256M (paper Table 1); patch 2 is ours"),
+    "lipnext-1b": ModelSpec(4096, 32, 16, 224, 1000, input_mean=IMAGENET_MEAN,
+                            description="ImageNet 1B = L32W4096 (paper Tables 3-4); patch 16 is ours"),
+    "lipnext-2b": ModelSpec(4096, 64, 16, 224, 1000, input_mean=IMAGENET_MEAN, source="inferred",
+                            description="ImageNet 2B: L64W4096 inferred from 2 L W^2 = 2B; patch 16 is ours"),
 }
 
 
@@ -119,17 +142,22 @@ class LipNeXt(nn.Module):
         self.register_buffer("input_mean", torch.tensor(spec.input_mean).view(1, 3, 1, 1), persistent=False)
         self.patchify = Patchify(spec.patch_size)
         self.stem = OrthogonalProjection(spec.stem_in, spec.width)
-        self.blocks = nn.ModuleList(
-            LipNeXtBlock(spec.width, spec.expansion, spec.beta, spec.shift_groups, spec.shift_mode,
-                         spec.residual_alpha)
-            for _ in range(spec.depth)
-        )
+        self.blocks = nn.ModuleList(self._block(spec) for _ in range(spec.depth))
         self.pool = L2SpatialPool()
-        self.head = nn.Linear(spec.width, spec.num_classes)
-        if not self.head.weight.is_meta:
-            with torch.no_grad():  # rows of norm ~1: margins start at the scale of the certificate
-                nn.init.normal_(self.head.weight, std=spec.width ** -0.5)
-                self.head.bias.zero_()
+        self.head = NormalizedLinear(spec.width, spec.num_classes)
+
+    @staticmethod
+    def _block(spec: ModelSpec) -> nn.Module:
+        if spec.block == "expand":
+            return ExpandBlock(spec.width, spec.expansion, beta=spec.beta, shift_mode=spec.shift_mode)
+        return LipNeXtBlock(spec.width, spec.grid, alpha=spec.shift_alpha, beta=spec.beta,
+                            shift_mode=spec.shift_mode, positional=spec.positional)
+
+    def lipschitz_path(self) -> list[str]:
+        """Names of the (semi-)orthogonal matrices an input passes through, in order and with repeats (the
+        paper block applies R twice): the feature map's Lipschitz constant is at most the product of their
+        spectral norms, since every other layer is 1-Lipschitz by construction."""
+        return ["stem.weight"] + [f"blocks.{i}.{n}" for i, b in enumerate(self.blocks) for n in b.lipschitz_path()]
 
     def check_input(self, x: torch.Tensor) -> None:
         s = self.spec
@@ -179,7 +207,7 @@ def model_info(name: str) -> dict:
     spec = get_spec(name)
     return {
         "name": name, "params": spec.num_params(), "width": spec.width, "depth": spec.depth,
-        "expansion": spec.expansion, "patch_size": spec.patch_size, "image_size": spec.image_size,
-        "num_classes": spec.num_classes, "flops_per_image": spec.flops_per_image(),
-        "description": spec.description,
+        "block": spec.block, "expansion": spec.expansion if spec.block == "expand" else 1,
+        "patch_size": spec.patch_size, "image_size": spec.image_size, "num_classes": spec.num_classes,
+        "flops_per_image": spec.flops_per_image(), "source": spec.source, "description": spec.description,
     }

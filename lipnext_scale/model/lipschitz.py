@@ -3,8 +3,9 @@
 The rigorous bound is what certification divides radii by when weights are only approximately
 orthogonal (paper.md B.1): per matrix ||W||_2 <= sqrt(1 + ||G - I||_F) with G the Gram matrix of the
 smaller side, since ||W||_2^2 = lambda_max(G) <= 1 + ||G - I||_2 <= 1 + ||G - I||_F. All other layers
-(shift, beta-Abs, pooling, patchify, mean subtraction) are 1-Lipschitz by construction; a convex
-residual (1 - a) x + a g(x) is (1 - a) + a L_g Lipschitz.
+(shift, beta-Abs, pooling, patchify, mean subtraction, positional encoding and bias) are 1-Lipschitz by
+construction, so the feature map's constant is at most the product over `model.lipschitz_path()`, the
+matrices an input passes through with repeats (the paper block applies R and then M R^T).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from lipnext_scale.model.layers import OrthogonalProjection, gram_minus_identity, orthogonality_error
+from lipnext_scale.model.layers import gram_minus_identity, manifold_parameters, orthogonality_error
 
 
 def spectral_norm_upper_bound(weight: torch.Tensor) -> float:
@@ -24,18 +25,14 @@ def spectral_norm_upper_bound(weight: torch.Tensor) -> float:
 
 def rigorous_lipschitz_bound(model: torch.nn.Module) -> float:
     """Upper bound of the Lipschitz constant of `model.features` from its weights (>= 1 only by rounding)."""
-    bound = spectral_norm_upper_bound(model.stem.weight)
-    for block in model.blocks:
-        inner = spectral_norm_upper_bound(block.expand.weight) * spectral_norm_upper_bound(block.contract.weight)
-        a = block.residual_alpha
-        bound *= (1.0 - a) + a * inner
-    return bound
+    params = dict(model.named_parameters())
+    per_matrix = {name: spectral_norm_upper_bound(params[name]) for name in set(model.lipschitz_path())}
+    return math.prod(per_matrix[name] for name in model.lipschitz_path())
 
 
 def max_orthogonality_error(model: torch.nn.Module) -> float:
     """max over matrices of max |G - I|."""
-    return max((orthogonality_error(m.weight) for m in model.modules() if isinstance(m, OrthogonalProjection)),
-               default=0.0)
+    return max((orthogonality_error(w) for _, w in manifold_parameters(model)), default=0.0)
 
 
 def jacobian_spectral_norm(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, iters: int = 50,

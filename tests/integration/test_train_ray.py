@@ -115,7 +115,7 @@ def test_short_run_writes_checkpoints_and_tensorboard_scalars(ref, storage):
     state = load_train_state(ref["checkpoint"])
     assert state.config["train"]["name"] == "ref" and state.data["batches_per_rank"] == STEPS
     for name, w in state.params.items():
-        if name.endswith(("stem.weight", "expand.weight", "contract.weight")):
+        if name.endswith(("stem.weight", ".rot", ".mix")):
             assert orthogonality_error(w) < 1e-4, name
 
 

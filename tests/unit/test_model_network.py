@@ -11,13 +11,18 @@ from lipnext_scale.model.lipschitz import (
 )
 
 
-def test_registry_has_every_size_with_the_promised_counts():
+def test_registry_has_the_paper_sizes_with_their_sources():
     names = list_models()
-    for required in ("lipnext-tiny", "lipnext-cifar-s", "lipnext-tinyimagenet", "lipnext-1b", "lipnext-2b"):
+    for required in ("lipnext-tiny", "lipnext-l32w1024", "lipnext-l32w2048", "lipnext-1b", "lipnext-2b"):
         assert required in names
     assert model_info("lipnext-tiny")["params"] < 1_000_000
-    assert abs(model_info("lipnext-1b")["params"] / 1e9 - 1) < 0.10
-    assert abs(model_info("lipnext-2b")["params"] / 2e9 - 1) < 0.10
+    expected = {"lipnext-l32w1024": (32, 1024, "paper"), "lipnext-l32w2048": (32, 2048, "paper"),
+                "lipnext-1b": (32, 4096, "paper"), "lipnext-2b": (64, 4096, "inferred")}
+    for name, (depth, width, source) in expected.items():
+        info = model_info(name)
+        assert (info["depth"], info["width"], info["source"], info["block"]) == (depth, width, source, "paper")
+        assert abs(info["params"] / (2 * depth * width ** 2) - 1) < 0.05  # a block holds 2 C^2 entries
+    assert model_info("lipnext-1b")["image_size"] == 224 and model_info("lipnext-1b")["patch_size"] == 16
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -33,7 +38,7 @@ def test_forward_shapes_and_options():
     model = create_model("lipnext-tiny", num_classes=7, image_size=16)
     out = model(torch.rand(2, 3, 16, 16))
     assert out.shape == (2, 7)
-    assert get_spec("lipnext-tiny", width=32).width == 32
+    assert get_spec("lipnext-tiny", width=48).width == 48
 
 
 def test_tiny_features_are_1_lipschitz_and_not_degenerate():
@@ -54,7 +59,11 @@ def test_tiny_features_are_1_lipschitz_and_not_degenerate():
 
 def test_features_lipschitz_on_random_pairs():
     torch.manual_seed(0)
-    model = create_model("lipnext-tiny", residual_alpha=0.5).eval()
+    model = create_model("lipnext-tiny").eval()
+    with torch.no_grad():  # trained-looking translations
+        for block in model.blocks:
+            block.pos.normal_()
+            block.bias.normal_(std=0.1)
     g = torch.Generator().manual_seed(3)
     for _ in range(8):
         x = torch.rand(4, 3, 32, 32, generator=g)
@@ -69,11 +78,29 @@ def test_rigorous_bound_detects_a_scaled_matrix():
     assert rigorous_lipschitz_bound(model) <= 1 + 1e-4
     assert max_orthogonality_error(model) < 1e-5
     with torch.no_grad():
-        model.blocks[1].expand.weight.mul_(1.1)
+        model.blocks[1].mix.mul_(1.1)
     bound = rigorous_lipschitz_bound(model)
     assert bound >= 1.1  # a true upper bound of ||W||_2 = 1.1
     x = torch.rand(1, 3, 32, 32)
     assert jacobian_spectral_norm(model.features, x, iters=30) <= bound * (1 + 1e-5)
+
+
+def test_rigorous_bound_counts_r_twice():
+    """R is applied twice per block (R, then M R^T): scaling R by s scales the block by s^2."""
+    model = create_model("lipnext-tiny", depth=1)
+    with torch.no_grad():
+        model.blocks[0].rot.mul_(1.1)
+    assert rigorous_lipschitz_bound(model) >= 1.21
+    assert model.lipschitz_path() == ["stem.weight", "blocks.0.rot", "blocks.0.rot", "blocks.0.mix"]
+
+
+def test_expand_block_option_builds_and_is_lipschitz():
+    model = create_model("lipnext-tiny", block="expand", depth=2).eval()
+    assert {n for n, _ in model.named_parameters()} >= {"blocks.0.expand.weight", "blocks.0.contract.weight"}
+    assert sum(p.numel() for p in model.parameters()) == get_spec("lipnext-tiny", block="expand", depth=2).num_params()
+    assert rigorous_lipschitz_bound(model) <= 1 + 1e-4
+    x = torch.rand(1, 3, 32, 32)
+    assert jacobian_spectral_norm(model.features, x, iters=20) <= 1 + 1e-4
 
 
 def test_bf16_forward_agrees_with_fp32():
@@ -109,3 +136,6 @@ def test_unknown_model_and_options_are_named():
         create_model("lipnext-tiny", colour="red")
     with pytest.raises(ValueError, match="image_size=30"):
         create_model("lipnext-tiny", image_size=30)
+    with pytest.raises(ValueError, match="block='conv'"):
+        create_model("lipnext-tiny", block="conv")
+

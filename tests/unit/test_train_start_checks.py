@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from lipnext_scale.config import ConfigError, load_config
+from lipnext_scale.model import create_model
 from lipnext_scale.train.checkpoint import checkpoint_dir_name, write_rank_files
 from lipnext_scale.train.metrics import deepspeed_config, lipschitz_from_orthogonality_error
 from lipnext_scale.train.trainer import check_job, read_deepspeed_config, run_url_of
@@ -102,7 +103,16 @@ def test_monitoring_lipschitz_bound():
 
 
 def test_recipes_load():
-    for name in ("demo", "cifar10", "imagenet_1b", "imagenet_2b"):
+    for name in ("demo", "cifar10_l32w1024", "cifar10_l32w2048", "cifar100", "tiny_imagenet", "imagenet_1b",
+                 "imagenet_2b"):
         cfg = load_config(DEMO.replace("demo", name))
-        assert cfg.optim.total_steps >= cfg.train.steps or cfg.optim.total_steps == cfg.train.steps
+        assert cfg.optim.total_steps == cfg.train.steps, name
+        # the paper's recipe: EMMA with an eps ramp, FastExp manifold steps, NAdam on the rest (not the demo)
+        assert cfg.loss.kind == "emma" and cfg.loss.eps_ramp_end > cfg.loss.eps_ramp_start, name
+        assert cfg.optim.retraction == "fast_exp" and cfg.optim.lookahead_k > 0, name
+        if name != "demo":
+            assert cfg.optim.euclid_optimizer == "nadam" and cfg.optim.grad_clip == 3.0, name
+        model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, image_size=cfg.model.image_size,
+                             device="meta", **cfg.model.overrides())
+        assert model.spec.block == "paper" and model.spec.positional, name
     assert load_config(DEMO.replace("demo", "imagenet_2b")).model.name == "lipnext-2b"
