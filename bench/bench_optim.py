@@ -1,12 +1,17 @@
 """Manifold optimizer benchmarks, measured side by side in one run; writes bench/results/optim.json.
 
-1. Retractions: time and orthogonality error per method for d in {256, 512, 1024, 2048}, fp32 and bf16
-   inputs (square d x d point, a tangent step of Frobenius norm 0.5).
-2. Training step of one LipNeXt (width 512): ours (ManifoldOptimizer) vs plain AdamW ignoring the
-   constraint vs the same model with geotorch's orthogonal parametrization + AdamW. Variants are timed
+1. One manifold update of a square d x d matrix, d in {256, 512, 1024, 2048}: the default (FastExp + Adam
+   moments + polish + Lookahead) vs the ablation (polar_ns + heavy-ball), fp32.
+2. Training step of one LipNeXt (width 512, CIFAR-like: patch 2, 16 x 16 tokens, so a step's matmuls have
+   batch x 256 = 16 x width rows, as a CIFAR recipe has per GPU; the O(width^3) manifold update is per matrix
+   and per step whatever the batch): ours (ManifoldOptimizer, default and ablation) vs plain AdamW ignoring
+   the constraint vs the same model with geotorch's orthogonal parametrization + AdamW. Variants are timed
    round-robin (one step each per round) so machine noise hits them alike; medians are compared.
-3. Retraction phase (ShardedManifoldStep.step: gather + retract + scatter) under real DeepSpeed ZeRO-3 on
-   CPU with 2 ranks vs 1 rank, one BLAS thread per rank (each rank is one core's worth of work).
+3. Manifold phase (ShardedManifoldStep.step: gather + update + scatter) under real DeepSpeed ZeRO-3 on
+   CPU with 2 ranks vs 1 rank, one BLAS thread per rank, and the per-rank bytes of manifold state.
+4. Orthogonality error over 2,000 default steps (max of samples every 25 steps) on square and tall matrices.
+5. Manifold update FLOPs per step for lipnext-1b / 2b (analytic, from the registry) and their share of a
+   training step at global batch 1024 (3x the forward FLOPs).
 
 Run: python bench/bench_optim.py [--quick]. The ZeRO-3 part re-invokes this file with --zero3-worker.
 """
@@ -43,34 +48,32 @@ def _median_time(fn, reps: int) -> float:
 
 # ---------------------------------------------------------------------------------------- 1. retractions
 
-def bench_retractions(sizes: list[int]) -> list[dict]:
-    """Per d, every (input dtype, method) pair is timed once per round, round-robin; medians reported."""
-    from lipnext_scale.optim import RETRACTIONS, orthogonality_error, retract, riemannian_grad
+def bench_updates(sizes: list[int]) -> list[dict]:
+    """Per d: one update (default rule vs the polar_ns ablation) of a square matrix, round-robin, medians."""
+    from lipnext_scale.config import OptimConfig
+    from lipnext_scale.optim import manifold_update, orthogonality_error
 
+    rules = {"fast_exp_adam": OptimConfig(total_steps=10_000),
+             "polar_ns_momentum": OptimConfig(lr=0.02, retraction="polar_ns", moments="momentum", total_steps=10_000)}
     rows = []
     for d in sizes:
         gen = torch.Generator().manual_seed(d)
-        x = torch.linalg.qr(torch.randn(d, d, generator=gen))[0]
-        t = riemannian_grad(x, torch.randn(d, d, generator=gen))
-        t = 0.5 * t / t.norm()
-        cases = [(dtype, m) for dtype in (torch.float32, torch.bfloat16) for m in RETRACTIONS]
-        times: dict = {c: [] for c in cases}
+        x = torch.linalg.qr(torch.randn(d, d, generator=gen))[0][None]
+        g = torch.randn(1, d, d, generator=gen)
+        times: dict = {k: [] for k in rules}
+        states: dict = {k: {} for k in rules}
         rounds = 5 if d <= 512 else (3 if d <= 1024 else 2)
+        outs = {}
         for r in range(rounds + 1):
-            for dtype, method in cases:
-                xi, ti = x.to(dtype), t.to(dtype)
+            for name, cfg in rules.items():
                 start = time.perf_counter()
-                retract(xi, method, tangent=ti)
-                if r:  # round 0 warms up
-                    times[(dtype, method)].append(time.perf_counter() - start)
-        for dtype, method in cases:
-            stats: dict = {}
-            y = retract(x.to(dtype), method, tangent=t.to(dtype), stats=stats)
-            rows.append({"d": d, "input_dtype": str(dtype).replace("torch.", ""), "method": method,
-                         "seconds": statistics.median(times[(dtype, method)]), "rounds": rounds,
-                         "orthogonality_error": orthogonality_error(y), "ns_fallbacks": stats.get("ns_fallbacks", 0)})
-            print(f"retraction d={d:5d} {rows[-1]['input_dtype']:8s} {method:9s} {rows[-1]['seconds'] * 1e3:9.2f} ms"
-                  f"  err {rows[-1]['orthogonality_error']:.2e}", flush=True)
+                outs[name] = manifold_update(x, g, states[name], step=r, lr=cfg.lr, cfg=cfg)
+                if r:
+                    times[name].append(time.perf_counter() - start)
+        for name in rules:
+            rows.append({"d": d, "rule": name, "seconds": statistics.median(times[name]), "rounds": rounds,
+                         "orthogonality_error": orthogonality_error(outs[name][0])})
+            print(f"update d={d:5d} {name:18s} {rows[-1]['seconds'] * 1e3:9.2f} ms", flush=True)
     return rows
 
 
@@ -80,7 +83,10 @@ def _model(width: int, depth: int):
     from lipnext_scale.model import create_model
 
     torch.manual_seed(0)
-    return create_model("lipnext-cifar-s", width=width, depth=depth)
+    return create_model("lipnext-tiny", width=width, depth=depth, patch_size=TRAIN_STEP_PATCH)
+
+
+TRAIN_STEP_PATCH = 2  # 32 px images -> 16 x 16 tokens, as the CIFAR recipes
 
 
 def bench_train_step(width: int, depth: int, batch: int, rounds: int, retractions: list[str]) -> dict:
@@ -88,20 +94,20 @@ def bench_train_step(width: int, depth: int, batch: int, rounds: int, retraction
     import geotorch
 
     from lipnext_scale.config import OptimConfig
-    from lipnext_scale.model.layers import OrthogonalProjection
     from lipnext_scale.optim import ManifoldOptimizer
 
     variants = {}
+    rules = {"fast_exp": OptimConfig(total_steps=10_000),  # the defaults
+             "polar_ns": OptimConfig(lr=0.02, retraction="polar_ns", moments="momentum", total_steps=10_000)}
     for method in retractions:
         model = _model(width, depth)
-        cfg = OptimConfig(lr=0.02, retraction=method, total_steps=10_000, reortho_every=0)
-        variants[f"ours_{method}"] = (model, ManifoldOptimizer(model, cfg))
+        variants[f"ours_{method}"] = (model, ManifoldOptimizer(model, rules[method]))
     adamw = _model(width, depth)
     variants["adamw"] = (adamw, torch.optim.AdamW(adamw.parameters(), lr=1e-3))
     geo = _model(width, depth)
-    for m in geo.modules():
-        if isinstance(m, OrthogonalProjection):
-            geotorch.orthogonal(m, "weight")
+    for m in list(geo.modules()):
+        for attr in getattr(m, "manifold_names", ()):
+            geotorch.orthogonal(m, attr)
     variants["geotorch"] = (geo, torch.optim.AdamW(geo.parameters(), lr=1e-3))
     gen = torch.Generator().manual_seed(0)
     x, y = torch.rand(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
@@ -120,7 +126,8 @@ def bench_train_step(width: int, depth: int, batch: int, rounds: int, retraction
                 step_times[name].append(end - start)
                 opt_times[name].append(end - mid)
     med = {k: statistics.median(v) for k, v in step_times.items()}
-    out = {"width": width, "depth": depth, "batch": batch, "image_size": 32, "rounds": rounds,
+    out = {"width": width, "depth": depth, "batch": batch, "image_size": 32, "patch_size": TRAIN_STEP_PATCH,
+           "rows_per_matmul": batch * (32 // TRAIN_STEP_PATCH) ** 2, "rounds": rounds,
            "median_step_seconds": med,
            "median_optimizer_seconds": {k: statistics.median(v) for k, v in opt_times.items()},
            "ratios": {k: {"vs_adamw": med[k] / med["adamw"], "vs_geotorch": med[k] / med["geotorch"]}
@@ -147,8 +154,8 @@ def zero3_worker(out: Path, steps: int) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.manual_seed(0)
-    model = create_model("lipnext-cifar-s", **ZERO3_MODEL)
-    cfg = OptimConfig(lr=0.02, retraction="polar_ns", total_steps=10_000, reortho_every=0)
+    model = create_model("lipnext-tiny", **ZERO3_MODEL)
+    cfg = OptimConfig(total_steps=10_000)  # the defaults: Adam moments + Lookahead copy per owned matrix
     client, _ = build_zero3_optimizers(model, cfg)
     engine, *_ = deepspeed.initialize(model=model, optimizer=client, config={
         "train_micro_batch_size_per_gpu": 4 // world, "gradient_accumulation_steps": 1,
@@ -167,8 +174,11 @@ def zero3_worker(out: Path, steps: int) -> None:
         phase.append(manifold.stats["seconds"])
         compute.append(manifold.stats["compute_seconds"])
         engine.step()
+    state = manifold.state_dict()["manifold"]
+    state_bytes = sum(v.numel() * v.element_size() for e in state.values() for v in e.values())
     (out / f"zero3_ws{world}_rank{rank}.json").write_text(json.dumps(
-        {"phase_seconds": phase, "compute_seconds": compute, "owned": [s.name for s in manifold.owned]}))
+        {"phase_seconds": phase, "compute_seconds": compute, "owned": [s.name for s in manifold.owned],
+         "state_bytes": state_bytes}))
 
 
 _MATMUL_PROBE = ("import time, torch; torch.set_num_threads(1); a = torch.randn(1024, 512); a.T @ a; "
@@ -210,6 +220,7 @@ def bench_zero3(steps: int) -> dict:
             res[f"world_{world}"] = {
                 "median_phase_seconds": statistics.median(per_step),
                 "median_compute_seconds_per_rank": [statistics.median(r["compute_seconds"][1:]) for r in ranks],
+                "manifold_state_bytes_per_rank": [r["state_bytes"] for r in ranks],
                 "owned": [r["owned"] for r in ranks]}
             print(f"ZeRO-3 retraction phase, {world} rank(s): {res[f'world_{world}']['median_phase_seconds'] * 1e3:.1f} ms",
                   flush=True)
@@ -219,9 +230,70 @@ def bench_zero3(steps: int) -> dict:
     print(f"ZeRO-3 2-rank/1-rank {res['retraction_ratio_2rank_vs_1rank']:.3f}; control (2 matmul processes "
           f"vs 1, per unit of work): {res['parallel_capacity_probe_before']:.3f} before, "
           f"{res['parallel_capacity_probe_after']:.3f} after", flush=True)
+    res["manifold_state_bytes_ratio_2rank_vs_1rank"] = (max(res["world_2"]["manifold_state_bytes_per_rank"])
+                                                        / res["world_1"]["manifold_state_bytes_per_rank"][0])
     res["model"] = ZERO3_MODEL
     res["threads_per_rank"] = 1
     return res
+
+
+# ---------------------------------------------------------------------------------------- 4. orthogonality
+
+def bench_orthogonality(steps: int, d: int = 256, p: int = 48) -> dict:
+    """Defaults (lr 2e-3 with Adam-type moments: a realistic lr), random least-squares gradients on a square
+    d x d and a tall d x p matrix; the worst max|W^T W - I| over samples every 25 steps (not only right
+    after an exact polar)."""
+    from lipnext_scale.config import OptimConfig
+    from lipnext_scale.model.layers import OrthogonalProjection
+    from lipnext_scale.optim import ManifoldOptimizer, orthogonality_error
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleList([OrthogonalProjection(d, d), OrthogonalProjection(p, d)])
+    cfg = OptimConfig(total_steps=steps)
+    opt = ManifoldOptimizer(model, cfg)
+    gen = torch.Generator().manual_seed(1)
+    worst = 0.0
+    for step in range(steps):
+        a, b = torch.randn(d, 16, generator=gen), torch.randn(d, 16, generator=gen)
+        opt.zero_grad()
+        sum(((m.weight @ a[: m.d_in] - b) ** 2).sum() for m in model).backward()
+        opt.step()
+        if step % 25 == 23 or step == steps - 1:
+            worst = max(worst, max(orthogonality_error(m.weight) for m in model))
+    print(f"orthogonality error, {steps} default steps: worst {worst:.2e}", flush=True)
+    return {"steps": steps, "shapes": [[d, d], [d, p]], "lr": cfg.lr, "polar_every": cfg.polar_every,
+            "max_orthogonality_error": worst}
+
+
+# ---------------------------------------------------------------------------------------- 5. FLOPs
+
+def update_flops(n: int, p: int, lookahead_k: int) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one default update of an n x p matrix (n >= p)."""
+    if n == p:  # X^T G, A^2, A^2 (...), X Q, polish (Gram + product); Lookahead: 2 FastExp matmuls + slow Q
+        per_step = 2 * p ** 3 * 6
+        return per_step + (2 * p ** 3 * 3) // max(lookahead_k, 1) if lookahead_k else per_step
+    q = 2 * p  # X^T G, X sym, three Grams, S polynomial (2 q^3), P W, U (P W), polish (2)
+    return 2 * (2 * n * p * p + 3 * n * p * p + 2 * q ** 3 + q * q * p + n * q * p + 2 * n * p * p)
+
+
+def bench_flops(global_batch: int = 1024) -> dict:
+    from lipnext_scale.config import OptimConfig
+    from lipnext_scale.model import create_model, get_spec
+    from lipnext_scale.model.layers import manifold_parameters
+
+    k = OptimConfig().lookahead_k
+    out = {}
+    for name in ("lipnext-1b", "lipnext-2b"):
+        with torch.device("meta"):
+            model = create_model(name)
+        shapes = [tuple(prm.shape) for _, prm in manifold_parameters(model)]
+        update = sum(update_flops(max(s), min(s), k) for s in shapes)
+        step = 3 * get_spec(name).flops_per_image() * global_batch
+        out[name] = {"manifold_update_flops": update, "train_step_flops": step, "share": update / step,
+                     "matrices": len(shapes)}
+        print(f"{name}: manifold update {update / 1e12:.2f} TFLOP/step = {100 * update / step:.2f} % of a "
+              f"training step at batch {global_batch}", flush=True)
+    return out
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -253,26 +325,33 @@ def main() -> None:
         zero3_worker(Path(args.zero3_worker), args.steps)
         return
     sizes = [256, 512] if args.quick else [256, 512, 1024, 2048]
-    result = {"machine": machine_info(), "retractions": bench_retractions(sizes)}
-    from lipnext_scale.optim import RETRACTIONS
-
+    result = {"machine": machine_info(), "updates": bench_updates(sizes)}
     result["train_step"] = bench_train_step(512, 1 if args.quick else 2, 16 if args.quick else 32,
-                                            2 if args.quick else 6, ["polar_ns"] if args.quick else list(RETRACTIONS))
+                                            2 if args.quick else 6, ["fast_exp", "polar_ns"])
     result["zero3"] = bench_zero3(3 if args.quick else args.steps)
-    default = result["train_step"]["ratios"]["ours_polar_ns"]  # the default retraction (OptimConfig)
+    result["orthogonality"] = bench_orthogonality(200 if args.quick else 2000)
+    result["flops"] = bench_flops()
+    default = result["train_step"]["ratios"]["ours_fast_exp"]  # the default (OptimConfig)
     result["step_ratio_vs_adamw"] = default["vs_adamw"]
     result["step_ratio_vs_geotorch"] = default["vs_geotorch"]
+    result["ablation_polar_ns_step_ratio_vs_adamw"] = result["train_step"]["ratios"]["ours_polar_ns"]["vs_adamw"]
     result["retraction_ratio_2rank_vs_1rank"] = result["zero3"]["retraction_ratio_2rank_vs_1rank"]
+    result["manifold_state_bytes_ratio_2rank_vs_1rank"] = result["zero3"]["manifold_state_bytes_ratio_2rank_vs_1rank"]
+    result["orthogonality_error_2000_steps"] = result["orthogonality"]["max_orthogonality_error"]
+    for name, row in result["flops"].items():
+        result[f"manifold_update_flops_{name}"] = row["manifold_update_flops"]
+        result[f"manifold_update_share_{name}"] = row["share"]
     result["machine"]["load_average_at_end"] = list(os.getloadavg())
     result["targets"] = {"step_ratio_vs_adamw": 1.3, "step_ratio_vs_geotorch": 0.5,
-                         "retraction_ratio_2rank_vs_1rank": 0.65}
+                         "retraction_ratio_2rank_vs_1rank": 0.6, "manifold_state_bytes_ratio_2rank_vs_1rank": 0.55,
+                         "orthogonality_error_2000_steps": 1e-5, "manifold_update_share_lipnext-1b": 0.05,
+                         "manifold_update_share_lipnext-2b": 0.05}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out)  # never a half-written result
-    print(json.dumps({k: result[k] for k in ("step_ratio_vs_adamw", "step_ratio_vs_geotorch",
-                                             "retraction_ratio_2rank_vs_1rank")}, indent=2))
+    print(json.dumps({k: result[k] for k in result["targets"]}, indent=2))
 
 
 if __name__ == "__main__":

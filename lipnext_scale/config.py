@@ -30,14 +30,16 @@ class ModelConfig:
     name: str = "lipnext-tiny"
     num_classes: int = 10
     image_size: int = 32
-    # Architecture overrides of the registry entry; None keeps the registry's value.
+    # Architecture overrides of the registry entry (lipnext_scale.model.ModelSpec); None keeps its value.
     width: int | None = None
     depth: int | None = None
-    expansion: int | None = None
     patch_size: int | None = None
+    block: str | None = None  # "paper" (default) | "expand" (our earlier block, for ablations)
     beta: float | None = None
-    residual_alpha: float | None = None
+    shift_alpha: float | None = None
     shift_mode: str | None = None
+    positional: bool | None = None
+    expansion: int | None = None
 
     def validate(self) -> None:
         if self.num_classes < 2:
@@ -46,19 +48,32 @@ class ModelConfig:
             raise ConfigError(f"model.image_size={self.image_size}: must be a positive pixel count")
 
     def overrides(self) -> dict[str, Any]:
-        keys = ("width", "depth", "expansion", "patch_size", "beta", "residual_alpha", "shift_mode")
+        keys = ("width", "depth", "patch_size", "block", "beta", "shift_alpha", "shift_mode", "positional",
+                "expansion")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 @dataclass
 class OptimConfig:
-    # Riemannian momentum on orthogonal matrices (paper.md B.8); AdamW on everything else.
-    lr: float = 0.05
-    momentum: float = 0.9
-    retraction: str = "polar_ns"  # qr | cayley | exp | polar_ns
-    ns_iters: int = 6
-    reortho_every: int = 100
+    # Orthogonal matrices (paper.md A "Optimizer", B.5): moments of the Euclidean gradient turned into a skew
+    # generator A, X <- X FastExp(A) (tall: a low-rank left rotation), exact polar every `polar_every` steps,
+    # Manifold Lookahead every `lookahead_k`. retraction = "polar_ns" with moments = "momentum" is the
+    # pre-FastExp default (Riemannian heavy-ball + Newton-Schulz polar), kept for ablations.
+    lr: float = 0.002
+    retraction: str = "fast_exp"  # fast_exp | polar_ns
+    moments: str = "adam"  # adam | momentum (fast_exp); polar_ns needs momentum
+    momentum: float = 0.9  # heavy-ball coefficient (moments = "momentum")
+    manifold_betas: tuple[float, float] = (0.9, 0.99)  # Adam-type moments of the manifold gradients
+    manifold_eps: float = 1e-8
+    polar_every: int = 500  # exact fp64 polar every N steps (about one epoch); 0: never
+    polish: bool = True  # fast_exp: one Newton-Schulz step per update, so truncation/rounding never accumulate
+    lookahead_k: int = 5  # Manifold Lookahead every k steps (slow <- slow FastExp(1/2 sum of the k updates)); 0: off
+    ns_iters: int = 6  # polar_ns only
+    reortho_every: int = -1  # deprecated alias of polar_every (older recipes); -1: unset
+    # Everything else: NAdam or AdamW, with plain Lookahead (alpha 1/2) every euclid_lookahead_k steps if > 0.
+    euclid_optimizer: str = "adamw"  # adamw | nadam
     euclid_lr: float = 1e-3
+    euclid_lookahead_k: int = 0
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
@@ -71,23 +86,37 @@ class OptimConfig:
     # bounds the memory it holds beyond its shard; larger = fewer collectives.
     manifold_bucket_mb: float = 256.0
 
+    def exact_polar_every(self) -> int:
+        return self.reortho_every if self.reortho_every >= 0 else self.polar_every
+
     def validate(self) -> None:
+        choices = {"retraction": ("fast_exp", "polar_ns"), "moments": ("adam", "momentum"),
+                   "euclid_optimizer": ("adamw", "nadam")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"optim.{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
+        if self.retraction == "polar_ns" and self.moments != "momentum":
+            raise ConfigError('optim.moments="adam" needs optim.retraction="fast_exp"; polar_ns is the '
+                              'heavy-ball ablation: set optim.moments="momentum"')
         if self.ns_iters < 1:
             raise ConfigError(f"optim.ns_iters={self.ns_iters}: must be >= 1")
-        if self.reortho_every < 0:
-            raise ConfigError(f"optim.reortho_every={self.reortho_every}: must be >= 0 (0 disables it)")
+        for key in ("polar_every", "lookahead_k", "euclid_lookahead_k"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"optim.{key}={getattr(self, key)}: must be >= 0 (0 disables it)")
+        if self.reortho_every < -1:
+            raise ConfigError(f"optim.reortho_every={self.reortho_every}: deprecated, use optim.polar_every >= 0")
         if self.grad_clip < 0 or self.manifold_bucket_mb <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"optim.grad_clip={self.grad_clip}, optim.manifold_bucket_mb={self.manifold_bucket_mb}, "
                               f"optim.min_lr_ratio={self.min_lr_ratio}: need grad_clip >= 0, "
                               "manifold_bucket_mb > 0 and 0 <= min_lr_ratio <= 1")
-        allowed = ("qr", "cayley", "exp", "polar_ns")
-        if self.retraction not in allowed:
-            raise ConfigError(f"optim.retraction={self.retraction!r}: choose one of {', '.join(allowed)}")
-        for name in ("lr", "euclid_lr"):
+        for name in ("lr", "euclid_lr", "manifold_eps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"optim.{name}={getattr(self, name)}: must be > 0")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"optim.momentum={self.momentum}: must be in [0, 1)")
+        for key in ("manifold_betas", "betas"):
+            if not all(0 <= b < 1 for b in getattr(self, key)):
+                raise ConfigError(f"optim.{key}={getattr(self, key)}: both must be in [0, 1)")
         if self.total_steps < 1 or self.warmup_steps < 0 or self.warmup_steps > self.total_steps:
             raise ConfigError(
                 f"optim.warmup_steps={self.warmup_steps}, optim.total_steps={self.total_steps}: "
@@ -117,19 +146,36 @@ class DataConfig:
                               "(it picks the augmentation)")
 
 
+LOSS_KINDS = ("emma", "margin")
+
+
 @dataclass
 class LossConfig:
-    # Margin-aware cross-entropy (paper.md B.9): logits of non-target classes are raised by
-    # offset * eps_train * ||w_y - w_j||, then divided by temperature.
-    eps_train: float = 36 / 255
+    # Certified-training loss (paper.md B.6; lipnext_scale/train/loss.py). "emma": the paper's (LiResNet++'s
+    # EMMA); "margin": our earlier fixed-offset margin loss (offset, temperature apply to it only).
+    kind: str = "emma"
+    eps: float = 36 / 255  # the radius training aims at (usually the first certify eps)
+    # The training eps ramps linearly from eps_ramp_start * eps at step 0 to eps_ramp_end * eps at
+    # eps_ramp_fraction of train.steps, then stays (LiResNet++: 0.1 -> 3.0 over the first half).
+    eps_ramp_start: float = 0.1
+    eps_ramp_end: float = 3.0
+    eps_ramp_fraction: float = 0.5
     offset: float = 1.0
     temperature: float = 0.25
 
     def validate(self) -> None:
-        if self.temperature <= 0:
+        if self.kind not in LOSS_KINDS:
+            raise ConfigError(f"loss.kind={self.kind!r}: choose one of {', '.join(LOSS_KINDS)}")
+        if not self.temperature > 0:
             raise ConfigError(f"loss.temperature={self.temperature}: must be > 0")
-        if self.eps_train < 0 or self.offset < 0:
-            raise ConfigError("loss.eps_train and loss.offset must be >= 0")
+        values = (self.eps, self.offset, self.eps_ramp_start, self.eps_ramp_end)
+        if not all(0 <= v < float("inf") for v in values):
+            raise ConfigError(f"loss.eps={self.eps}, loss.offset={self.offset}, loss.eps_ramp_start="
+                              f"{self.eps_ramp_start}, loss.eps_ramp_end={self.eps_ramp_end}: all must be "
+                              "finite and >= 0")
+        if not 0 <= self.eps_ramp_fraction <= 1:
+            raise ConfigError(f"loss.eps_ramp_fraction={self.eps_ramp_fraction}: must be in [0, 1] "
+                              "(the share of train.steps over which eps ramps up)")
 
 
 @dataclass
@@ -139,7 +185,7 @@ class CertifyConfig:
     lipschitz_tol: float = 1e-4
     allow_approx: bool = False
     workers: int = 2  # Ray actors, one model copy each; 0 runs in the calling process
-    attack: str = ""  # "" | "pgd": l2 PGD on certified points, a soundness check
+    attack: str = ""  # "" | "pgd" | "fmn": an attack on certified points, a soundness check (fmn: Foolbox extra)
     attack_steps: int = 10
 
     def validate(self) -> None:
@@ -151,8 +197,8 @@ class CertifyConfig:
         if self.workers < 0 or self.batch_size < 1 or self.attack_steps < 1:
             raise ConfigError(f"certify.workers={self.workers}, certify.batch_size={self.batch_size}, "
                               f"certify.attack_steps={self.attack_steps}: need workers >= 0, the others >= 1")
-        if self.attack not in ("", "pgd"):
-            raise ConfigError(f"certify.attack={self.attack!r}: choose \"pgd\" or \"\" (no attack)")
+        if self.attack not in ("", "pgd", "fmn"):
+            raise ConfigError(f"certify.attack={self.attack!r}: choose \"pgd\", \"fmn\" or \"\" (no attack)")
 
 
 @dataclass

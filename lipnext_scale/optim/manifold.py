@@ -57,7 +57,7 @@ def check_manifold_parameter(name: str, shape: tuple[int, ...], value: torch.Ten
     """Raise ManifoldParameterError for a non-matrix, or (with `value`) a matrix that is not (semi-)orthogonal."""
     if len(shape) != 2 or min(shape) < 1:
         raise ManifoldParameterError(
-            f"parameter {name!r} is tagged orthogonal (its module has manifold=True) but has shape "
+            f"parameter {name!r} is tagged orthogonal (its module lists it in manifold_names) but has shape "
             f"{tuple(shape)}: only non-empty 2-D matrices live on the orthogonal manifold; "
             "untag the module or reshape the parameter to (d_out, d_in)")
     if value is None or value.is_meta:

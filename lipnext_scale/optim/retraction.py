@@ -1,27 +1,19 @@
-"""Retractions onto the (semi-)orthogonal manifold: pure functions, fp32 math.
+"""The Newton-Schulz polar retraction (the pre-FastExp default, kept for the heavy-ball ablation).
 
-Every function takes a point `x` (d_out, d_in) with orthonormal rows or columns and an optional tangent
-step `tangent` (same shape), and returns `R_x(tangent)` in x's orientation. Matrices are handled in tall
-form (n >= p, X^T X = I_p): a wide co-isometry is transposed, retracted, transposed back.
-bf16/fp16 inputs are upcast to fp32 (the result is fp32: the caller keeps it as the master weight);
-fp64 inputs stay fp64.
-
-- qr:       qf(X + D) with the signs of diag(R) made positive (unique, continuous near X).
-- polar_ns: polar factor of X + D by Newton-Schulz, Y <- Y (3I - Y^T Y) / 2: matmuls only.
-- cayley:   (I - W/2)^{-1} (I + W/2) X with W = P D X^T - X (P D)^T, P = I - X X^T / 2 (Wen & Yin 2013);
-            a 2p x 2p solve by Woodbury for tall X, a p x p solve for square X.
-- exp:      the Stiefel geodesic of the canonical metric (Edelman, Arias & Smith 1998):
-            [X Q] expm([[A, -R^T], [R, 0]]) [I; 0], A = skew(X^T D), QR = D - X X^T D; X expm(A) if square.
-`orthogonalize_exact` (polar via SVD in fp64) is the rare exact re-orthogonalisation that removes drift.
+`retract_polar_ns(x, tangent)` returns the polar factor of X + D by Newton-Schulz, Y <- Y (3I - Y^T Y) / 2
+(matmuls only, guarded by a Gram check with a counted QR fallback), in x's orientation. Matrices are
+handled in tall form (n >= p, X^T X = I_p): a wide co-isometry is transposed, retracted, transposed back.
+bf16/fp16 inputs are upcast to fp32; fp64 inputs stay fp64. The paper's FastExp retraction and the exact
+polar are in `fast_exp.py`. QR, Cayley and the Stiefel-geodesic retractions were removed: the benchmark
+(bench/results/optim.json before issue 10) had them slower than polar_ns per step (1.18x, 1.49x, 1.51x
+AdamW vs 1.13x) with no accuracy or orthogonality advantage.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-RETRACTIONS = ("qr", "cayley", "exp", "polar_ns")
+RETRACTIONS = ("fast_exp", "polar_ns")  # optim.retraction; fast_exp: see fast_exp.py
 
 # Newton-Schulz guard: converged when max|Y^T Y - I| <= NS_TOL; a run that stalls at the fp32 rounding floor
 # is accepted below NS_ACCEPT_TOL; anything else falls back to QR (counted in `stats["ns_fallbacks"]`).
@@ -55,20 +47,11 @@ def _from_tall(y: torch.Tensor, wide: bool) -> torch.Tensor:
     return (y.mT if wide else y).contiguous()
 
 
-def _skew(a: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (a - a.mT)
-
-
 def _qr_positive(y: torch.Tensor) -> torch.Tensor:
     q, r = torch.linalg.qr(y, mode="reduced")
     sign = torch.sign(torch.diagonal(r))
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     return q * sign
-
-
-def retract_qr(x: torch.Tensor, tangent: torch.Tensor | None = None) -> torch.Tensor:
-    x, t, wide = _to_tall(x, tangent)
-    return _from_tall(_qr_positive(x if t is None else x + t), wide)
 
 
 def polar_newton_schulz(y: torch.Tensor, iters: int = 6, tol: float = NS_TOL,
@@ -124,68 +107,18 @@ def retract_polar_ns(x: torch.Tensor, tangent: torch.Tensor | None = None, iters
     return _from_tall(polar_newton_schulz(x if t is None else x + t, iters, tol, stats), wide)
 
 
-def _polished(y: torch.Tensor, polish: bool, stats: dict | None) -> torch.Tensor:
-    """Cayley and exp map X to X C with C orthogonal: X's own error and C's rounding carry over and add up
-    step after step. One Gram check (plus a Newton-Schulz iteration when needed) keeps the drift at fp32
-    rounding level between the exact re-orthogonalisations."""
-    return polar_newton_schulz(y, iters=2, stats=stats) if polish else y
-
-
-def retract_cayley(x: torch.Tensor, tangent: torch.Tensor | None = None, polish: bool = True,
-                   stats: dict | None = None) -> torch.Tensor:
-    x, t, wide = _to_tall(x, tangent)
-    if t is None:
-        return _from_tall(x, wide)
-    n, p = x.shape
-    eye = torch.eye(p, dtype=x.dtype, device=x.device)
-    if n == p:  # Y = X (I - A/2)^{-1} (I + A/2), A = skew(X^T D): a p x p solve
-        a = _skew(x.mT @ t)
-        return _from_tall(_polished(x @ torch.linalg.solve(eye - 0.5 * a, eye + 0.5 * a), polish, stats), wide)
-    pd = t - 0.5 * (x @ (x.mT @ t))  # P D
-    u = torch.cat([pd, x], dim=1)  # W = U V^T
-    v = torch.cat([x, -pd], dim=1)
-    eye2 = torch.eye(2 * p, dtype=x.dtype, device=x.device)
-    inner = torch.linalg.solve(eye2 - 0.5 * (v.mT @ u), v.mT @ x)  # Woodbury: (I - W/2)^{-1} W X = U inner
-    return _from_tall(_polished(x + u @ inner, polish, stats), wide)
-
-
-def retract_exp(x: torch.Tensor, tangent: torch.Tensor | None = None, polish: bool = True,
-                stats: dict | None = None) -> torch.Tensor:
-    x, t, wide = _to_tall(x, tangent)
-    if t is None:
-        return _from_tall(x, wide)
-    n, p = x.shape
-    xt = x.mT @ t
-    a = _skew(xt)
-    if n == p:
-        return _from_tall(_polished(x @ torch.linalg.matrix_exp(a), polish, stats), wide)
-    q, r = torch.linalg.qr(t - x @ xt, mode="reduced")
-    block = torch.cat([torch.cat([a, -r.mT], dim=1), torch.cat([r, torch.zeros_like(r)], dim=1)], dim=0)
-    mn = torch.linalg.matrix_exp(block)[:, :p]
-    return _from_tall(_polished(x @ mn[:p] + q @ mn[p:], polish, stats), wide)
-
-
 def orthogonalize_exact(x: torch.Tensor) -> torch.Tensor:
-    """Nearest (semi-)orthogonal matrix U V^T (polar factor by SVD in fp64), in the working dtype."""
-    dtype = _work_dtype(x)
-    u, _, vh = torch.linalg.svd(x.detach().to(torch.float64), full_matrices=False)
-    return (u @ vh).to(dtype)
+    """Nearest (semi-)orthogonal matrix (the polar factor, fp64 math) in the working dtype."""
+    from lipnext_scale.optim.fast_exp import polar_exact
 
-
-_BY_NAME: dict[str, Callable[..., torch.Tensor]] = {
-    "qr": retract_qr, "cayley": retract_cayley, "exp": retract_exp, "polar_ns": retract_polar_ns,
-}
+    return polar_exact(x.detach()).to(_work_dtype(x))
 
 
 def retract(x: torch.Tensor, method: str, tangent: torch.Tensor | None = None, **kw) -> torch.Tensor:
-    """R_x(tangent) by `method` (one of RETRACTIONS). Keywords: `ns_iters`, `tol` (polar_ns), `polish`
-    (cayley, exp), `stats` (a dict that counts Newton-Schulz iterations and fallbacks)."""
-    if method not in _BY_NAME:
-        raise ValueError(f"unknown retraction {method!r}; choose one of {', '.join(RETRACTIONS)}")
-    stats = kw.get("stats")
-    if method == "polar_ns":
-        return retract_polar_ns(x, tangent, iters=kw.get("ns_iters", kw.get("iters", 6)),
-                                tol=kw.get("tol", NS_TOL), stats=stats)
-    if method == "qr":
-        return retract_qr(x, tangent)
-    return _BY_NAME[method](x, tangent, polish=kw.get("polish", True), stats=stats)
+    """R_x(tangent) for the one-matrix retraction `polar_ns` (FastExp acts on skew generators, not on
+    tangent vectors: see fast_exp.py). Keywords: `ns_iters`, `tol`, `stats` (counts NS iterations and fallbacks)."""
+    if method != "polar_ns":
+        raise ValueError(f"unknown retraction {method!r}; retract() implements polar_ns (fast_exp is "
+                         "lipnext_scale.optim.fast_exp / manifold_update)")
+    return retract_polar_ns(x, tangent, iters=kw.get("ns_iters", kw.get("iters", 6)), tol=kw.get("tol", NS_TOL),
+                            stats=kw.get("stats"))

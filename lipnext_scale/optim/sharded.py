@@ -1,4 +1,4 @@
-"""The manifold step under DeepSpeed ZeRO-3: each matrix retracted once per step, by its owner rank.
+"""The manifold step under DeepSpeed ZeRO-3: each matrix updated once per step, by its owner rank.
 
 Usage (every rank):
     client_opt, manifold_names = build_zero3_optimizers(model, cfg.optim)    # before deepspeed.initialize
@@ -15,12 +15,16 @@ module partitions. Between `engine.backward` and `engine.step` one `step()`:
   1. one all-reduce: global manifold grad norm (for `optim.grad_clip`) and a NaN/Inf count (skip + count);
   then per round (each owner's next bucket of owned matrices, <= optim.manifold_bucket_mb):
   2. one all_to_all: every rank sends each owner its slices of (master, grad) for the owner's matrices;
-  3. each owner runs `riemannian_momentum_step` (fp32) on them: once per matrix per step;
-  4. one all_to_all back: each rank receives its slice of every new matrix and writes its fp32 partition;
-  finally the manifold grads are zeroed so DeepSpeed's `gradient_clipping` norm covers the Euclidean group
+  3. each owner runs `manifold_update` on them (same-shape matrices stacked): once per matrix per step;
+  4. one all_to_all back: each rank receives its slice of every new matrix and writes its fp32 partition.
+  The collectives are asynchronous and double-buffered: round j+1's gather and round j-1's scatter are in
+  flight while the owners compute round j.
+  Finally the manifold grads are zeroed so DeepSpeed's `gradient_clipping` norm covers the Euclidean group
   only; the client optimizer skips the manifold groups, so DeepSpeed holds no Adam state for them.
-Beyond its ZeRO-3 shard a rank holds the momentum of its owned matrices and one round (bucket) in flight.
-Owners: greedy by retraction cost n p^2, deterministic from names, shapes and world size.
+State: only the owner holds a matrix's moments and Lookahead slow copy (`optim.update.state_shapes`);
+`state_dict()` is this rank's part, never gathered. Checkpoints write it per rank, keyed by parameter name;
+at any world size each rank loads the entries of the matrices it owns now (train/checkpoint.py).
+Owners: greedy by update cost n p^2, deterministic from names, shapes and world size.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ import time
 import torch
 from torch import nn
 
-from lipnext_scale.optim.manifold import check_manifold_parameter, orthogonality_error, riemannian_momentum_step
-from lipnext_scale.optim.retraction import orthogonalize_exact
+from lipnext_scale.optim.euclidean import build_euclidean_optimizer
+from lipnext_scale.optim.manifold import check_manifold_parameter, orthogonality_error
 from lipnext_scale.optim.optimizer import (
-    STATE_FORMAT, check_momentum_names, check_state_format, clip_coefficient, split_parameters,
+    STATE_FORMAT, check_manifold_state, check_state_format, clip_coefficient, split_parameters,
 )
+from lipnext_scale.optim.retraction import orthogonalize_exact
 from lipnext_scale.optim.schedule import lr_multiplier
+from lipnext_scale.optim.update import manifold_update
 
 log = logging.getLogger(__name__)
 
@@ -70,27 +76,12 @@ def plan_rounds(slots: list, world_size: int, bucket_numel: int) -> list[list]:
     return [[s for b in buckets if j < len(b) for s in b[j]] for j in range(rounds)]
 
 
-class EuclideanAdamW(torch.optim.AdamW):
-    """AdamW that leaves param groups marked `manifold` alone (no update, no state): DeepSpeed calls
-    `step()` on every group's flat fp32 partition, the manifold ones are handled by ShardedManifoldStep."""
-
-    def step(self, closure=None):
-        hidden = [(g, g["params"]) for g in self.param_groups if g.get("manifold")]
-        for g, _ in hidden:
-            g["params"] = []
-        try:
-            return super().step(closure)
-        finally:
-            for g, params in hidden:
-                g["params"] = params
-
-
 def build_zero3_optimizers(model: nn.Module, cfg) -> tuple[torch.optim.Optimizer, list[str]]:
     """(client optimizer for `deepspeed.initialize(optimizer=...)`, manifold parameter names).
 
     Call before `deepspeed.initialize` (it validates the manifold matrices while they are still whole).
-    Group 0: Euclidean params, AdamW(euclid_lr, betas, weight_decay). Group 1 (if any): manifold params,
-    marked `manifold=True`, lr 0; EuclideanAdamW never touches it.
+    Group 0: Euclidean params, NAdam or AdamW (euclid_lr, betas, weight_decay, optional Lookahead). Group 1
+    (if any): manifold params, flagged `manifold: True`, lr 0; the client optimizer never touches it.
     """
     cfg.validate()
     manifold, euclid = split_parameters(model)
@@ -104,7 +95,7 @@ def build_zero3_optimizers(model: nn.Module, cfg) -> tuple[torch.optim.Optimizer
         groups.append({"params": [p for _, p in manifold], "lr": 0.0, "weight_decay": 0.0, "manifold": True})
     if not groups:
         raise ValueError("build_zero3_optimizers: the model has no trainable parameters")
-    opt = EuclideanAdamW(groups, lr=cfg.euclid_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = build_euclidean_optimizer(groups, cfg)
     return opt, [n for n, _ in manifold]
 
 
@@ -135,6 +126,17 @@ class _Slot:
         return out
 
 
+class _InFlight:
+    """An asynchronous all_to_all of flat fp32 buffers: `wait()` gives one buffer per source rank."""
+
+    def __init__(self, work, recv: torch.Tensor, recv_sizes: list[int]):
+        self.work, self.recv, self.recv_sizes = work, recv, recv_sizes
+
+    def wait(self) -> list[torch.Tensor]:
+        self.work.wait()
+        return list(torch.split(self.recv, self.recv_sizes))
+
+
 class ShardedManifoldStep:
     def __init__(self, engine, model: nn.Module, cfg, schedule_euclidean: bool = True):
         import torch.distributed as dist
@@ -158,7 +160,7 @@ class ShardedManifoldStep:
         # collectives run on the partitions' device (cuda under NCCL, cpu under gloo)
         self.device = manifold[0][1].ds_tensor.device if manifold else torch.device("cpu")
         self.rounds = plan_rounds(self.slots, self.world, int(cfg.manifold_bucket_mb * 2 ** 20 / 4))
-        self.momentum: dict[str, torch.Tensor] = {}
+        self.state: dict[str, dict[str, torch.Tensor]] = {}  # owned matrices only: moments, slow copy
         self.step_count = 0
         self.skipped_steps = 0
         self.retraction_counts = {s.name: 0 for s in self.owned}  # cumulative, this rank's matrices
@@ -166,18 +168,23 @@ class ShardedManifoldStep:
         self.stats: dict = {}
         self._check_initial_orthogonality()
 
+    def owner_map(self) -> dict[str, int]:
+        """name -> owner rank (identical on every rank)."""
+        return {s.name: s.owner for s in self.slots}
+
     # ------------------------------------------------------------------ collectives
 
-    def _exchange(self, sends: list[torch.Tensor], recv_sizes: list[int]) -> list[torch.Tensor]:
-        """all_to_all of one flat fp32 buffer per destination rank; returns one buffer per source rank."""
+    def _start_exchange(self, sends: list[torch.Tensor], recv_sizes: list[int]) -> _InFlight:
+        """Start an all_to_all of one flat fp32 buffer per destination rank."""
         send = torch.cat(sends)
         recv = torch.empty(sum(recv_sizes), dtype=torch.float32, device=self.device)
-        self.dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes,
-                                    input_split_sizes=[t.numel() for t in sends], group=self.group)
-        return list(torch.split(recv, recv_sizes))
+        work = self.dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes,
+                                           input_split_sizes=[t.numel() for t in sends], group=self.group,
+                                           async_op=True)
+        return _InFlight(work, recv, recv_sizes)
 
-    def _gather_to_owners(self, slots: list[_Slot], with_grads: bool, grad_scale: float = 1.0):
-        """The matrices of `slots` (one round), whole on their owners: {name: master} and {name: grad}."""
+    def _start_gather(self, slots: list[_Slot], with_grads: bool, grad_scale=1.0) -> _InFlight:
+        """Send each owner this rank's slices of (master[, grad]) of its matrices in `slots` (one round)."""
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
 
         per = 2 if with_grads else 1
@@ -189,35 +196,52 @@ class ShardedManifoldStep:
                     pieces.append(safe_get_local_fp32_param(s.param).reshape(-1).float())
                     if with_grads:
                         grad = safe_get_local_grad(s.param).reshape(-1).float()
-                        pieces.append(grad if grad_scale == 1.0 else grad * grad_scale)
+                        pieces.append(grad * grad_scale if with_grads and grad_scale is not None else grad)
             sends.append(torch.cat(pieces) if pieces else torch.empty(0, device=self.device))
         mine = [s for s in slots if s.owner == self.rank]
-        recvs = self._exchange(sends, [per * sum(s.part for s in mine)] * self.world)
+        return self._start_exchange(sends, [per * sum(s.part for s in mine)] * self.world)
+
+    def _finish_gather(self, slots: list[_Slot], pending: _InFlight, with_grads: bool):
+        """The owned matrices of one round, whole: ({name: master}, {name: grad})."""
+        recvs = pending.wait()
+        per = 2 if with_grads else 1
         masters, grads, offset = {}, {}, 0
-        for s in mine:
+        for s in slots:
+            if s.owner != self.rank:
+                continue
             masters[s.name] = s.full([r.narrow(0, offset, s.part) for r in recvs])
             if with_grads:
                 grads[s.name] = s.full([r.narrow(0, offset + s.part, s.part) for r in recvs])
             offset += per * s.part
         return masters, grads
 
-    def _scatter_from_owners(self, slots: list[_Slot], new: dict[str, torch.Tensor]) -> None:
-        """Every rank writes its slice of each new matrix of `slots` (one round) into its fp32 partition."""
-        from deepspeed.utils import safe_set_local_fp32_param
+    def _gather_to_owners(self, slots: list[_Slot], with_grads: bool, grad_scale=1.0):
+        return self._finish_gather(slots, self._start_gather(slots, with_grads, grad_scale), with_grads)
 
+    def _start_scatter(self, slots: list[_Slot], new: dict[str, torch.Tensor]) -> _InFlight:
         mine = [s for s in slots if s.owner == self.rank]
         rows = {s.name: s.slices(new[s.name], self.world) for s in mine}
         sends = [torch.cat([rows[s.name][dest] for s in mine]) if mine else torch.empty(0, device=self.device)
                  for dest in range(self.world)]
         sizes = [sum(s.part for s in slots if s.owner == src) for src in range(self.world)]
-        recvs = self._exchange(sends, sizes)
+        return self._start_exchange(sends, sizes)
+
+    def _finish_scatter(self, slots: list[_Slot], pending: _InFlight) -> None:
+        """Every rank writes its slice of each new matrix of `slots` (one round) into its fp32 partition."""
+        from deepspeed.utils import safe_set_local_fp32_param
+
+        recvs = pending.wait()
         offsets = [0] * self.world
         for s in slots:
             safe_set_local_fp32_param(s.param, recvs[s.owner].narrow(0, offsets[s.owner], s.part))  # copies
             offsets[s.owner] += s.part
 
-    def _grad_norm_and_nonfinite(self) -> tuple[float, int]:
-        """(global manifold grad norm, number of matrices with a NaN/Inf grad entry): one all-reduce."""
+    def _scatter_from_owners(self, slots: list[_Slot], new: dict[str, torch.Tensor]) -> None:
+        self._finish_scatter(slots, self._start_scatter(slots, new))
+
+    def _grad_norm_and_nonfinite(self) -> tuple[torch.Tensor, int]:
+        """(global manifold grad norm as a device scalar, number of matrices with a NaN/Inf grad entry):
+        one all-reduce and one host read per step."""
         from deepspeed.utils import safe_get_local_grad
 
         norms = torch.stack([torch.linalg.vector_norm(safe_get_local_grad(s.param).reshape(-1)[: s.valid],
@@ -225,9 +249,27 @@ class ShardedManifoldStep:
         finite = torch.isfinite(norms)  # a norm is finite iff every entry is (fp32 squares cannot overflow fp64)
         local = torch.stack([torch.where(finite, norms, 0.0).pow(2).sum(), (~finite).sum().double()])
         self.dist.all_reduce(local, group=self.group)
-        return float(local[0].sqrt()), int(local[1])
+        return local[0].sqrt(), int(local[1])
 
     # ------------------------------------------------------------------ the step
+
+    def _update_owned(self, masters: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+                      lr: float) -> dict[str, torch.Tensor]:
+        """Owner compute of one round: same-shape matrices stacked into one `manifold_update` call."""
+        by_shape: dict[tuple, list[str]] = {}
+        for name, x in masters.items():
+            by_shape.setdefault(tuple(x.shape), []).append(name)
+        new = {}
+        for names in by_shape.values():
+            states = [self.state.setdefault(n, {}) for n in names]
+            keys = set.intersection(*(set(s) for s in states))
+            stacked = {k: torch.stack([s[k] for s in states]) for k in keys}
+            out = manifold_update(torch.stack([masters[n] for n in names]), torch.stack([grads[n] for n in names]),
+                                  stacked, step=self.step_count, lr=lr, cfg=self.cfg, stats=self.ns_stats)
+            for i, n in enumerate(names):
+                self.state[n] = {k: v[i].clone() for k, v in stacked.items()}
+                new[n] = out[i]
+        return new
 
     @torch.no_grad()
     def step(self) -> bool:
@@ -246,22 +288,28 @@ class ShardedManifoldStep:
             return False
         mult = lr_multiplier(self.step_count, self.cfg)
         scale = clip_coefficient(norm, self.cfg.grad_clip)
-        exact = self.cfg.reortho_every > 0 and (self.step_count + 1) % self.cfg.reortho_every == 0
+        scale = scale.float() if torch.is_tensor(scale) else None
+        lr = self.cfg.lr * mult
         counts, compute = {}, 0.0
-        for slots in self.rounds:  # bounded memory: one round of owned matrices in flight
-            masters, grads = self._gather_to_owners(slots, True, scale)
+        gather = self._start_gather(self.rounds[0], True, scale) if self.rounds else None
+        scatter_prev = None
+        for j, slots in enumerate(self.rounds):  # bounded memory: <= 2 rounds in flight
+            masters, grads = self._finish_gather(slots, gather, True)
+            if j + 1 < len(self.rounds):
+                gather = self._start_gather(self.rounds[j + 1], True, scale)
             t1 = time.perf_counter()
-            new = {}
-            for name, x in masters.items():
-                new[name], self.momentum[name] = riemannian_momentum_step(
-                    x, grads[name], self.momentum.get(name), lr=self.cfg.lr * mult,
-                    momentum=self.cfg.momentum, method=self.cfg.retraction, ns_iters=self.cfg.ns_iters,
-                    exact=exact, stats=self.ns_stats)
+            new = self._update_owned(masters, grads, lr)
+            for name in new:
                 counts[name] = counts.get(name, 0) + 1
                 self.retraction_counts[name] += 1
             compute += time.perf_counter() - t1
             del masters, grads
-            self._scatter_from_owners(slots, new)
+            scatter = (slots, self._start_scatter(slots, new))
+            if scatter_prev is not None:
+                self._finish_scatter(*scatter_prev)
+            scatter_prev = scatter
+        if scatter_prev is not None:
+            self._finish_scatter(*scatter_prev)
         self._zero_manifold_grads()
         if self.schedule_euclidean:
             for g in self.engine.optimizer.param_groups:
@@ -269,7 +317,7 @@ class ShardedManifoldStep:
                     g["lr"] = self.cfg.euclid_lr * mult
         self.step_count += 1
         seconds = time.perf_counter() - t0
-        self.stats = {"skipped": False, "retractions": counts, "grad_norm": norm, "lr": self.cfg.lr * mult,
+        self.stats = {"skipped": False, "retractions": counts, "grad_norm": norm, "lr": lr,
                       "seconds": seconds, "compute_seconds": compute, "comm_seconds": seconds - compute,
                       "rounds": len(self.rounds), "ns_fallbacks": self.ns_stats.get("ns_fallbacks", 0)}
         return True
@@ -283,7 +331,8 @@ class ShardedManifoldStep:
     # ------------------------------------------------------------------ checks and state
 
     def max_orthogonality_error(self) -> float:
-        """max over all matrices of max|X^T X - I| of the fp32 masters (a collective: call on every rank)."""
+        """max over all matrices of max|X^T X - I| of the fp32 masters (a collective, with host reads: call it
+        every N steps, not every step)."""
         worst = 0.0
         for slots in self.rounds:
             masters, _ = self._gather_to_owners(slots, False)
@@ -314,49 +363,27 @@ class ShardedManifoldStep:
                              f"{int(flag[0])} manifold matrices owned by other ranks are not (semi-)orthogonal "
                              "(their ranks' errors name them)"))
 
-    def _names_with_momentum(self) -> set[str]:
-        """Matrices that have a momentum buffer on their owner (one small all-reduce: layouts must agree)."""
-        flags = torch.tensor([float(s.name in self.momentum) for s in self.slots], dtype=torch.float32,
-                             device=self.device)
-        self.dist.all_reduce(flags, group=self.group)
-        return {s.name for s, f in zip(self.slots, flags.tolist()) if f > 0}
+    def state_dict(self) -> dict:
+        """This rank's manifold state: the entries of the matrices it owns, keyed by parameter name (no
+        collective, nothing gathered). The union over ranks loads at any world size and into ManifoldOptimizer."""
+        return {"format": STATE_FORMAT, "step": self.step_count, "skipped_steps": self.skipped_steps,
+                "manifold": {n: {k: v.detach().clone() for k, v in e.items()} for n, e in self.state.items() if e}}
 
-    def state_dict(self, all_ranks: bool = False) -> dict:
-        """Manifold state keyed by parameter name (a collective). `momentum` holds every matrix's full fp32
-        buffer on rank 0 (on every rank with all_ranks=True) and is empty elsewhere; the dict loads at any
-        world size and into `ManifoldOptimizer`."""
-        have = self._names_with_momentum()
-        sizes = [sum(s.numel for s in self.slots if s.owner == r and s.name in have) for r in range(self.world)]
-        local = torch.zeros(max(sizes + [1]), dtype=torch.float32, device=self.device)
-        mine = [self.momentum[s.name].reshape(-1).float() for s in self.owned if s.name in have]
-        if mine:
-            flat = torch.cat(mine)
-            local[: flat.numel()] = flat
-        out = {"format": STATE_FORMAT, "step": self.step_count, "skipped_steps": self.skipped_steps,
-               "momentum": {}}
-        rows = [torch.empty_like(local) for _ in range(self.world)]
-        if all_ranks:
-            self.dist.all_gather(rows, local, group=self.group)
-        else:
-            dst = self.dist.get_global_rank(self.group, 0) if self.group is not None else 0
-            self.dist.gather(local, rows if self.rank == 0 else None, dst=dst, group=self.group)
-            if self.rank != 0:
-                return out
-        offsets = [0] * self.world
-        for s in self.slots:
-            if s.name in have:
-                o = offsets[s.owner]
-                out["momentum"][s.name] = rows[s.owner][o: o + s.numel].view(s.shape).clone()
-                offsets[s.owner] += s.numel
-        return out
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's state flattened for a checkpoint file: `{key}/{parameter name}` -> tensor."""
+        return {f"{k}/{n}": v.detach() for n, e in self.state.items() for k, v in e.items()}
+
+    def scalars(self) -> dict:
+        return {"format": STATE_FORMAT, "step": self.step_count, "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
-        """Load a dict from `state_dict()` (any world size) or `ManifoldOptimizer.state_dict()`; call on every
-        rank with the same dict: each rank keeps the momentum of the matrices it owns now."""
-        check_state_format(state, "ShardedManifoldStep.load_state_dict")
-        momentum = state.get("momentum", {})
-        check_momentum_names(momentum, {s.name: s.shape for s in self.slots}, "ShardedManifoldStep.load_state_dict")
-        self.momentum = {s.name: momentum[s.name].detach().to(self.device, torch.float32).clone()
-                         for s in self.owned if s.name in momentum}
+        """Load a `state_dict()` of any rank set / world size, or of `ManifoldOptimizer`: each rank keeps the
+        entries of the matrices it owns now (it may be given only those). Call on every rank."""
+        where = "ShardedManifoldStep.load_state_dict"
+        manifold = check_state_format(state, where)
+        check_manifold_state(manifold, {s.name: s.shape for s in self.slots}, self.cfg, where)
+        self.state = {s.name: {k: v.detach().to(self.device, torch.float32).clone()
+                               for k, v in manifold[s.name].items()}
+                      for s in self.owned if s.name in manifold}
         self.step_count = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))

@@ -5,6 +5,9 @@ A checkpoint is a directory `{run}/step_XXXXXXXX/` (any fsspec URL) written by e
                             partitions of the per-element optimizer state (`optim/<key>/<param>`), the
                             manifold optimizer's state and RNG state (no pickle anywhere)
   rank-RRRRR.json           this rank's non-tensor state (optimizer scalars, data position)
+  manifold-rank-RRRRR.safetensors  the manifold optimizer state of the matrices this rank owns
+                            (`{key}/{parameter name}`: moments, Lookahead slow copy); meta.json's
+                            `manifold_owners` says which rank's file holds each matrix
   meta.json                 (rank 0) step, world size, parameter shapes, resolved config
   manifest-rank-RRRRR.json  sha256 + size of this rank's files, written last
 A checkpoint is valid only when the manifests of all `world_size` ranks exist and every file matches
@@ -39,7 +42,7 @@ from lipnext_scale.data.urls import url_to_fs
 log = logging.getLogger(__name__)
 
 FORMAT = "lipnext-train-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifold state per owner rank (1: all of it in rank 0's tensor file)
 META_FILE = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -58,6 +61,10 @@ def rank_tensor_file(rank: int) -> str:
 
 def rank_json_file(rank: int) -> str:
     return f"rank-{rank:05d}.json"
+
+
+def manifold_file(rank: int) -> str:
+    return f"manifold-rank-{rank:05d}.safetensors"
 
 
 def manifest_file(rank: int) -> str:
@@ -81,14 +88,21 @@ def _atomic_local_write(path: str, data: bytes) -> None:
 # Writing one rank's part (into a local directory that Ray Train then uploads to storage).
 
 
+def _tensor_blob(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save_safetensors({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
+
+
 def write_rank_files(local_dir: str, rank: int, tensors: dict[str, torch.Tensor], extra: dict[str, Any],
-                     meta: dict[str, Any] | None = None) -> None:
-    """Write this rank's files and, last, its manifest. `meta` is given by rank 0 only."""
+                     meta: dict[str, Any] | None = None, manifold: dict[str, torch.Tensor] | None = None) -> None:
+    """Write this rank's files and, last, its manifest. `meta` is given by rank 0 only; `manifold` is the
+    state of the manifold matrices this rank owns (`{key}/{name}` -> tensor)."""
     os.makedirs(local_dir, exist_ok=True)
     blobs = {
-        rank_tensor_file(rank): save_safetensors({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}),
+        rank_tensor_file(rank): _tensor_blob(tensors),
         rank_json_file(rank): json.dumps(extra, sort_keys=True).encode(),
     }
+    if manifold is not None:
+        blobs[manifold_file(rank)] = _tensor_blob(manifold)
     if meta is not None:
         blobs[META_FILE] = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **meta},
                                       indent=2, sort_keys=True).encode()
@@ -166,6 +180,9 @@ class _VerifiedReader:
 
     def rank_extra(self, rank: int) -> dict[str, Any]:
         return json.loads(self.read(rank_json_file(rank)))
+
+    def rank_manifold(self, rank: int) -> dict[str, torch.Tensor]:
+        return load_safetensors(self.read(manifold_file(rank)))
 
 
 def validate_checkpoint(url: str) -> dict[str, Any]:
@@ -301,6 +318,31 @@ def load_train_state(url: str, partition: tuple[int, int] | None = None) -> Trai
                       optim_scalars=extra0.get("optim_scalars", {}), manifold=manifold,
                       manifold_extra=manifold_extra, data=extra0.get("data", {}), rng=rng,
                       config=meta.get("config", {}), meta=meta, partition=partition)
+
+
+def load_manifold_state(url: str, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The manifold optimizer state of the matrices `names` (those this rank owns now, at any world size):
+    {name: {key: tensor}}, read from the files of the ranks that owned them when it was written (and only
+    those), each checked against its manifest. Version-1 checkpoints: heavy-ball buffers from rank 0's file."""
+    reader = _VerifiedReader(url)
+    owners = reader.meta.get("manifold_owners")
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    if owners is None:  # format 1
+        for k, v in reader.rank_tensors(0).items():
+            if k.startswith("manifold/") and k[len("manifold/"):] in names:
+                out[k[len("manifold/"):]] = {"momentum_buffer": v}
+        return out
+    unknown = sorted(set(names) - set(owners))
+    if unknown:
+        raise CheckpointError(f"{url}: no manifold optimizer state for {unknown[:5]}: the checkpoint was written "
+                              "for another model; resume with the model it was trained with")
+    wanted = set(names)
+    for old_rank in sorted({owners[n] for n in names}):
+        for k, v in reader.rank_manifold(old_rank).items():
+            key, _, name = k.partition("/")
+            if name in wanted:
+                out.setdefault(name, {})[key] = v
+    return out
 
 
 def consolidate_checkpoint(ckpt_url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -25,9 +25,9 @@ from torch import nn
 
 from lipnext_scale.config import JobConfig, config_to_dict
 from lipnext_scale.train.checkpoint import (
-    checkpoint_dir_name, find_latest_valid, load_train_state, write_rank_files,
+    checkpoint_dir_name, find_latest_valid, load_manifold_state, load_train_state, write_rank_files,
 )
-from lipnext_scale.train.loss import margin_cross_entropy
+from lipnext_scale.train.loss import certified_loss, training_eps
 from lipnext_scale.train.metrics import PhaseTimer, deepspeed_config, lipschitz_from_orthogonality_error
 from lipnext_scale.train.tb import ScalarLog
 from lipnext_scale.train.zero_state import (
@@ -40,15 +40,16 @@ Report = Callable[[dict[str, Any], "str | None", "str | None"], None]
 
 
 class Objective(nn.Module):
-    """model + margin-aware loss in one forward, so DeepSpeed gathers the head rows the loss reads."""
+    """model + certified-training loss in one forward, so DeepSpeed gathers the head rows the loss reads.
+    `eps` (the ramped training radius, a float set by the loop each step) is an argument, not state."""
 
     def __init__(self, model: nn.Module, loss_cfg):
         super().__init__()
         self.model, self.loss_cfg = model, loss_cfg
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, eps: float):
         logits = self.model(images)
-        return margin_cross_entropy(logits, labels, self.model.head.weight, self.loss_cfg), logits
+        return certified_loss(logits, labels, self.model.head.rows(), eps, self.loss_cfg), logits
 
 
 class StopFlag:
@@ -94,13 +95,15 @@ def train_worker(cfg: JobConfig, ds_base: dict, run_url: str, rank: int, world: 
                              **cfg.model.overrides())
     exact_init = cast_module_partitions(model, dtype)
     objective = Objective(model, cfg.loss)
-    deepspeed.zero.register_external_parameter(objective, model.head.weight)
+    deepspeed.zero.register_external_parameter(objective, model.head.direction)
     client_opt, _ = build_zero3_optimizers(model, cfg.optim)
     engine, *_ = deepspeed.initialize(model=objective, optimizer=client_opt, config=ds_cfg)
     set_fp32_masters(model, exact_init)
     del exact_init
     manifold = ShardedManifoldStep(engine, model, cfg.optim)
-    manifold_shapes = [tuple(s.shape) for s in manifold.slots]
+    # The matrices an input passes through, with repeats (R twice per block): the monitoring bound's product.
+    slot_shapes = {s.name: tuple(s.shape) for s in manifold.slots}
+    manifold_shapes = [slot_shapes[name] for name in model.lipschitz_path()]
 
     # ---- resume: rank 0 picks the checkpoint, everyone loads it
     start_step, resumed_from, batches_done = 0, None, 0
@@ -110,7 +113,9 @@ def train_worker(cfg: JobConfig, ds_base: dict, run_url: str, rank: int, world: 
     if resumed_from is not None:
         state = load_train_state(resumed_from, partition=(rank, world))
         restore_local_state(engine, model, state)
-        manifold.load_state_dict({**state.manifold_extra, "momentum": state.manifold})
+        # each rank reads the manifold state of the matrices it owns now, from their old owners' files only
+        owned = load_manifold_state(resumed_from, [sl.name for sl in manifold.owned])
+        manifold.load_state_dict({**state.manifold_extra, "format": manifold.scalars()["format"], "manifold": owned})
         start_step = state.step
         # Same world size: exactly where this rank stopped. Otherwise: the same number of samples seen.
         per_rank = state.data.get("batches_per_rank", start_step * tc.grad_accum)
@@ -154,7 +159,7 @@ def train_worker(cfg: JobConfig, ds_base: dict, run_url: str, rank: int, world: 
                 images, labels = images.to(device, dtype), labels.to(device)
                 batches_done += 1
             with timer.phase("forward"):
-                loss, logits = engine(images, labels)
+                loss, logits = engine(images, labels, training_eps(step, tc.steps, cfg.loss))
             with timer.phase("backward"):
                 engine.backward(loss)
             with timer.phase("retraction"):
@@ -201,17 +206,16 @@ def _pick_resume(resume: str, run_url: str) -> str | None:
 def _save(engine, model, manifold, cfg: JobConfig, rank: int, world: int, step: int, batches_done: int,
           metrics: dict[str, Any], report: Report) -> None:
     tensors, scalars, keys = collect_local_state(engine, model)
-    mstate = manifold.state_dict()  # a collective; the momentum lands on rank 0
-    tensors.update({f"manifold/{n}": m for n, m in mstate.pop("momentum").items()})
-    extra = {"optim_scalars": scalars, "manifold": mstate,
+    extra = {"optim_scalars": scalars, "manifold": manifold.scalars(),
              "data": {"batches_per_rank": batches_done, "world_size": world, "seed": cfg.data.seed + cfg.train.seed,
                       "epoch": 0}}
     meta = None
     if rank == 0:
         meta = {"step": step, "world_size": world, "param_shapes": param_shapes(model), "optim_state_keys": keys,
+                "manifold_owners": manifold.owner_map(),
                 "config": config_to_dict(cfg), "time": time.time(), "versions": _versions()}
     with tempfile.TemporaryDirectory(prefix="lipnext-ckpt-") as local:
-        write_rank_files(local, rank, tensors, extra, meta)
+        write_rank_files(local, rank, tensors, extra, meta, manifold=manifold.state_tensors())  # owned matrices only
         report(metrics, local, checkpoint_dir_name(step))
 
 
@@ -225,6 +229,7 @@ def _log_step(step, window, timer, manifold, shapes, cfg: JobConfig, tb: ScalarL
     out = {
         "train/loss": loss / max(seen, 1), "train/acc": correct / max(seen, 1),
         "train/lr": manifold.stats.get("lr", cfg.optim.lr), "train/images_per_s": seen / max(elapsed, 1e-9),
+        "train/eps": training_eps(step - 1, cfg.train.steps, cfg.loss),
         "train/max_orthogonality_error": orth,
         "train/lipschitz_bound": lipschitz_from_orthogonality_error(orth, shapes),
         **{f"time/{k}": v for k, v in times.items()},
@@ -244,15 +249,17 @@ def _evaluate(engine, model, manifold, shapes, cfg: JobConfig, rank: int, world:
     data feeds a dummy batch."""
     import deepspeed
 
-    from lipnext_scale.certify.certify import certified_mask, certified_radius, format_eps, head_pair_distances, parse_eps_list
+    from lipnext_scale.certify.certify import (
+        certified_mask, certified_radius, format_eps, model_pair_distances, parse_eps_list,
+    )
     from lipnext_scale.data.shards import make_eval_loader
 
     if not cfg.data.eval_url:
         return {}
     eps = parse_eps_list(cfg.certify.eps)
     lipschitz = lipschitz_from_orthogonality_error(manifold.max_orthogonality_error(), shapes)
-    with deepspeed.zero.GatheredParameters([model.head.weight]):
-        pair = head_pair_distances(model.head.weight.detach().float())
+    with deepspeed.zero.GatheredParameters([model.head.direction]):
+        pair = model_pair_distances(model)
     engine.eval()
     it = iter(make_eval_loader(cfg.data.eval_url, image_size=cfg.model.image_size, batch_size=cfg.data.batch_size,
                                dataset=cfg.data.dataset, rank=rank, world_size=world, num_workers=0))
@@ -265,7 +272,7 @@ def _evaluate(engine, model, manifold, shapes, cfg: JobConfig, rank: int, world:
         if have[0] == 0:
             break
         images, labels = (batch[0], batch[1]) if batch is not None else (torch.zeros(1, 3, s, s), torch.zeros(1, dtype=torch.long))
-        _, logits = engine(images.to(device, dtype), labels.to(device))
+        _, logits = engine(images.to(device, dtype), labels.to(device), cfg.loss.eps)
         if batch is None:
             continue
         pred, _, radius = certified_radius(logits.float().cpu(), pair, lipschitz)

@@ -40,7 +40,8 @@ def lipschitz_from_orthogonality_error(max_abs_error: float, shapes: list[tuple[
     """A rigorous bound on the feature map's Lipschitz constant from the largest |X^T X - I| entry.
 
     For a matrix whose (smaller) Gram matrix is I + E, ||X||_2^2 <= 1 + ||E||_2 <= 1 + p max|E| (p the
-    Gram size); the network's constant is at most the product over its matrices (paper.md B.1).
+    Gram size); the network's constant is at most the product over the matrices an input passes through
+    (paper.md B.1): `shapes` lists them in `model.lipschitz_path()` order, with repeats (R twice per block).
     """
     log_bound = sum(0.5 * math.log1p(min(s) * max_abs_error) for s in shapes)
     return math.exp(log_bound)

@@ -16,28 +16,65 @@ import torch
 import torch.nn.functional as F
 
 # Shared with the test: the model, optimizer config and data both sides use.
-MODEL_KW = dict(image_size=12, patch_size=3, width=21, expansion=3, depth=2)  # odd sizes: padded partitions
 GLOBAL_BATCH = 8
+IN = 12
 
 
 def optim_config():
     from lipnext_scale.config import OptimConfig
 
-    return OptimConfig(lr=0.2, momentum=0.9, retraction="polar_ns", reortho_every=3, euclid_lr=1e-2,
-                       warmup_steps=1, total_steps=10, grad_clip=0.5,
-                       manifold_bucket_mb=0.006)  # ~1.5k floats: several gather/scatter rounds per step
+    # every feature on: Adam-type moments, FastExp, polish, Lookahead (k=2) and exact polar (every 3) on the
+    # matrices; NAdam + Lookahead on the rest
+    return OptimConfig(lr=0.02, retraction="fast_exp", moments="adam", lookahead_k=2, polar_every=3,
+                       euclid_optimizer="nadam", euclid_lookahead_k=2, euclid_lr=1e-2, warmup_steps=1,
+                       total_steps=10, grad_clip=0.5,
+                       manifold_bucket_mb=0.002)  # ~500 floats: several gather/scatter rounds per step
+
+
+class Net(torch.nn.Module):
+    """Square, tall and wide manifold matrices of odd sizes (padded ZeRO-3 partitions, two of one shape so
+    owners stack them) and Euclidean parameters; independent of the LipNeXt model code."""
+
+    def __init__(self):
+        super().__init__()
+        from lipnext_scale.model.layers import OrthogonalProjection
+
+        self.stem = OrthogonalProjection(IN, 21)  # tall 21 x 12
+        self.rot, self.mix = OrthogonalProjection(21, 21), OrthogonalProjection(21, 21)  # square
+        self.down = OrthogonalProjection(21, 9)  # wide 9 x 21
+        self.bias = torch.nn.Parameter(torch.zeros(21))
+        self.head = torch.nn.Linear(9, 10)
+
+    def forward(self, x):
+        h = self.mix((self.rot(self.stem(x)) + self.bias).abs())
+        return self.head(self.down(h))
 
 
 def build_model():
-    from lipnext_scale.model import create_model
-
     torch.manual_seed(0)
-    return create_model("lipnext-tiny", **MODEL_KW)
+    return Net()
 
 
 def batch(step: int):
     gen = torch.Generator().manual_seed(1000 + step)
-    return torch.rand(GLOBAL_BATCH, 3, 12, 12, generator=gen), torch.randint(0, 10, (GLOBAL_BATCH,), generator=gen)
+    return torch.rand(GLOBAL_BATCH, IN, generator=gen), torch.randint(0, 10, (GLOBAL_BATCH,), generator=gen)
+
+
+def single_process(init_state, steps, optimizer_state=None):
+    """The same training in one process with ManifoldOptimizer (the reference for both ZeRO-3 modes)."""
+    from lipnext_scale.optim import ManifoldOptimizer
+
+    model = build_model()
+    model.load_state_dict(init_state)
+    opt = ManifoldOptimizer(model, optim_config())
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
+    for step in steps:
+        x, y = batch(step)
+        opt.zero_grad()
+        F.cross_entropy(model(x) * 10.0, y).backward()
+        opt.step()
+    return model, opt
 
 
 def main() -> None:
@@ -93,10 +130,13 @@ def main() -> None:
         per_step_counts.append(manifold.stats["retractions"])
     result = {"rank": rank, "world": world, "mode": args.mode, "owned": [s.name for s in manifold.owned],
               "per_step_counts": per_step_counts, "retraction_counts": manifold.retraction_counts,
-              "manifold_names": manifold_names, "grad_norm_last": manifold.stats["grad_norm"],
-              "rounds": manifold.stats["rounds"]}
+              "manifold_names": manifold_names, "grad_norm_last": float(manifold.stats["grad_norm"]),
+              "rounds": manifold.stats["rounds"], "owners": manifold.owner_map()}
 
-    state = manifold.state_dict()  # collective; complete on rank 0
+    state = manifold.state_dict()  # this rank's matrices only, no collective
+    result["state_names"] = sorted(state["manifold"])
+    result["state_bytes"] = sum(v.numel() * v.element_size() for e in state["manifold"].values() for v in e.values())
+    torch.save(state, out / f"manifold_state_rank{rank}.pt")
     masters = full_masters()  # collective
     result["max_orth_error_collective"] = manifold.max_orthogonality_error()
     result["max_orth_error_gathered"] = max(orthogonality_error(masters[n]) for n in manifold_names)
@@ -109,7 +149,6 @@ def main() -> None:
         len(engine.optimizer.optimizer.state.get(p, {})) > 0
         for g in engine.optimizer.optimizer.param_groups if g.get("manifold") for p in g["params"])
     if rank == 0:
-        torch.save(state, out / "manifold_state.pt")
         torch.save(masters, out / "weights_k.pt")
 
     assert train_step(args.steps)
@@ -122,6 +161,27 @@ def main() -> None:
     result["nan_manifold_unchanged"] = all(torch.equal(after_nan[n], masters_next[n]) for n in manifold_names)
     result["skipped_steps"] = manifold.skipped_steps
     result["step_count"] = manifold.step_count
+    result["retraction_counts"] = dict(manifold.retraction_counts)
+
+    # Resume 1 -> 2: the state and weights of a one-process run after `steps` steps, loaded into this 2-rank
+    # engine (each rank keeps its owned matrices' state), then one more step.
+    from deepspeed.utils import safe_set_local_fp32_param
+
+    from lipnext_scale.train.checkpoint import partition_of
+
+    init = build_model().state_dict()
+    sp_model, sp_opt = single_process(init, range(args.steps))
+    weights = sp_model.state_dict()
+    for n, p in named.items():
+        local = partition_of(weights[n].float(), rank, world)
+        safe_set_local_fp32_param(p, local)
+        p.ds_tensor.data.copy_(local.to(p.ds_tensor.dtype))  # the module copy too (see train/zero_state.py)
+    manifold.load_state_dict(sp_opt.state_dict())
+    result["resume12_state_names"] = sorted(manifold.state)
+    assert train_step(args.steps)
+    resumed = full_masters()
+    if rank == 0:
+        torch.save(resumed, out / "weights_resume12.pt")
     (out / f"result_rank{rank}.json").write_text(json.dumps(result))
 
 

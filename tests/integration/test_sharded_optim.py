@@ -1,7 +1,8 @@
 """ShardedManifoldStep on real DeepSpeed ZeRO-3 (CPU, gloo, 2 processes), bf16 and fp32 runs.
 
-One spawned 2-rank run per mode (both started at once, shared by all tests here) trains a small LipNeXt
-whose matrix sizes are odd, so the ZeRO-3 partitions are padded. The workers write what they saw
+One spawned 2-rank run per mode (both started at once, shared by all tests here) trains a small network
+with square, tall and wide matrices of odd sizes (padded ZeRO-3 partitions) with every optimizer feature
+on (Adam-type moments, FastExp, Lookahead, periodic polar; NAdam + Lookahead). The workers write what they saw
 (tests/integration/sharded_optim_worker.py); the tests compare it with the single-process ManifoldOptimizer.
 """
 
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -103,20 +103,7 @@ def test_nan_gradient_skips_the_manifold_step_everywhere(runs, mode):
         assert r["adam_state_for_manifold"] is False
 
 
-def _single_process(init_state, steps: range, optimizer_state=None):
-    from lipnext_scale.optim import ManifoldOptimizer
-
-    model = worker.build_model()
-    model.load_state_dict(init_state)
-    opt = ManifoldOptimizer(model, worker.optim_config())
-    if optimizer_state is not None:
-        opt.load_state_dict(optimizer_state)
-    for step in steps:
-        x, y = worker.batch(step)
-        opt.zero_grad()
-        F.cross_entropy(model(x) * 10.0, y).backward()
-        opt.step()
-    return model, opt
+_single_process = worker.single_process
 
 
 def test_fp32_two_ranks_match_the_single_process_optimizer(runs):
@@ -128,11 +115,26 @@ def test_fp32_two_ranks_match_the_single_process_optimizer(runs):
 
 
 @pytest.mark.parametrize("mode", ["fp32", "bf16"])
+def test_each_owner_holds_only_its_matrices_state(runs, mode):
+    ranks = runs[mode]["ranks"]
+    names = ranks[0]["manifold_names"]
+    assert ranks[0]["owners"] == ranks[1]["owners"]  # every rank agrees on the owners
+    for r in ranks:
+        assert r["state_names"] == sorted(r["owned"])  # moments + Lookahead copy only where owned
+        assert r["resume12_state_names"] == sorted(r["owned"])
+    assert sorted(n for r in ranks for n in r["state_names"]) == sorted(names)
+    assert all(r["state_bytes"] < sum(x["state_bytes"] for x in ranks) for r in ranks)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
 def test_state_saved_at_world_size_2_reloads_at_world_size_1(runs, mode):
     d = runs[mode]["dir"]
-    state = _load(d / "manifold_state.pt")
+    parts = [_load(d / f"manifold_state_rank{r}.pt") for r in range(2)]
     names = runs[mode]["ranks"][0]["manifold_names"]
-    assert state["step"] == STEPS and set(state["momentum"]) == set(names)
+    assert all(p["step"] == STEPS for p in parts)
+    assert not set(parts[0]["manifold"]) & set(parts[1]["manifold"])  # no matrix in two files
+    state = {**parts[0], "manifold": {**parts[0]["manifold"], **parts[1]["manifold"]}}
+    assert set(state["manifold"]) == set(names)
     # world size 1: the single-process optimizer resumes from the fp32 masters + the saved momentum.
     # The manifold update depends on the weights and the momentum only (Adam state starts fresh here).
     model, opt = _single_process(_load(d / "weights_k.pt"), range(STEPS, STEPS + 1), optimizer_state=state)
@@ -140,3 +142,16 @@ def test_state_saved_at_world_size_2_reloads_at_world_size_1(runs, mode):
     tol = 1e-5 if mode == "fp32" else 2e-2  # bf16: the forward pass of the two runs rounds differently
     for name in names:
         assert float((dict(model.named_parameters())[name].detach() - expected[name]).abs().max()) <= tol, name
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+def test_state_of_one_process_resumes_at_world_size_2(runs, mode):
+    d = runs[mode]["dir"]
+    model, opt = _single_process(_load(d / "init.pt"), range(STEPS))
+    _single = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # the 2-rank run loaded exactly this state and these weights, then took step STEPS
+    model2, _ = _single_process(_single, range(STEPS, STEPS + 1), optimizer_state=opt.state_dict())
+    resumed = _load(d / "weights_resume12.pt")
+    tol = 1e-5 if mode == "fp32" else 2e-2  # bf16: the forward pass rounds differently
+    for name in runs[mode]["ranks"][0]["manifold_names"]:
+        assert float((dict(model2.named_parameters())[name].detach() - resumed[name]).abs().max()) <= tol, name

@@ -36,7 +36,7 @@ def test_riemannian_grad_formula_square():
     assert torch.allclose(riemannian_grad(x, g), expected, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["qr", "cayley", "exp", "polar_ns"])
+@pytest.mark.parametrize("method", ["polar_ns"])
 def test_momentum_step_direction_is_tangent(method):
     x = _orth(32, 16).float()
     old = torch.randn(32, 16)  # momentum from another point: must be re-projected

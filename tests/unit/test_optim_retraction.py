@@ -1,10 +1,10 @@
-"""Retractions: land on the manifold, agree with the tangent to first order, fp32 math for bf16 inputs."""
+"""The Newton-Schulz polar retraction (the heavy-ball ablation): land on the manifold, agree with the tangent to first order, fp32 math for bf16 inputs."""
 
 import pytest
 import torch
 
 from lipnext_scale.optim import (
-    RETRACTIONS, orthogonality_error, orthogonalize_exact, polar_newton_schulz, retract, riemannian_grad,
+    orthogonality_error, orthogonalize_exact, polar_newton_schulz, retract, riemannian_grad,
 )
 
 SHAPES = [(32, 32), (48, 16), (16, 48)]  # orthogonal, isometry (tall), co-isometry (wide)
@@ -18,7 +18,7 @@ def _point_and_step(shape, scale, seed=0):
     return x, scale * d / d.norm()
 
 
-@pytest.mark.parametrize("method", RETRACTIONS)
+@pytest.mark.parametrize("method", ["polar_ns"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_retraction_lands_on_manifold_and_is_first_order(method, shape):
     x, d = _point_and_step(shape, 0.5)
@@ -30,13 +30,13 @@ def test_retraction_lands_on_manifold_and_is_first_order(method, shape):
     assert errs[1] < 0.35 * errs[0]
 
 
-@pytest.mark.parametrize("method", RETRACTIONS)
+@pytest.mark.parametrize("method", ["polar_ns"])
 def test_zero_step_is_identity(method):
     x, d = _point_and_step((24, 8), 0.0)
     assert torch.allclose(retract(x, method, tangent=d), x, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", RETRACTIONS)
+@pytest.mark.parametrize("method", ["polar_ns"])
 def test_bf16_input_is_upcast_to_fp32(method):
     x, d = _point_and_step((32, 32), 0.3)
     y = retract(x.bfloat16(), method, tangent=d.bfloat16())
@@ -79,6 +79,6 @@ def test_unknown_method_and_bad_shapes_are_clear_errors():
     with pytest.raises(ValueError, match="unknown retraction 'svd'"):
         retract(x, "svd", tangent=d)
     with pytest.raises(ValueError, match="expected a matrix"):
-        retract(torch.ones(3, 3, 3), "qr")
+        retract(torch.ones(3, 3, 3), "polar_ns")
     with pytest.raises(ValueError, match="tangent shape"):
-        retract(x, "qr", tangent=torch.zeros(8, 4))
+        retract(x, "polar_ns", tangent=torch.zeros(8, 4))

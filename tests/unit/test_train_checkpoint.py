@@ -8,7 +8,7 @@ import torch
 
 from lipnext_scale.train.checkpoint import (
     CheckpointError, checkpoint_dir_name, consolidate_checkpoint, find_latest_valid, join_partitions,
-    list_checkpoints, load_train_state, partition_of, validate_checkpoint, write_rank_files,
+    list_checkpoints, load_manifold_state, load_train_state, partition_of, validate_checkpoint, write_rank_files,
 )
 
 SHAPES = {"a.weight": [3, 5], "b.bias": [7]}
@@ -24,13 +24,14 @@ def _fake_checkpoint(root, step: int, world: int, seed: int = 0) -> dict[str, to
         tensors = {f"fp32/{n}": partition_of(t, r, world) for n, t in full.items()}
         tensors.update({f"optim/exp_avg/{n}": partition_of(t, r, world) for n, t in moment.items()})
         tensors["rng/torch"] = torch.get_rng_state()
-        if r == 0:
-            tensors["manifold/a.weight"] = full["a.weight"] * 2
+        # the manifold state of a.weight lives in its owner's (the last rank's) own file only
+        manifold = {"exp_avg/a.weight": full["a.weight"] * 2, "slow/a.weight": full["a.weight"] * 3} \
+            if r == world - 1 else {}
         meta = {"step": step, "world_size": world, "param_shapes": SHAPES, "optim_state_keys": ["exp_avg"],
-                "config": {"model": {"name": "x"}}} if r == 0 else None
+                "manifold_owners": {"a.weight": world - 1}, "config": {"model": {"name": "x"}}} if r == 0 else None
         extra = {"optim_scalars": {"step": float(step)}, "manifold": {"step": step},
                  "data": {"batches_per_rank": step, "world_size": world}}
-        write_rank_files(str(d), r, tensors, extra, meta)
+        write_rank_files(str(d), r, tensors, extra, meta, manifold=manifold)
     return {**full, **{f"m/{n}": t for n, t in moment.items()}}
 
 
@@ -50,7 +51,8 @@ def test_consolidation_is_world_size_independent(tmp_path):
     for n in SHAPES:
         assert torch.equal(s2.params[n], full2[n]) and torch.equal(s3.params[n], full3[n])
         assert torch.equal(s2.optim["exp_avg"][n], full2[f"m/{n}"])
-    assert torch.equal(s2.manifold["a.weight"], full2["a.weight"] * 2)
+    for url, full in ((tmp_path / "w2" / "step_00000004", full2), (tmp_path / "w3" / "step_00000004", full3)):
+        assert torch.equal(load_manifold_state(str(url), ["a.weight"])["a.weight"]["exp_avg"], full["a.weight"] * 2)
     assert s2.step == 4 and s2.world_size == 2 and s2.optim_scalars == {"step": 4.0}
     params, config = consolidate_checkpoint(str(tmp_path / "w3" / "step_00000004"))
     assert set(params) == set(SHAPES) and config == {"model": {"name": "x"}}
@@ -94,7 +96,9 @@ def test_tampered_meta_and_foreign_directories(tmp_path):
 def test_manifest_lists_sha256_of_every_file(tmp_path):
     _fake_checkpoint(tmp_path, 1, world=2)
     m0 = json.loads((tmp_path / "step_00000001" / "manifest-rank-00000.json").read_text())
-    assert set(m0) == {"meta.json", "rank-00000.json", "rank-00000.safetensors"}
+    assert set(m0) == {"meta.json", "rank-00000.json", "rank-00000.safetensors", "manifold-rank-00000.safetensors"}
+    m1 = json.loads((tmp_path / "step_00000001" / "manifest-rank-00001.json").read_text())
+    assert set(m1) == {"rank-00001.json", "rank-00001.safetensors", "manifold-rank-00001.safetensors"}
     assert all(len(v["sha256"]) == 64 and v["bytes"] > 0 for v in m0.values())
     assert not list((tmp_path / "step_00000001").glob("*.tmp-*"))  # atomic writes left no temporaries
 
@@ -108,7 +112,22 @@ def test_partitioned_load_gives_each_new_rank_exactly_its_zero3_slice(tmp_path, 
         for n in SHAPES:
             assert torch.equal(state.params[n], partition_of(full[n], rank, new_world)), (n, rank)
             assert torch.equal(state.optim["exp_avg"][n], partition_of(full[f"m/{n}"], rank, new_world))
-        assert torch.equal(state.manifold["a.weight"], full["a.weight"] * 2)  # from rank 0's file, whole
+        owned = load_manifold_state(url, ["a.weight"])  # from its old owner's file, whole, keyed by name
+        assert set(owned) == {"a.weight"} and set(owned["a.weight"]) == {"exp_avg", "slow"}
+        assert torch.equal(owned["a.weight"]["exp_avg"], full["a.weight"] * 2)
+        assert torch.equal(owned["a.weight"]["slow"], full["a.weight"] * 3)
+        assert load_manifold_state(url, []) == {}
         assert state.data["world_size"] == old_world and state.optim_scalars == {"step": 3.0}
         if old_world == new_world:
             assert set(state.rng) == {0, rank}  # only its own file (and rank 0's) was read
+
+
+def test_manifold_state_file_is_hash_checked_and_names_are_validated(tmp_path):
+    _fake_checkpoint(tmp_path, 4, world=2)
+    url = str(tmp_path / "step_00000004")
+    with pytest.raises(CheckpointError, match="no manifold optimizer state for"):
+        load_manifold_state(url, ["nope.weight"])
+    path = tmp_path / "step_00000004" / "manifold-rank-00001.safetensors"
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(CheckpointError, match="manifold-rank-00001.safetensors is corrupt"):
+        load_manifold_state(url, ["a.weight"])

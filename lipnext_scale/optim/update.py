@@ -1,0 +1,129 @@
+"""The update of a batch of same-shape orthogonal matrices: one pure function shared by the single-process
+optimizer and the ZeRO-3 owner ranks, so both compute the same numbers from the same inputs.
+
+fast_exp (paper.md A, [K]):
+  gradient      the Riemannian gradient in the Lie algebra: square X: Gamma = skew(X^T G) (p x p, body frame);
+                tall X: R = G - X sym(X^T G) = X Gamma + (I - X X^T) G (= X Gamma when square)
+  direction     adam: Adam moments of Gamma (or R), D = m_hat / (sqrt(v_hat) + eps) (elementwise, so a skew
+                Gamma gives a skew D); momentum: D = m <- mu m + Gamma (or R)
+  generator     square: A = -lr D, X <- X FastExp(A); tall: Omega = -lr/2 (D X^T - X D^T),
+                X <- FastExp(Omega) X by its low-rank action; with D = R, Omega X = -lr/2 (G - X G^T X), half the
+                canonical-metric gradient step, and for a square X the two rules coincide
+  Why moments of the Riemannian and not of the Euclidean gradient ([K] does the latter): the Euclidean
+  gradient keeps a large normal part at a critical point, and Adam's elementwise scaling of it leaves
+  skew(X^T (G / sqrt(v))) != 0 there, so Euclidean-moment Adam settles away from the optimum (it misses the
+  Procrustes solution by O(1) in tests/unit/test_optim_optimizer.py); these moments vanish at critical points.
+  polish        one Newton-Schulz step (optim.polish)
+  lookahead     every k steps. Square: slow <- slow FastExp(1/2 sum of the k generators A), as in the paper.
+                Tall: the k generators live in the n x n algebra (rank 2pk), so the slow copy moves half way
+                to the fast one instead (the same first-order move): FastExp(1/2 (D S^T - S D^T)) S with
+                D = Delta - S S^T Delta / 2, Delta = F - S, so Omega S = Delta / 2 to first order; then fast <- slow
+  polar         every polar_every steps, exact fp64 polar of X (and of the slow copy)
+polar_ns (the ablation): Riemannian heavy-ball + Newton-Schulz polar (`riemannian_momentum_step`).
+
+Tensors are stacked (b, rows, cols) in the parameter's orientation (a wide co-isometry is worked on as its
+transpose); per-matrix state keys: exp_avg, exp_avg_sq | momentum_buffer, slow, delta_sum (p x p, square).
+Math in fp32 (fp64 stays fp64), polar in fp64. No host reads except FastExp's one per batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lipnext_scale.optim.fast_exp import fast_exp, ns_polish, polar_exact, stiefel_exp_action
+from lipnext_scale.optim.manifold import riemannian_momentum_step
+
+
+def state_shapes(shape: tuple[int, int], cfg) -> dict[str, tuple[int, ...]]:
+    """The optimizer-state tensors one matrix of `shape` has under `cfg`, with their shapes."""
+    if cfg.retraction == "polar_ns":
+        return {"momentum_buffer": shape}
+    out = ({"exp_avg": shape, "exp_avg_sq": shape} if cfg.moments == "adam" else {"momentum_buffer": shape})
+    if cfg.lookahead_k > 0:
+        out["slow"] = shape
+        if shape[0] == shape[1]:
+            out["delta_sum"] = shape
+    return out
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and (step + 1) % every == 0
+
+
+def _direction(g: torch.Tensor, state: dict, step: int, cfg) -> torch.Tensor:
+    if cfg.moments == "momentum":
+        buf = state.get("momentum_buffer")
+        buf = g.clone() if buf is None else buf.mul_(cfg.momentum).add_(g)
+        state["momentum_buffer"] = buf
+        return buf
+    b1, b2 = cfg.manifold_betas
+    m = state.setdefault("exp_avg", torch.zeros_like(g))
+    v = state.setdefault("exp_avg_sq", torch.zeros_like(g))
+    m.lerp_(g, 1.0 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+    t = step + 1
+    return (m / (1.0 - b1 ** t)) / ((v / (1.0 - b2 ** t)).sqrt_().add_(cfg.manifold_eps))
+
+
+def _t(x: torch.Tensor, wide: bool) -> torch.Tensor:
+    return x.mT if wide else x
+
+
+def manifold_update(x: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], *, step: int, lr: float,
+                    cfg, stats: dict | None = None) -> torch.Tensor:
+    """New value of the stacked matrices `x` (b, r, c) after optimizer step `step` (0-based) at learning rate
+    `lr`; `state` (stacked like x, updated in place or filled) carries the moments and the Lookahead copy."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x, g = x.to(dtype), grad.to(dtype)
+    if cfg.retraction == "polar_ns":
+        return _polar_ns_update(x, g, state, step=step, lr=lr, cfg=cfg, stats=stats)
+    wide = x.shape[-2] < x.shape[-1]
+    square = x.shape[-2] == x.shape[-1]
+    if cfg.lookahead_k > 0 and "slow" not in state:
+        state["slow"] = x.clone()
+    xt, gt = _t(x, wide), _t(g, wide)
+    if square:
+        m = xt.mT @ gt
+        a = -lr * _direction(0.5 * (m - m.mT), state, step, cfg)
+        y = xt @ fast_exp(a)
+    else:
+        xg = xt.mT @ gt
+        riemannian = gt - xt @ (0.5 * (xg + xg.mT))  # X Gamma + (I - X X^T) G
+        d = _t(_direction(_t(riemannian, wide), state, step, cfg), wide)  # state in the parameter's orientation
+        y = stiefel_exp_action(xt, d, -0.5 * lr)
+    if cfg.polish:
+        y = ns_polish(y)
+    if cfg.lookahead_k > 0:
+        if square:
+            state["delta_sum"] = state["delta_sum"].add_(a) if "delta_sum" in state else a.clone()
+        if _due(step, cfg.lookahead_k):
+            slow = _t(state["slow"].to(dtype), wide)
+            if square:
+                slow = slow @ fast_exp(0.5 * state["delta_sum"])
+                state["delta_sum"].zero_()
+            else:
+                delta = y - slow  # Omega S = (S skew(S^T delta) + (I - S S^T) delta) / 2: half way to fast
+                slow = stiefel_exp_action(slow, delta - 0.5 * slow @ (slow.mT @ delta), 0.5)
+            y = ns_polish(slow) if cfg.polish else slow
+    if _due(step, cfg.exact_polar_every()):
+        y = polar_exact(y).to(dtype)
+    out = _t(y, wide).contiguous()
+    if cfg.lookahead_k > 0 and _due(step, cfg.lookahead_k):
+        state["slow"] = out.clone()
+    elif cfg.lookahead_k > 0 and _due(step, cfg.exact_polar_every()):
+        state["slow"] = polar_exact(state["slow"]).to(dtype)
+    return out
+
+
+def _polar_ns_update(x, g, state, *, step, lr, cfg, stats):
+    exact = _due(step, cfg.exact_polar_every())
+    old = state.get("momentum_buffer")
+    news, bufs = [], []
+    for i in range(x.shape[0]):
+        new, buf = riemannian_momentum_step(x[i], g[i], None if old is None else old[i], lr=lr,
+                                            momentum=cfg.momentum, method="polar_ns", ns_iters=cfg.ns_iters,
+                                            exact=exact, stats=stats)
+        news.append(new)
+        bufs.append(buf)
+    state["momentum_buffer"] = torch.stack(bufs)
+    return torch.stack(news)

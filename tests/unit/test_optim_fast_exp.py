@@ -1,0 +1,146 @@
+"""FastExp, its Stiefel action, the exact polar, Lookahead and the Adam-type moments: against closed forms."""
+
+import math
+
+import pytest
+import torch
+
+from lipnext_scale.config import OptimConfig
+from lipnext_scale.optim import (
+    fast_exp, fast_exp_error_bound, manifold_update, ns_polish, orthogonality_error, polar_exact, stiefel_exp_action,
+    taylor_order,
+)
+
+
+def _skew(p: int, norm: float, batch: int = 3, seed: int = 0) -> torch.Tensor:
+    g = torch.randn(batch, p, p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    a = g - g.mT
+    return a / torch.linalg.matrix_norm(a)[:, None, None] * norm
+
+
+def _orth(n: int, p: int, seed: int = 0, batch: tuple = ()) -> torch.Tensor:
+    g = torch.randn(*batch, n, p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.linalg.qr(g)[0]
+
+
+# norms on every branch: order 2 (< 0.05), 3 (< 0.25), 4 (< 1), exact (>= 1), and at each threshold
+@pytest.mark.parametrize("norm,order", [(0.01, 2), (0.049, 2), (0.05, 3), (0.2, 3), (0.25, 4), (0.9, 4),
+                                        (1.0, None), (3.0, None)])
+def test_fast_exp_matches_matrix_exp_within_the_taylor_remainder(norm, order):
+    assert taylor_order(norm) == order
+    a = _skew(16, norm * (1 + 1e-9))  # just above a threshold, not rounded below it
+    if order is not None:
+        assert fast_exp_error_bound(norm) == pytest.approx(norm ** (order + 1) / math.factorial(order + 1) * math.exp(norm))
+    y = fast_exp(a)
+    for i, actual in enumerate(torch.linalg.matrix_norm(a).tolist()):
+        bound = fast_exp_error_bound(actual)  # ||A||^(k+1) / (k+1)! e^||A||, 0 on the exact branch
+        assert float(torch.linalg.matrix_norm(y[i] - torch.linalg.matrix_exp(a[i]))) <= bound + 1e-13
+        # orthogonality it keeps: ||Y^T Y - I|| <= 2 ||Y - exp(A)|| + ||Y - exp(A)||^2
+        orth = float(torch.linalg.matrix_norm(y[i].mT @ y[i] - torch.eye(16, dtype=torch.float64)))
+        assert orth <= 2 * bound + bound ** 2 + 1e-13
+
+
+def test_fast_exp_branch_is_chosen_per_matrix_not_per_batch():
+    a = torch.cat([_skew(8, 0.01, 1), _skew(8, 0.5, 1, seed=1), _skew(8, 2.0, 1, seed=2)])
+    batched = fast_exp(a)
+    for i in range(3):
+        assert torch.allclose(batched[i], fast_exp(a[i:i + 1])[0], atol=1e-14)
+    assert torch.allclose(batched[2], torch.linalg.matrix_exp(a[2]), atol=1e-13)
+
+
+def test_fast_exp_float32_and_bad_shape():
+    a = _skew(32, 0.5).float()
+    assert fast_exp(a).dtype == torch.float32
+    assert fast_exp(a.bfloat16()).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"\(\.\.\., p, p\)"):
+        fast_exp(torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("coef", [2e-4, 2e-3, 1e-2, 0.1])  # ||Omega|| on the four branches (n=40, p=8)
+def test_stiefel_action_is_fast_exp_of_the_ambient_generator(coef):
+    x, d = _orth(40, 8), torch.randn(40, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    omega = coef * (d @ x.T - x @ d.T)  # n x n, only for the check
+    y = stiefel_exp_action(x, d, coef)
+    norm = float(torch.linalg.matrix_norm(omega))
+    assert torch.allclose(y, fast_exp(omega[None])[0] @ x, atol=1e-12)
+    assert float(torch.linalg.matrix_norm(y - torch.linalg.matrix_exp(omega) @ x)) <= fast_exp_error_bound(norm) + 1e-12
+    # it moves the column space: the projector X X^T changes
+    assert float((y @ y.T - x @ x.T).abs().max()) > 1e-2 * coef
+
+
+def test_stiefel_action_keeps_w_t_w_and_agrees_with_the_square_rule():
+    x, d = _orth(48, 16), torch.randn(48, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    y = stiefel_exp_action(x, d, 1e-3)
+    bound = fast_exp_error_bound(float(torch.linalg.matrix_norm(1e-3 * (d @ x.T - x @ d.T))))
+    assert orthogonality_error(y) <= 2 * bound + bound ** 2  # the truncation error, nothing more
+    q, e = _orth(12, 12, seed=4), torch.randn(12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    a = 1e-2 * (q.T @ e - e.T @ q)  # X^T Omega X for Omega = c (D X^T - X D^T)
+    assert torch.allclose(q @ fast_exp(a[None])[0], stiefel_exp_action(q, e, 1e-2), atol=1e-14)
+
+
+def test_polar_exact_matches_svd_and_ns_polish_squares_the_error():
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(2, 30, 6, dtype=torch.float64, generator=gen)
+    u, _, vh = torch.linalg.svd(w, full_matrices=False)
+    assert torch.allclose(polar_exact(w), u @ vh, atol=1e-12)
+    assert torch.allclose(polar_exact(w.mT), (u @ vh).mT, atol=1e-12)  # wide
+    x = _orth(30, 6) + 1e-4 * torch.randn(30, 6, dtype=torch.float64, generator=gen)
+    e0 = orthogonality_error(x)
+    assert orthogonality_error(ns_polish(x[None])[0]) <= 2 * e0 * e0  # ~3/4 e^2 per eigenvalue
+
+
+def _cfg(**kw):
+    base = dict(lr=0.01, total_steps=100, polar_every=0, lookahead_k=0, polish=False)
+    return OptimConfig(**{**base, **kw})
+
+
+def test_adam_moments_first_step_is_a_unit_sign_rotation_in_the_body_frame():
+    x = _orth(10, 10)[None].float()
+    g = torch.randn(1, 10, 10, generator=torch.Generator().manual_seed(10))
+    state = {}
+    y = manifold_update(x, g, state, step=0, lr=0.01, cfg=_cfg())
+    m = x.mT @ g
+    gamma = 0.5 * (m - m.mT)  # body-frame Riemannian gradient (exactly skew: Adam's sign keeps the zero diagonal)
+    a = -0.01 * gamma / (gamma.abs() + 1e-8)  # step 1: m_hat / sqrt(v_hat) = sign
+    assert torch.allclose(y, x @ fast_exp(a), atol=1e-6)
+    assert set(state) == {"exp_avg", "exp_avg_sq"} and torch.allclose(state["exp_avg"], 0.1 * gamma)
+    # the moments of a constant Riemannian gradient stay skew: the direction is a rotation generator
+    for step in range(1, 4):
+        manifold_update(y, g, state, step=step, lr=0.01, cfg=_cfg())
+    assert torch.allclose(state["exp_avg"], -state["exp_avg"].mT, atol=1e-6)
+
+
+def test_tall_update_first_order_is_minus_lr_times_the_canonical_gradient():
+    x = _orth(24, 6)[None]
+    g = torch.randn(1, 24, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    y = manifold_update(x, g, {}, step=0, lr=1e-4, cfg=_cfg(moments="momentum", momentum=0.0))
+    canonical = g - x @ g.mT @ x  # Edelman et al.'s gradient for the canonical metric
+    assert torch.allclose((y - x) / 1e-4, -0.5 * canonical, atol=1e-3)
+    assert orthogonality_error(y[0]) < 1e-12
+
+
+@pytest.mark.parametrize("shape", [(12, 12), (24, 6), (6, 24)])
+def test_manifold_lookahead(shape):
+    """Square: after k steps slow = slow_0 FastExp(1/2 sum of the k generators), and fast <- slow. Tall/wide:
+    the slow copy moves about half way toward the fast one. Either way both stay on the manifold."""
+    k = 3
+    x0 = (_orth(*shape) if shape[0] >= shape[1] else _orth(shape[1], shape[0]).T.contiguous())[None]
+    grads = [torch.randn(1, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in range(k)]
+
+    def run(lookahead_k):
+        cfg = _cfg(lookahead_k=lookahead_k, moments="momentum", momentum=0.5, lr=0.05, polish=True)
+        state, x = {}, x0
+        for step, g in enumerate(grads):
+            x = manifold_update(x, g, state, step=step, lr=0.05, cfg=cfg)
+        return x, state
+
+    x, state = run(k)
+    fast, free = run(100)  # the same k fast steps without a sync
+    assert torch.equal(x, state["slow"])  # fast <- slow at the sync
+    assert orthogonality_error(x[0]) < 1e-10
+    if shape[0] == shape[1]:
+        assert torch.allclose(x, ns_polish(x0 @ fast_exp(0.5 * free["delta_sum"])), atol=1e-12)
+        assert torch.count_nonzero(state["delta_sum"]) == 0  # the sum restarts
+    else:
+        moved, full = (float(torch.linalg.matrix_norm(v[0] - x0[0])) for v in (x, fast))
+        assert 0.4 * full < moved < 0.6 * full
