@@ -1,6 +1,7 @@
 """Certification math: pure functions over logits (paper.md B.1), in float64.
 
-For a 1-Lipschitz feature map phi and a linear head f_j = w_j . phi(x) + b_j, the logit gap
+For a 1-Lipschitz feature map phi and a linear head f_j = w_j . phi(x) + b_j (for a LipNeXt, w_j are
+the head's normalised rows `model.head.rows()`, exactly what its forward multiplies by), the logit gap
 f_y - f_j changes by at most ||w_y - w_j|| * ||delta|| under an input perturbation delta, so the
 prediction y cannot change within radius
 
@@ -10,6 +11,9 @@ where L bounds the feature map's Lipschitz constant (1 by construction; the rigo
 `model.lipschitz` when weights are only approximately orthogonal). Without a head we use the generic
 bound for an L-Lipschitz logit map: (top1 - top2) / (sqrt(2) L). A point is certified at eps iff it is
 correctly classified and R > eps (strict: at R == eps a tie is reachable).
+
+That is exact arithmetic. The job certifies the fp32 model as it runs: logits from `head_logits64` and
+the floating-point allowances of `fp_error` subtracted (`certified_radius`'s keyword arguments).
 """
 
 from __future__ import annotations
@@ -41,11 +45,20 @@ def parse_eps(text: str) -> float:
 
 
 def parse_eps_list(text: str | list | tuple) -> list[float]:
+    """Distinct radii in the order given; two spellings of one value (36/255 and 0.1411764705882353) are
+    an error, since each eps is one column of the report."""
     items = text.split(",") if isinstance(text, str) else list(text)
     items = [str(i).strip() for i in items if str(i).strip()]
     if not items:
         raise CertifyInputError(f"eps list {text!r} is empty; give e.g. {DEFAULT_EPS}")
-    return [parse_eps(i) for i in items]
+    values: dict[float, str] = {}
+    for item in items:
+        value = parse_eps(item)
+        if value in values:
+            raise CertifyInputError(f"eps {values[value]!r} and {item!r} are the same radius ({format_eps(value)}); "
+                                    "give each eps once")
+        values[value] = item
+    return list(values)
 
 
 def _check_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -65,13 +78,30 @@ def head_pair_distances(head_weight: torch.Tensor) -> torch.Tensor:
     return torch.cdist(w, w, compute_mode="donot_use_mm_for_euclid_dist")
 
 
+def model_pair_distances(model: torch.nn.Module) -> torch.Tensor:
+    """`head_pair_distances` of the rows a LipNeXt's logits are computed with: the head's normalised rows
+    (`model.head.rows()`), never its raw parameter (the head has no `.weight` to pick up by mistake)."""
+    return head_pair_distances(model.head.rows())
+
+
 def certified_radius(logits: torch.Tensor, pair_distances: torch.Tensor | None = None,
-                     lipschitz: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     lipschitz: float = 1.0, *, gap_error: torch.Tensor | float = 0.0,
+                     sample_gap_error: torch.Tensor | float = 0.0,
+                     feature_error: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample (prediction, margin, radius), all from float64 logits.
 
-    `pair_distances`: from `head_pair_distances(model.head.weight)` when the logits are a linear head on
+    `pair_distances`: from `model_pair_distances(model)` when the logits are a linear head on
     L-Lipschitz features; None for a generic L-Lipschitz logit map (radius = margin / (sqrt(2) L)).
     `margin` is top1 - top2 of the raw logits.
+
+    Floating-point allowances (from `fp_error`; zero means exact arithmetic), with a pair one
+    (`gap_error`, (C, C) or a scalar) and a per-sample one (`sample_gap_error`, (B,) or a scalar) that
+    add up to how far a computed gap f_y - f_j may be from the exact one, and `feature_error` ((B,) or a
+    scalar) the l2 error of the features counted where they are computed and where the certificate is
+    used (E(x) + E(x')):
+        R = min_j (gap_j - gap_error[y, j] - sample_gap_error) / (L d_j) - feature_error / L.
+    A pair of identical rows (d_j = 0) leaves R alone only when its gap exceeds its allowance;
+    otherwise R = -inf (not even the prediction is guaranteed).
     """
     if not (lipschitz > 0 and math.isfinite(lipschitz)):
         raise CertifyInputError(f"lipschitz={lipschitz}: must be a finite number > 0")
@@ -82,17 +112,41 @@ def certified_radius(logits: torch.Tensor, pair_distances: torch.Tensor | None =
     if pair_distances is None:
         radius = margin / (math.sqrt(2.0) * lipschitz)
         return pred, margin, radius
-    c = logits.shape[1]
+    b, c = logits.shape
     if pair_distances.shape != (c, c):
         raise CertifyInputError(f"pair_distances of shape {tuple(pair_distances.shape)} do not match "
                                 f"{c} classes")
+    gap_error = _allowance("gap_error", gap_error, (c, c))
+    sample_gap_error = _allowance("sample_gap_error", sample_gap_error, (b,))
+    feature_error = _allowance("feature_error", feature_error, (b,))
     gaps = logits.gather(1, pred[:, None]) - logits  # f_pred - f_j >= 0
+    gaps = gaps - (gap_error[pred] if gap_error.dim() == 2 else gap_error)
+    gaps = gaps - (sample_gap_error[:, None] if sample_gap_error.dim() == 1 else sample_gap_error)
     dists = pair_distances.to(torch.float64)[pred]
     ratio = torch.where(dists > 0, gaps / dists.clamp_min(torch.finfo(torch.float64).tiny),
-                        torch.where(gaps > 0, torch.inf, 0.0))  # identical rows: the gap never moves
+                        # identical rows: the gap never moves, so it only has to survive the rounding
+                        torch.where(gaps > 0, torch.inf, -torch.inf))
     ratio.scatter_(1, pred[:, None], torch.inf)  # j == pred does not constrain
-    radius = ratio.min(dim=1).values / lipschitz
+    radius = (ratio.min(dim=1).values - feature_error) / lipschitz
     return pred, margin, radius
+
+
+def _allowance(name: str, value: torch.Tensor | float, shape: tuple[int, ...]) -> torch.Tensor:
+    """A non-negative, finite float64 allowance: a scalar or a tensor of exactly `shape`."""
+    t = torch.as_tensor(value, dtype=torch.float64)  # a tensor keeps its device: put it with the logits
+    if t.dim() and tuple(t.shape) != shape:
+        raise CertifyInputError(f"{name} of shape {tuple(t.shape)}: expected a scalar or {shape}")
+    if not (torch.isfinite(t).all() and (t >= 0).all()):
+        raise CertifyInputError(f"{name} must be finite and >= 0")
+    return t
+
+
+def head_logits64(features: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Logits in float64 from (fp32) features and exactly the rows and biases the forward uses: every
+    input is converted without rounding, so only float64 rounding remains (`fp_error.head_gap_error`).
+    This is what makes a huge common bias harmless: 2^20 + f keeps ~2^-32 resolution here, 1/8 in fp32."""
+    w = rows.detach().to(torch.float64)
+    return torch.addmm(bias.detach().to(torch.float64), features.detach().to(torch.float64), w.t())
 
 
 def certified_mask(pred: torch.Tensor, radius: torch.Tensor, labels: torch.Tensor,
@@ -116,8 +170,14 @@ def certified_accuracy(pred: torch.Tensor, radius: torch.Tensor, labels: torch.T
 
 
 def format_eps(eps: float) -> str:
-    """0.1411... -> '36/255' when it is a non-integer multiple of 1/255, else the decimal ('1', '0.5')."""
-    k = eps * 255
-    if eps != round(eps) and abs(k - round(k)) < 1e-9:
-        return f"{round(k)}/255"
-    return f"{eps:g}"
+    """An exact label: 'k/255' when eps is the float nearest k/255 (not an integer), else the shortest
+    decimal that parses back to the same float ('1', '0.5', '0.04999996'); `parse_eps(format_eps(e)) == e`."""
+    eps = float(eps)
+    if not math.isfinite(eps):
+        raise CertifyInputError(f"eps {eps}: must be finite")
+    k = round(eps * 255)
+    if eps != int(eps) and float(Fraction(k, 255)) == eps:
+        return f"{k}/255"
+    if eps == int(eps) and abs(eps) < 2 ** 53:
+        return str(int(eps))
+    return repr(eps)

@@ -20,12 +20,13 @@ import fsspec
 
 from lipnext_scale.certify.certify import DEFAULT_EPS, format_eps, parse_eps_list
 from lipnext_scale.certify.data_access import data_fingerprint, preflight, resolve_shards, shard_name
+from lipnext_scale.certify.fp_error import float_error_model
 from lipnext_scale.certify.model_loading import CertifyError, load_model, verify_model
 from lipnext_scale.certify.report import build_report, merge_shard_tables, write_outputs
 from lipnext_scale.certify.worker import ShardCertifier, shard_result_url
 
 JOB_FILE = "job.json"
-ATTACKS = ("pgd",)
+ATTACKS = ("pgd", "fmn")
 
 
 def _check_out_dir(out_url: str, identity: dict) -> None:
@@ -87,7 +88,7 @@ def _run_ray(pending: list[str], out_url: str, worker_kwargs: dict, workers: int
     use_gpu = str(worker_kwargs["device"]).startswith("cuda")
     actor_cls = ray.remote(num_cpus=max(1, worker_kwargs["threads"]), num_gpus=1 if use_gpu else 0)(
         ShardCertifier)
-    actors = [actor_cls.remote(**worker_kwargs) for _ in range(min(workers, len(pending)))]
+    actors = [actor_cls.remote(**worker_kwargs, own_process=True) for _ in range(min(workers, len(pending)))]
     totals = {"samples": 0, "cpu_seconds": 0.0}
     try:
         try:
@@ -126,10 +127,18 @@ def certify_job(ckpt_url: str, data_url: str, out_url: str, *, eps: str | list =
     workers=0 runs in this process (no Ray); workers>=1 starts that many Ray actors (connecting to
     `ray_address`, or starting/joining Ray as `ray.init()` does, when Ray is not initialised yet).
     """
-    eps_list = list(dict.fromkeys(parse_eps_list(eps)))  # one column per distinct radius
+    eps_list = parse_eps_list(eps)  # distinct radii: two spellings of one value are an error
     if attack not in (None, "", "none") + ATTACKS:
         raise CertifyError(f"--attack {attack!r}: choose one of {', '.join(ATTACKS)} (or leave it out)")
     attack_steps = attack_steps if attack in ATTACKS else 0
+    attack = attack if attack_steps > 0 else None
+    if attack == "fmn":
+        from lipnext_scale.certify.attack import require_foolbox
+
+        try:
+            require_foolbox()
+        except ImportError as e:
+            raise CertifyError(str(e)) from None
     if workers < 0 or batch_size < 1:
         raise CertifyError(f"workers={workers}, batch_size={batch_size}: need workers >= 0, batch_size >= 1")
     out_url = out_url.rstrip("/")
@@ -147,16 +156,20 @@ def certify_job(ckpt_url: str, data_url: str, out_url: str, *, eps: str | list =
     data = {"url": data_url, "shards": len(shards), "fingerprint": data_fingerprint(shards)}
     identity = {"weights_sha256": loaded.weights_sha256, "eps": [format_eps(e) for e in eps_list],
                 "data_fingerprint": data["fingerprint"], "lipschitz_used": verification.lipschitz_used,
-                "attack_steps": attack_steps}
+                "attack_steps": attack_steps, **({"attack": attack} if attack else {}),
+                # results of the earlier certificate (no floating-point allowances) are never resumed into
+                "certificate": "fp32-with-fp-allowances-1"}
     _check_out_dir(out_url, identity)
     ckpt_url = loaded.url  # workers read the very checkpoint verified here
     checkpoint = {"url": ckpt_url, "kind": loaded.kind, "model": loaded.config["model"]["name"],
                   "weights_sha256": loaded.weights_sha256}
+    floating_point = float_error_model(loaded.model, verification.lipschitz_used).as_dict()  # O(C^2 + params)
     del loaded  # the workers load their own copy
 
     pending = _pending(out_url, shards)
     worker_kwargs = dict(ckpt_url=ckpt_url, eps_list=eps_list, batch_size=batch_size, lipschitz_tol=lipschitz_tol,
-                         allow_approx=allow_approx, attack_steps=attack_steps, device=device,
+                         allow_approx=allow_approx, attack_steps=attack_steps, attack=attack or "pgd",
+                         device=device,
                          threads=threads_per_worker if workers > 0 else 0,
                          expected_sha256=identity["weights_sha256"])
     run_started = time.perf_counter()
@@ -179,6 +192,7 @@ def certify_job(ckpt_url: str, data_url: str, out_url: str, *, eps: str | list =
               "worker_cpu_seconds": cpu, "images_per_cpu_s": n / cpu if cpu > 0 else None,
               "total_seconds": time.perf_counter() - started}
     report = build_report(table, eps_list, verification=verification.as_dict(), checkpoint=checkpoint,
-                          data=data, attack_steps=attack_steps, timing=timing)
+                          data=data, attack_steps=attack_steps, timing=timing, attack=attack or "pgd",
+                          floating_point=floating_point)
     write_outputs(out_url, table, report, eps_list)
     return report

@@ -18,7 +18,7 @@ import numpy as np
 from lipnext_scale.certify.certify import format_eps
 from lipnext_scale.certify.model_loading import CertifyError
 from lipnext_scale.certify.worker import (
-    broken_column, certified_column, shard_result_url, write_parquet_atomic,
+    ATTACK_DISTANCE, RADIUS_EXACT, broken_column, certified_column, shard_result_url, write_parquet_atomic,
 )
 
 SAMPLES_FILE = "samples.parquet"
@@ -62,23 +62,58 @@ def merge_shard_tables(out_url: str, shard_urls: list[str]):
     return table
 
 
+def _column(table, name: str, dtype=None) -> np.ndarray:
+    return np.asarray(table.column(name).to_numpy(zero_copy_only=False), dtype=dtype)
+
+
 def soundness_alarms(table, eps_list: list[float]) -> list[dict]:
-    """Certified points the attack broke: each one is a false certificate (must never happen)."""
+    """Certified points an attack broke: each one is a false certificate (must never happen). PGD: its
+    per-eps flags. FMN: an adversarial example at distance <= eps of a point certified at eps, or at
+    distance < radius of any correctly classified point (eps "radius")."""
     alarms = []
-    for eps in eps_list:
-        col = broken_column(eps)
-        if col not in table.column_names:
-            continue
-        cert = np.asarray(table.column(certified_column(eps)).to_numpy(zero_copy_only=False), dtype=bool)
-        broken = np.asarray(table.column(col).to_numpy(zero_copy_only=False), dtype=bool)
-        for i in np.nonzero(cert & broken)[0]:
-            alarms.append({"eps": format_eps(eps), "shard": table.column("shard")[int(i)].as_py(),
+
+    def add(eps_label: str, rows) -> None:
+        for i in rows:
+            alarms.append({"eps": eps_label, "shard": table.column("shard")[int(i)].as_py(),
                            "key": table.column("key")[int(i)].as_py()})
+
+    for eps in eps_list:
+        cert = _column(table, certified_column(eps), bool)
+        if broken_column(eps) in table.column_names:
+            add(format_eps(eps), np.nonzero(cert & _column(table, broken_column(eps), bool))[0])
+        if ATTACK_DISTANCE in table.column_names:
+            add(format_eps(eps), np.nonzero(cert & (_column(table, ATTACK_DISTANCE, float) <= eps))[0])
+    if ATTACK_DISTANCE in table.column_names:
+        correct = _column(table, "prediction") == _column(table, "label")
+        radius, dist = _column(table, "radius", float), _column(table, ATTACK_DISTANCE, float)
+        add("radius", np.nonzero(correct & (radius > 0) & (dist < radius))[0])
     return alarms
 
 
+def empirical_robust_accuracy(table, eps_list: list[float]) -> dict[str, float]:
+    """Per eps: correct and no adversarial example found within eps (an upper bound on robust accuracy)."""
+    correct = _column(table, "prediction") == _column(table, "label")
+    dist = _column(table, ATTACK_DISTANCE, float)
+    return {format_eps(e): float((correct & (dist > e)).mean()) for e in eps_list}
+
+
+def min_distance_over_radius(table) -> dict | None:
+    """The smallest attack distance / certified radius over correct points with radius > 0 (> 1 iff no
+    attack came inside a certificate), with the point it was found at."""
+    correct = _column(table, "prediction") == _column(table, "label")
+    radius, dist = _column(table, "radius", float), _column(table, ATTACK_DISTANCE, float)
+    ok = correct & (radius > 0) & np.isfinite(radius) & np.isfinite(dist)
+    if not ok.any():
+        return None
+    ratio = np.where(ok, dist / np.where(ok, radius, 1.0), np.inf)
+    i = int(np.argmin(ratio))
+    return {"ratio": float(ratio[i]), "distance": float(dist[i]), "radius": float(radius[i]),
+            "shard": table.column("shard")[i].as_py(), "key": table.column("key")[i].as_py(),
+            "points": int(ok.sum())}
+
+
 def build_report(table, eps_list: list[float], *, verification: dict, checkpoint: dict, data: dict,
-                 attack_steps: int, timing: dict) -> dict:
+                 attack_steps: int, timing: dict, attack: str = "pgd", floating_point: dict | None = None) -> dict:
     n = table.num_rows
     if n == 0:
         raise CertifyError(f"the data ({data.get('url')!r}) holds no samples; nothing to certify")
@@ -88,21 +123,36 @@ def build_report(table, eps_list: list[float], *, verification: dict, checkpoint
         "samples": n,
         "clean_accuracy": float(correct.mean()),
         "eps": [format_eps(e) for e in eps_list],
-        "certified_accuracy": {format_eps(e): float(np.asarray(
-            table.column(certified_column(e)).to_numpy(zero_copy_only=False), dtype=bool).mean()) for e in eps_list},
+        "certified_accuracy": {format_eps(e): float(_column(table, certified_column(e), bool).mean())
+                               for e in eps_list},
         "lipschitz": verification,
         "checkpoint": checkpoint,
         "data": data,
         "timing": timing,
         "versions": versions(),
     }
+    if RADIUS_EXACT in table.column_names:
+        # What the floating-point allowances cost: CRA had the radius been computed in exact arithmetic.
+        exact = correct & np.isfinite(_column(table, RADIUS_EXACT, float))
+        exact_radius = _column(table, RADIUS_EXACT, float)
+        report["floating_point"] = {
+            **(floating_point or {}),
+            "certified_accuracy_exact_arithmetic": {format_eps(e): float((exact & (exact_radius > e)).mean())
+                                                    for e in eps_list}}
     if verification.get("approx"):
         report["note"] = (f"weights are only approximately orthogonal: radii were divided by the rigorous "
                           f"Lipschitz bound {verification['lipschitz_used']:.6g} (--allow-approx)")
     if attack_steps > 0:
         alarms = soundness_alarms(table, eps_list)
-        report["attack"] = {"method": "pgd-l2", "steps": attack_steps, "on": "certified points",
-                            "broken_certified_points": len(alarms)}
+        if attack == "fmn":
+            report["attack"] = {"method": "foolbox-3.3 l2 FMN + DDN, smallest distance per point",
+                                "steps": attack_steps, "on": "all correctly classified points",
+                                "broken_certified_points": len(alarms),
+                                "empirical_robust_accuracy": empirical_robust_accuracy(table, eps_list),
+                                "min_distance_over_radius": min_distance_over_radius(table)}
+        else:
+            report["attack"] = {"method": "pgd-l2", "steps": attack_steps, "on": "certified points",
+                                "broken_certified_points": len(alarms)}
         report["soundness_alarm"] = alarms
     return report
 
@@ -120,7 +170,12 @@ def plot_certified_accuracy(table, eps_list: list[float], title: str) -> bytes:
     grid = np.linspace(0.0, top, 400)
     acc = (radius[None, :] > grid[:, None]).mean(axis=1)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(grid, acc, label="certified accuracy")
+    ax.plot(grid, acc, label="certified accuracy (lower bound)")
+    if ATTACK_DISTANCE in table.column_names:
+        dist = np.where(correct, _column(table, ATTACK_DISTANCE, float), -np.inf)
+        ax.plot(grid, (dist[None, :] > grid[:, None]).mean(axis=1), "--",
+                label="empirical robust accuracy, FMN/DDN (upper bound)")
+        ax.legend(loc="upper right", fontsize=8)
     for eps in eps_list:
         value = float((radius > eps).mean())
         ax.plot([eps], [value], "o")
@@ -150,17 +205,25 @@ def write_outputs(out_url: str, table, report: dict, eps_list: list[float]) -> N
 def format_table(report: dict) -> str:
     """The terminal summary."""
     lip = report["lipschitz"]
+    fmn = "empirical_robust_accuracy" in report.get("attack", {})
     lines = [f"samples: {report['samples']}   Lipschitz bound used: {lip['lipschitz_used']:.6g}"
              f"{'  (APPROXIMATE weights)' if lip.get('approx') else ''}   max orthogonality error: "
              f"{lip['max_orthogonality_error']:.2e}",
-             f"{'eps':>10} {'certified acc':>14}" + (f" {'PGD breaks':>11}" if "attack" in report else ""),
+             f"{'eps':>10} {'certified acc':>14}" + (f" {'attack breaks':>13}" if "attack" in report else "")
+             + (f" {'empirical robust acc':>21}" if fmn else ""),
              f"{'clean':>10} {100 * report['clean_accuracy']:>13.2f}%"]
     alarms = report.get("soundness_alarm", [])
     for eps in report["eps"]:
         row = f"{eps:>10} {100 * report['certified_accuracy'][eps]:>13.2f}%"
         if "attack" in report:
-            row += f" {sum(a['eps'] == eps for a in alarms):>11d}"
+            row += f" {sum(a['eps'] == eps for a in alarms):>13d}"
+        if fmn:
+            row += f" {100 * report['attack']['empirical_robust_accuracy'][eps]:>20.2f}%"
         lines.append(row)
+    if fmn and report["attack"].get("min_distance_over_radius"):
+        m = report["attack"]["min_distance_over_radius"]
+        lines.append(f"smallest attack distance / certified radius: {m['ratio']:.4g} over {m['points']} points "
+                     "(> 1: no attack came inside a certificate)")
     if report.get("note"):
         lines.append(f"note: {report['note']}")
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 """One certification worker: load and verify the model once, then certify whole shards.
 
 Used in-process (`workers=0`) and as a Ray actor (job.py wraps `ShardCertifier` with `ray.remote`), so
-both paths run exactly the same code. Each shard's per-sample results go to one parquet file written
-under a temporary name and renamed: a file that exists is complete, which is what resume relies on.
+both paths run exactly the same code (an actor, a process of its own, also keeps freed memory:
+`keep_freed_memory`). Each shard's per-sample results go to one parquet file written under a temporary
+name and renamed: a file that exists is complete, which is what resume relies on.
 """
 
 from __future__ import annotations
@@ -11,10 +12,14 @@ import posixpath
 
 import torch
 
-from lipnext_scale.certify.attack import attack_breaks
-from lipnext_scale.certify.certify import certified_radius, format_eps, head_pair_distances
+from lipnext_scale.certify.attack import attack_breaks, fmn_l2_distances
+from lipnext_scale.certify.certify import certified_radius, format_eps, head_logits64, model_pair_distances
 from lipnext_scale.certify.data_access import check_sample, iter_shard_samples, shard_name
+from lipnext_scale.certify.fp_error import FloatErrorModel, batch_allowances, float_error_model
 from lipnext_scale.certify.model_loading import CertifyError, load_model, verify_model
+
+ATTACK_DISTANCE = "attack_distance"  # --attack fmn: smallest adversarial l2 distance found (inf: none)
+RADIUS_EXACT = "radius_exact_arithmetic"  # the radius without floating-point allowances, for comparison
 
 
 def certified_column(eps: float) -> str:
@@ -25,29 +30,65 @@ def broken_column(eps: float) -> str:
     return f"pgd_broken@{format_eps(eps)}"
 
 
+def features_and_norms(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """fp32 features (the forward's own kernels) and the l2 norm of every block's input per sample (float64),
+    which the floating-point allowances scale with. Pre-hooks read the norms; the model is not changed."""
+    norms: list[torch.Tensor] = []
+
+    def record(_module, args):
+        norms.append(torch.linalg.vector_norm(args[0].detach().flatten(1), dim=1).to(torch.float64))
+
+    hooks = [block.register_forward_pre_hook(record) for block in model.blocks]
+    try:
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+            features = model.features(images.to(torch.float32))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return features, norms
+
+
 def certify_batch(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, eps_list: list[float],
-                  lipschitz: float, attack_steps: int = 0,
-                  pair_distances: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Per-sample prediction, margin, radius (float64 from fp32 logits), certified@eps and, when
-    attack_steps > 0, pgd_broken@eps for the certified points (False elsewhere). `pair_distances`
-    (from `head_pair_distances(model.head.weight)`) is computed here when not given; callers that certify
-    many batches pass it once: for 1000 classes it is a 1000 x 1000 x width float64 computation."""
-    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
-        logits = model(images.to(torch.float32))
+                  lipschitz: float, attack_steps: int = 0, pair_distances: torch.Tensor | None = None, *,
+                  attack: str = "pgd", fp_model: FloatErrorModel | None = None) -> dict[str, torch.Tensor]:
+    """Per-sample prediction, margin, radius, radius_exact_arithmetic, certified@eps and, when
+    attack_steps > 0, pgd_broken@eps for the certified points (`attack="pgd"`, False elsewhere) or
+    attack_distance for every point (`attack="fmn"`).
+
+    Features in fp32, head in float64 from them with the forward's rows (`head_logits64`); the radius
+    subtracts the floating-point allowances of `fp_error`, so it certifies `model(x).argmax()` as it
+    runs in fp32. `pair_distances` and `fp_model` are computed here when not given; callers that
+    certify many batches pass them once (for 1000 classes pair_distances is a 1000 x 1000 x width
+    float64 computation)."""
+    features, block_norms = features_and_norms(model, images)
+    logits = head_logits64(features, model.head.rows(), model.head.bias)
     if pair_distances is None:
-        pair_distances = head_pair_distances(model.head.weight)
-    pred, margin, radius = certified_radius(logits.double(), pair_distances, lipschitz=lipschitz)
+        pair_distances = model_pair_distances(model)
+    if fp_model is None:
+        fp_model = float_error_model(model, lipschitz)
+    pred, margin, radius_exact = certified_radius(logits, pair_distances, lipschitz)
+    # fp32 norms (here and of the block inputs) are off by far less than the 1e-4 relative we add
+    input_norm = (images.to(torch.float32) - model.input_mean.to(images.device)).flatten(1).norm(dim=1)
+    input_norm = input_norm.to(torch.float64) * (1 + 1e-4)
+    allow = batch_allowances(fp_model, input_norm.cpu(), [n.cpu() * (1 + 1e-4) for n in block_norms],
+                             features.cpu().to(torch.float64).norm(dim=1), radius_exact.cpu())
+    on = logits.device
+    _, _, radius = certified_radius(logits, pair_distances, lipschitz, gap_error=allow.gap_error.to(on),
+                                    sample_gap_error=allow.sample_gap_error.to(on),
+                                    feature_error=allow.feature_error.to(on))
     labels = labels.to(pred.device)
-    out = {"prediction": pred, "margin": margin, "radius": radius}
+    out = {"prediction": pred, "margin": margin, "radius": radius, RADIUS_EXACT: radius_exact}
     for eps in eps_list:
         certified = (pred == labels) & (radius > eps)
         out[certified_column(eps)] = certified
-        if attack_steps > 0:
+        if attack_steps > 0 and attack == "pgd":
             broken = torch.zeros_like(certified)
             idx = certified.nonzero().squeeze(1)
             if idx.numel():
                 broken[idx] = attack_breaks(model, images[idx], labels[idx], eps, steps=attack_steps)
             out[broken_column(eps)] = broken
+    if attack_steps > 0 and attack == "fmn":
+        out[ATTACK_DISTANCE] = fmn_l2_distances(model, images, labels, steps=attack_steps)
     return out
 
 
@@ -68,14 +109,36 @@ def shard_result_url(out_url: str, shard_url: str) -> str:
     return posixpath.join(out_url.rstrip("/"), "shards", f"{shard_name(shard_url)}.parquet")
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the OS (True if it took).
+
+    Where the actor path's 10-19 % went (issue 15): a fresh actor process starts with glibc's default
+    thresholds, so every batch's activations (a few MB each) were mmapped, or grew and trimmed the heap,
+    and freed again: ~110k minor page faults per 3,000 images on lipnext-tiny against ~16k with this,
+    and the zeroing of every faulted page on the certifying core. The long-lived process of an
+    in-process run had its thresholds raised already by earlier large frees. M_MMAP_THRESHOLD = 32 MiB
+    (glibc's maximum) and M_TRIM_THRESHOLD = 1 GiB; larger allocations are still mmapped, and a process
+    keeps at most its peak working set. Process-wide, so only called in processes the job owns (actors)."""
+    import ctypes
+    import ctypes.util
+
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        return False
+
+
 class ShardCertifier:
     """Holds one verified model; `certify_shard` may be called for any number of shards."""
 
     def __init__(self, ckpt_url: str, *, eps_list: list[float], batch_size: int, lipschitz_tol: float,
-                 allow_approx: bool, attack_steps: int = 0, device: str = "cpu", threads: int = 0,
-                 expected_sha256: str | None = None):
+                 allow_approx: bool, attack_steps: int = 0, attack: str = "pgd", device: str = "cpu",
+                 threads: int = 0, expected_sha256: str | None = None, own_process: bool = False):
         if threads > 0:
             torch.set_num_threads(threads)
+        self.allocator_tuned = keep_freed_memory() if own_process else False
         if str(device).startswith("cuda"):
             # TF32 matmuls keep 10 mantissa bits: logits (hence margins) would be ~1e-3 off, enough to
             # certify a point that is not robust. Certification runs in true fp32 (process-wide setting).
@@ -86,11 +149,12 @@ class ShardCertifier:
             raise CertifyError(f"checkpoint {ckpt_url!r} changed while the job was starting (weights hash "
                                f"{self.loaded.weights_sha256[:12]} != {expected_sha256[:12]}); rerun the job")
         self.verification = verify_model(self.loaded.model, lipschitz_tol, allow_approx)
-        self.eps_list, self.batch_size, self.attack_steps = eps_list, batch_size, attack_steps
+        self.eps_list, self.batch_size, self.attack_steps, self.attack = eps_list, batch_size, attack_steps, attack
         self.device = torch.device(device)
         spec = self.loaded.model.spec
         self.image_size, self.num_classes = spec.image_size, spec.num_classes
-        self.pair_distances = head_pair_distances(self.loaded.model.head.weight)  # once per model
+        self.pair_distances = model_pair_distances(self.loaded.model)  # once per model
+        self.fp_model = float_error_model(self.loaded.model, self.verification.lipschitz_used)
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -105,16 +169,18 @@ class ShardCertifier:
         images = torch.full((2, 3, self.image_size, self.image_size), 0.5, device=self.device)
         certify_batch(self.loaded.model, images, torch.zeros(2, dtype=torch.long), self.eps_list[:1],
                       self.verification.lipschitz_used, attack_steps=min(self.attack_steps, 1),
-                      pair_distances=self.pair_distances)
+                      pair_distances=self.pair_distances, attack=self.attack, fp_model=self.fp_model)
 
     def column_names(self) -> list[str]:
-        names = ["prediction", "margin", "radius"]
+        names = ["prediction", "margin", "radius", RADIUS_EXACT]
+        pgd = self.attack_steps > 0 and self.attack == "pgd"
         for eps in self.eps_list:
-            names += [certified_column(eps)] + ([broken_column(eps)] if self.attack_steps > 0 else [])
-        return names
+            names += [certified_column(eps)] + ([broken_column(eps)] if pgd else [])
+        return names + ([ATTACK_DISTANCE] if self.attack_steps > 0 and self.attack == "fmn" else [])
 
     def info(self) -> dict:
-        return {"weights_sha256": self.loaded.weights_sha256, **self.verification.as_dict()}
+        return {"weights_sha256": self.loaded.weights_sha256, **self.verification.as_dict(),
+                "floating_point": self.fp_model.as_dict()}
 
     def certify_shard(self, shard_url: str, out_url: str) -> dict:
         """Certify every sample of one shard and write its parquet file; returns {shard, samples,
@@ -123,7 +189,7 @@ class ShardCertifier:
 
         import pyarrow as pa
 
-        cpu_started = time.process_time()
+        cpu_started, thread_started, wall_started = time.process_time(), time.thread_time(), time.perf_counter()
         columns: dict[str, list] = {"key": [], "label": []}
         batch_keys, batch_images, batch_labels = [], [], []
 
@@ -131,7 +197,8 @@ class ShardCertifier:
             images = torch.stack(batch_images).to(self.device)
             labels = torch.tensor(batch_labels, dtype=torch.long)
             result = certify_batch(self.loaded.model, images, labels, self.eps_list,
-                                   self.verification.lipschitz_used, self.attack_steps, self.pair_distances)
+                                   self.verification.lipschitz_used, self.attack_steps, self.pair_distances,
+                                   attack=self.attack, fp_model=self.fp_model)
             columns["key"] += batch_keys
             columns["label"] += batch_labels
             for name, values in result.items():
@@ -153,4 +220,6 @@ class ShardCertifier:
         n = len(columns["key"])
         table = pa.table({"shard": [shard_name(shard_url)] * n, **columns})
         write_parquet_atomic(table, shard_result_url(out_url, shard_url))
-        return {"shard": shard_url, "samples": n, "cpu_seconds": time.process_time() - cpu_started}
+        return {"shard": shard_url, "samples": n, "cpu_seconds": time.process_time() - cpu_started,
+                "thread_cpu_seconds": time.thread_time() - thread_started,
+                "wall_seconds": time.perf_counter() - wall_started}

@@ -1,6 +1,7 @@
 """l2 PGD against closed forms: on a linear classifier the smallest adversarial l2 perturbation is
 known exactly (margin / ||w_y - w_j||), so the attack must fail inside it and succeed beyond it."""
 
+import pytest
 import torch
 
 from lipnext_scale.certify.attack import attack_breaks, pgd_l2
@@ -32,3 +33,25 @@ def test_linear_classifier_breaks_exactly_beyond_the_minimal_perturbation():
     assert exact < 0.4  # the closed form's perturbation stays inside [0, 1]
     assert not attack_breaks(model, x, y, exact * 0.99, steps=20).any()
     assert attack_breaks(model, x, y, exact * 1.01, steps=20).all()
+
+
+def test_fmn_distances_bracket_the_closed_form_on_a_linear_classifier():
+    """Foolbox's minimum-norm attacks find an adversarial point no closer than the exact distance (else
+    it would not be adversarial) and, on a linear model, close to it."""
+    pytest.importorskip("foolbox")
+    from lipnext_scale.certify.attack import fmn_l2_distances
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(3, 12, generator=g)
+    model = lambda x: x.flatten(1) @ w.t()  # noqa: E731
+    x = 0.4 + 0.2 * torch.rand(6, 3, 2, 2, generator=g)
+    logits = model(x).double()
+    y = logits.argmax(1)
+    wd = w.double()
+    exact = torch.stack([min((logits[i, y[i]] - logits[i, j]) / (wd[y[i]] - wd[j]).norm()
+                             for j in range(3) if j != y[i]) for i in range(6)])
+    dist = fmn_l2_distances(model, x, y, steps=100)
+    assert (dist >= exact * (1 - 1e-4)).all()
+    assert (dist[exact < 0.3] <= exact[exact < 0.3] * 1.1).all()  # inside the box the l2 ball binds
+    wrong = (y + 1) % 3
+    assert (fmn_l2_distances(model, x, wrong, steps=5) == 0).all()  # already misclassified

@@ -113,3 +113,43 @@ def test_pair_distances_are_exact_for_nearly_equal_rows():
     assert d[0, 1].item() == pytest.approx(1e-6, rel=1e-6)
     for i, j in itertools.product(range(2), repeat=2):
         assert d[i, j] == d[j, i]
+
+
+@pytest.mark.parametrize("eps", [36 / 255, 72 / 255, 1.0, 0.5, 0.04999996, 0.05, 1e-5, 2.0, 0.1411764705882353 + 1e-16,
+                                 0.1 + 0.2, 3 / 255 + 2 ** -40])
+def test_eps_labels_round_trip(eps):
+    label = format_eps(eps)
+    assert parse_eps(label) == eps
+    assert ("/255" in label) == (eps != int(eps) and round(eps * 255) / 255 == eps)
+
+
+def test_eps_labels_are_exact():
+    assert format_eps(0.04999996) == "0.04999996"  # %g said "0.05"
+    assert format_eps(108 / 255) == "108/255" and format_eps(255 / 255) == "1" and format_eps(0.3) == "0.3"
+    assert format_eps(0.1 + 0.2) == "0.30000000000000004"
+
+
+def test_colliding_eps_are_refused_in_one_line():
+    with pytest.raises(CertifyInputError, match=r"'36/255' and '0.1411764705882353' are the same radius \(36/255\)"):
+        parse_eps_list("36/255,0.1411764705882353")
+    with pytest.raises(CertifyInputError, match="same radius"):
+        parse_eps_list("0.5, 1/2")
+    assert parse_eps_list("0.04999996,0.05") == [0.04999996, 0.05]  # close is not equal
+
+
+def test_allowances_follow_the_closed_form():
+    W = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)  # rows 0 and 2 identical
+    logits = torch.tensor([[3.0, 1.0, 2.5]], dtype=torch.float64)
+    d = head_pair_distances(W)
+    _, _, exact = certified_radius(logits, d)
+    assert exact.item() == pytest.approx(2.0 / math.sqrt(2))  # the identical row never constrains
+    _, _, r = certified_radius(logits, d, 2.0, gap_error=0.1, sample_gap_error=torch.tensor([0.05]),
+                               feature_error=0.01)
+    assert r.item() == pytest.approx(((2.0 - 0.15) / math.sqrt(2) - 0.01) / 2.0)
+    # the identical row's gap (0.5) no longer exceeds its allowance: nothing is guaranteed
+    _, _, r = certified_radius(logits, d, gap_error=torch.full((3, 3), 0.5))
+    assert r.item() == -math.inf
+    with pytest.raises(CertifyInputError, match="gap_error of shape"):
+        certified_radius(logits, d, gap_error=torch.zeros(2, 2))
+    with pytest.raises(CertifyInputError, match="feature_error must be finite and >= 0"):
+        certified_radius(logits, d, feature_error=-1.0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lipnext_scale.certify.attack import pgd_l2
-from lipnext_scale.certify.certify import certified_radius, head_pair_distances
+from lipnext_scale.certify.certify import certified_radius, model_pair_distances
 from lipnext_scale.config import OptimConfig
 from lipnext_scale.model import create_model
 from lipnext_scale.model.lipschitz import rigorous_lipschitz_bound
@@ -34,7 +34,7 @@ def _check_pgd_never_breaks(model: torch.nn.Module, seed: int) -> None:
     assert rigorous_lipschitz_bound(model) <= 1 + 1e-4
     x = torch.rand(24, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        pred, _, radius = certified_radius(model(x), head_pair_distances(model.head.weight))
+        pred, _, radius = certified_radius(model(x), model_pair_distances(model))
     labels = pred  # every point is "correct" for its own prediction: certified at any r < radius
     r = (radius * 0.999).to(torch.float32)
     broken_inside = torch.zeros(len(x), dtype=torch.bool)
