@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lipnext_scale.model.layers import ExpandBlock, LipNeXtBlock, shift_group_size, shift_reference
+from lipnext_scale.model.layers import LipNeXtBlock, OrthogonalProjection, shift_group_size, shift_reference
 
 RESULTS = Path(__file__).resolve().parent / "results" / "model.json"
 
@@ -69,12 +69,12 @@ def make_variants(width: int, grid: int):
         u = shift_reference((x + pos) @ rot.t(), size)
         return _naive_beta_abs((u @ rot) @ mix.t() + bias)
 
-    old = ExpandBlock(width, expansion=2)
-    e1 = torch.nn.Parameter(old.expand.weight.detach().clone())
-    e2 = torch.nn.Parameter(old.contract.weight.detach().clone())
+    expand, contract = OrthogonalProjection(width, 2 * width), OrthogonalProjection(2 * width, width)
+    e1 = torch.nn.Parameter(expand.weight.detach().clone())
+    e2 = torch.nn.Parameter(contract.weight.detach().clone())
 
-    def old_block(x):
-        return old.contract(_naive_beta_abs(old.expand(_old_shift(x))))
+    def old_block(x):  # the block as it shipped before the paper's (removed from the model since)
+        return contract(_naive_beta_abs(expand(_old_shift(x))))
 
     def old_matmuls(x):
         return F.linear(F.linear(x, e1), e2)

@@ -34,12 +34,10 @@ class ModelConfig:
     width: int | None = None
     depth: int | None = None
     patch_size: int | None = None
-    block: str | None = None  # "paper" (default) | "expand" (our earlier block, for ablations)
     beta: float | None = None
     shift_alpha: float | None = None
     shift_mode: str | None = None
     positional: bool | None = None
-    expansion: int | None = None
 
     def validate(self) -> None:
         if self.num_classes < 2:
@@ -48,8 +46,7 @@ class ModelConfig:
             raise ConfigError(f"model.image_size={self.image_size}: must be a positive pixel count")
 
     def overrides(self) -> dict[str, Any]:
-        keys = ("width", "depth", "patch_size", "block", "beta", "shift_alpha", "shift_mode", "positional",
-                "expansion")
+        keys = ("width", "depth", "patch_size", "beta", "shift_alpha", "shift_mode", "positional")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 

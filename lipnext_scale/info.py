@@ -24,11 +24,10 @@ def run_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    header = (f"{'name':<20}{'params':>15}{'width':>7}{'depth':>7}{'block':>7}{'patch':>6}{'input':>7}"
-              f"{'GFLOPs/img':>12}  source")
+    header = f"{'name':<20}{'params':>15}{'width':>7}{'depth':>7}{'patch':>6}{'input':>7}{'GFLOPs/img':>12}  source"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['name']:<20}{r['params']:>15,}{r['width']:>7}{r['depth']:>7}{r['block']:>7}"
-              f"{r['patch_size']:>6}{r['image_size']:>7}{r['flops_per_image'] / 1e9:>12.2f}  {r['source']}")
+        print(f"{r['name']:<20}{r['params']:>15,}{r['width']:>7}{r['depth']:>7}{r['patch_size']:>6}"
+              f"{r['image_size']:>7}{r['flops_per_image'] / 1e9:>12.2f}  {r['source']}")
     return 0

@@ -70,7 +70,7 @@ def input_norm_bound(input_mean: tuple[float, ...], image_size: int) -> float:
 def _block_coefficients(block: torch.nn.Module, tokens: int, lipschitz: float) -> tuple[float, float, float]:
     """(alpha, beta, translation): one block's local error is <= alpha * a + beta for an input of norm <= a,
     and its output norm is <= L (a + translation)."""
-    from lipnext_scale.model.layers import ExpandBlock, LipNeXtBlock
+    from lipnext_scale.model.layers import LipNeXtBlock
 
     k = SAFETY * U32
     if isinstance(block, LipNeXtBlock):
@@ -85,9 +85,6 @@ def _block_coefficients(block: torch.nn.Module, tokens: int, lipschitz: float) -
         beta = (U32 if block.pos is not None else 0.0) * pos + k * math.sqrt(c + 1) * pos + lipschitz * (
             2 * k * math.sqrt(c + 1) + U32) * (pos + bias)
         return alpha, beta, pos + bias
-    if isinstance(block, ExpandBlock):
-        c, wide = block.expand.weight.shape[1], block.expand.weight.shape[0]
-        return k * math.sqrt(c + 1) + lipschitz * k * math.sqrt(wide + 1), 0.0, 0.0
     raise TypeError(f"no floating-point error model for block type {type(block).__name__}; add one to "
                     "lipnext_scale/certify/fp_error.py before certifying this model")
 

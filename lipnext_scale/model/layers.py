@@ -291,26 +291,6 @@ class LipNeXtBlock(nn.Module):
         return self.act(F.linear(u, self.mix @ self.rot.t(), self.bias))  # beta_Abs((M R^T) u + b)
 
 
-class ExpandBlock(nn.Module):
-    """Our earlier block, kept as an ablation option: shift (C/5 channels per direction, as it shipped) ->
-    expand (isometry C -> kC) -> beta-Abs -> contract (co-isometry kC -> C). No positional encoding, no
-    bias; 2 k C^2 matrix entries."""
-
-    def __init__(self, width: int, expansion: int = 2, alpha: float = 0.2, beta: float = 0.5,
-                 shift_mode: str = "circular"):
-        super().__init__()
-        self.shift = SpatialShift(alpha, shift_mode, align=1)
-        self.expand = OrthogonalProjection(width, width * expansion)
-        self.act = BetaAbs(beta)
-        self.contract = OrthogonalProjection(width * expansion, width)
-
-    def lipschitz_path(self) -> list[str]:
-        return ["expand.weight", "contract.weight"]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.contract(self.act(self.expand(self.shift(x))))
-
-
 class NormalizedLinear(nn.Module):
     """The head with last-layer normalisation (LiResNet++): logit j = <w_j / ||w_j||, x> + b_j.
 
@@ -366,6 +346,6 @@ def manifold_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 __all__ = [
     "orthogonal_", "OrthogonalProjection", "SpatialShift", "BetaAbs", "L2SpatialPool", "Patchify", "LipNeXtBlock",
-    "ExpandBlock", "NormalizedLinear", "orthogonality_error", "gram_minus_identity", "fan_flops",
+    "NormalizedLinear", "orthogonality_error", "gram_minus_identity", "fan_flops",
     "SHIFT_MODES", "SHIFT_DIRECTIONS", "shift_group_size", "shift_reference", "manifold_parameters",
 ]

@@ -15,19 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 from lipnext_scale.model.layers import (
-    SHIFT_MODES, ExpandBlock, L2SpatialPool, LipNeXtBlock, NormalizedLinear, OrthogonalProjection, Patchify,
-    fan_flops,
+    SHIFT_MODES, L2SpatialPool, LipNeXtBlock, NormalizedLinear, OrthogonalProjection, Patchify, fan_flops,
 )
 
-BlockKind = Literal["paper", "expand"]
-BLOCK_KINDS: tuple[str, ...] = get_args(BlockKind)
-Source = Literal["paper", "inferred", "ours"]
+SOURCES = ("paper", "inferred", "ours")
 
 
 class ModelInputError(ValueError):
@@ -41,12 +37,10 @@ class ModelSpec:
     patch_size: int
     image_size: int
     num_classes: int
-    block: str = "paper"  # "paper": beta_Abs(M R^T S(R(X + p)) + b); "expand": our earlier block (ablation)
     beta: float = 0.5  # share of channels under |x| in beta-Abs (paper: default not stated; LiResNet's 0.5)
     shift_alpha: float = 0.125  # share of channels shifted per direction (paper: 1/8 or 1/16 best)
     shift_mode: str = "circular"  # paper: circular + positional encoding beats zero padding
-    positional: bool = True  # the learnable positional encoding p of each block (paper block only)
-    expansion: int = 2  # "expand" block only: C -> kC -> C
+    positional: bool = True  # the learnable positional encoding p of each block
     input_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     source: str = "paper"  # where the size comes from: "paper", "inferred" (from its counts) or "ours"
     description: str = ""
@@ -55,9 +49,9 @@ class ModelSpec:
         def bad(msg: str) -> None:
             raise ValueError(f"model spec: {msg}")
 
-        if self.width < 1 or self.depth < 0 or self.expansion < 1 or self.patch_size < 1:
-            bad(f"width={self.width}, depth={self.depth}, expansion={self.expansion}, "
-                f"patch_size={self.patch_size}: need width, expansion, patch_size >= 1 and depth >= 0")
+        if self.width < 1 or self.depth < 0 or self.patch_size < 1:
+            bad(f"width={self.width}, depth={self.depth}, patch_size={self.patch_size}: need width, "
+                "patch_size >= 1 and depth >= 0")
         if self.image_size % self.patch_size:
             bad(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}; "
                 "pick an image size divisible by the patch size")
@@ -69,8 +63,8 @@ class ModelSpec:
             bad(f"shift_alpha={self.shift_alpha}: the share of channels per direction must be in (0, 1/4]")
         if self.shift_mode not in SHIFT_MODES:
             bad(f"shift_mode={self.shift_mode!r}: choose one of {', '.join(SHIFT_MODES)}")
-        if self.block not in BLOCK_KINDS:
-            bad(f"block={self.block!r}: choose one of {', '.join(BLOCK_KINDS)}")
+        if self.source not in SOURCES:
+            bad(f"source={self.source!r}: choose one of {', '.join(SOURCES)}")
 
     @property
     def grid(self) -> int:
@@ -86,8 +80,6 @@ class ModelSpec:
 
     def block_params(self) -> int:
         c = self.width
-        if self.block == "expand":
-            return 2 * self.expansion * c * c
         return 2 * c * c + c + (self.tokens if self.positional else 0)
 
     def num_params(self) -> int:
@@ -99,8 +91,7 @@ class ModelSpec:
         M R^T; the C^3 product M R^T is per batch, not per image, and left out, as are shift, beta-Abs
         and pooling (O(tokens C))."""
         t, d = self.tokens, self.width
-        per_block = 2 * fan_flops(d, self.expansion * d if self.block == "expand" else d, t)
-        return fan_flops(self.stem_in, d, t) + self.depth * per_block + fan_flops(d, self.num_classes, 1)
+        return fan_flops(self.stem_in, d, t) + self.depth * 2 * fan_flops(d, d, t) + fan_flops(d, self.num_classes, 1)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -142,16 +133,13 @@ class LipNeXt(nn.Module):
         self.register_buffer("input_mean", torch.tensor(spec.input_mean).view(1, 3, 1, 1), persistent=False)
         self.patchify = Patchify(spec.patch_size)
         self.stem = OrthogonalProjection(spec.stem_in, spec.width)
-        self.blocks = nn.ModuleList(self._block(spec) for _ in range(spec.depth))
+        self.blocks = nn.ModuleList(
+            LipNeXtBlock(spec.width, spec.grid, alpha=spec.shift_alpha, beta=spec.beta, shift_mode=spec.shift_mode,
+                         positional=spec.positional)
+            for _ in range(spec.depth)
+        )
         self.pool = L2SpatialPool()
         self.head = NormalizedLinear(spec.width, spec.num_classes)
-
-    @staticmethod
-    def _block(spec: ModelSpec) -> nn.Module:
-        if spec.block == "expand":
-            return ExpandBlock(spec.width, spec.expansion, beta=spec.beta, shift_mode=spec.shift_mode)
-        return LipNeXtBlock(spec.width, spec.grid, alpha=spec.shift_alpha, beta=spec.beta,
-                            shift_mode=spec.shift_mode, positional=spec.positional)
 
     def lipschitz_path(self) -> list[str]:
         """Names of the (semi-)orthogonal matrices an input passes through, in order and with repeats (the
@@ -207,7 +195,7 @@ def model_info(name: str) -> dict:
     spec = get_spec(name)
     return {
         "name": name, "params": spec.num_params(), "width": spec.width, "depth": spec.depth,
-        "block": spec.block, "expansion": spec.expansion if spec.block == "expand" else 1,
+        "expansion": 1,  # kept for scripts that read it: the paper's block has no expansion
         "patch_size": spec.patch_size, "image_size": spec.image_size, "num_classes": spec.num_classes,
         "flops_per_image": spec.flops_per_image(), "source": spec.source, "description": spec.description,
     }

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lipnext_scale.model.layers import (
-    BetaAbs, ExpandBlock, L2SpatialPool, LipNeXtBlock, NormalizedLinear, OrthogonalProjection, Patchify,
+    BetaAbs, L2SpatialPool, LipNeXtBlock, NormalizedLinear, OrthogonalProjection, Patchify,
     SpatialShift, orthogonality_error, shift_group_size, shift_reference,
 )
 
@@ -144,11 +144,6 @@ def test_paper_block_is_the_formula_with_orthogonal_r_and_m():
     y = torch.randn(3, 4, 4, 32, dtype=torch.float64)
     lin = lambda t: shift_reference((t + block.pos) @ r.t(), 4) @ r @ m.t() + block.bias
     assert torch.allclose((lin(x) - lin(y)).norm(), (x - y).norm(), rtol=1e-6)  # R, M orthogonal to fp32 init
-
-
-def test_expand_block_is_lipschitz():
-    torch.manual_seed(1)
-    _assert_lipschitz(ExpandBlock(20, expansion=2), (2, 4, 4, 20))
 
 
 def test_normalized_head_uses_unit_rows():

@@ -114,5 +114,5 @@ def test_recipes_load():
             assert cfg.optim.euclid_optimizer == "nadam" and cfg.optim.grad_clip == 3.0, name
         model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, image_size=cfg.model.image_size,
                              device="meta", **cfg.model.overrides())
-        assert model.spec.block == "paper" and model.spec.positional, name
+        assert model.spec.positional and model.spec.shift_mode == "circular", name
     assert load_config(DEMO.replace("demo", "imagenet_2b")).model.name == "lipnext-2b"
