@@ -66,7 +66,6 @@ class OptimConfig:
     polish: bool = True  # fast_exp: one Newton-Schulz step per update, so truncation/rounding never accumulate
     lookahead_k: int = 5  # Manifold Lookahead every k steps (slow <- slow FastExp(1/2 sum of the k updates)); 0: off
     ns_iters: int = 6  # polar_ns only
-    reortho_every: int = -1  # deprecated alias of polar_every (older recipes); -1: unset
     # Everything else: NAdam or AdamW, with plain Lookahead (alpha 1/2) every euclid_lookahead_k steps if > 0.
     euclid_optimizer: str = "adamw"  # adamw | nadam
     euclid_lr: float = 1e-3
@@ -83,9 +82,6 @@ class OptimConfig:
     # bounds the memory it holds beyond its shard; larger = fewer collectives.
     manifold_bucket_mb: float = 256.0
 
-    def exact_polar_every(self) -> int:
-        return self.reortho_every if self.reortho_every >= 0 else self.polar_every
-
     def validate(self) -> None:
         choices = {"retraction": ("fast_exp", "polar_ns"), "moments": ("adam", "momentum"),
                    "euclid_optimizer": ("adamw", "nadam")}
@@ -100,8 +96,6 @@ class OptimConfig:
         for key in ("polar_every", "lookahead_k", "euclid_lookahead_k"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"optim.{key}={getattr(self, key)}: must be >= 0 (0 disables it)")
-        if self.reortho_every < -1:
-            raise ConfigError(f"optim.reortho_every={self.reortho_every}: deprecated, use optim.polar_every >= 0")
         if self.grad_clip < 0 or self.manifold_bucket_mb <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"optim.grad_clip={self.grad_clip}, optim.manifold_bucket_mb={self.manifold_bucket_mb}, "
                               f"optim.min_lr_ratio={self.min_lr_ratio}: need grad_clip >= 0, "

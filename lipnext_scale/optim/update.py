@@ -105,18 +105,18 @@ def manifold_update(x: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.
                 delta = y - slow  # Omega S = (S skew(S^T delta) + (I - S S^T) delta) / 2: half way to fast
                 slow = stiefel_exp_action(slow, delta - 0.5 * slow @ (slow.mT @ delta), 0.5)
             y = ns_polish(slow) if cfg.polish else slow
-    if _due(step, cfg.exact_polar_every()):
+    if _due(step, cfg.polar_every):
         y = polar_exact(y).to(dtype)
     out = _t(y, wide).contiguous()
     if cfg.lookahead_k > 0 and _due(step, cfg.lookahead_k):
         state["slow"] = out.clone()
-    elif cfg.lookahead_k > 0 and _due(step, cfg.exact_polar_every()):
+    elif cfg.lookahead_k > 0 and _due(step, cfg.polar_every):
         state["slow"] = polar_exact(state["slow"]).to(dtype)
     return out
 
 
 def _polar_ns_update(x, g, state, *, step, lr, cfg, stats):
-    exact = _due(step, cfg.exact_polar_every())
+    exact = _due(step, cfg.polar_every)
     old = state.get("momentum_buffer")
     news, bufs = [], []
     for i in range(x.shape[0]):

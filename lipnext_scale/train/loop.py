@@ -103,7 +103,7 @@ def train_worker(cfg: JobConfig, ds_base: dict, run_url: str, rank: int, world: 
     manifold = ShardedManifoldStep(engine, model, cfg.optim)
     # The matrices an input passes through, with repeats (R twice per block): the monitoring bound's product.
     slot_shapes = {s.name: tuple(s.shape) for s in manifold.slots}
-    manifold_shapes = [slot_shapes[name] for name in model.lipschitz_path()]
+    lipschitz_shapes = [slot_shapes[name] for name in model.lipschitz_path()]
 
     # ---- resume: rank 0 picks the checkpoint, everyone loads it
     start_step, resumed_from, batches_done = 0, None, 0
@@ -174,9 +174,9 @@ def train_worker(cfg: JobConfig, ds_base: dict, run_url: str, rank: int, world: 
             bar.update(1)
         stopping = stop.any_rank() or (step % tc.log_every == 0 and preempted())
         if step % tc.log_every == 0 or step == tc.steps:
-            last.update(_log_step(step, window, timer, manifold, manifold_shapes, cfg, tb, device))
+            last.update(_log_step(step, window, timer, manifold, lipschitz_shapes, cfg, tb, device))
         if step == tc.steps or (tc.eval_every and step % tc.eval_every == 0):
-            last.update(_evaluate(engine, model, manifold, manifold_shapes, cfg, rank, world, device, dtype, tb, step))
+            last.update(_evaluate(engine, model, manifold, lipschitz_shapes, cfg, rank, world, device, dtype, tb, step))
         if step == tc.steps:
             checkpoint(step, {**last, "step": step, "final": True})
         elif step % cfg.ckpt.every_steps == 0 or stopping:
