@@ -158,7 +158,7 @@ def main() -> None:
     from lipnext_scale.certify.data_access import resolve_shards
     from lipnext_scale.certify.report import versions
     from lipnext_scale.config import JobConfig, config_to_dict
-    from lipnext_scale.data.urls import atomic_write_bytes
+    from lipnext_scale.storage import atomic_write_bytes
     from lipnext_scale.model import create_model
     from lipnext_scale.train.export import save_exported
 

@@ -106,7 +106,7 @@ def run_variant(name: str, settings: dict, data_dir: Path, storage: Path, steps:
     from lipnext_scale.train.trainer import run_training
 
     overrides = [*dataset_overrides(str(data_dir)), f"train.storage={toml_string(str(storage))}",
-                 f"train.name={name}", f"train.steps={steps}", f"optim.total_steps={steps}", "optim.warmup_steps=0",
+                 f"train.name={name}", f"train.steps={steps}", "optim.warmup_steps=0",
                  f"train.log_every={log_every}", f"ckpt.every_steps={log_every}", f"ckpt.keep_last={steps}",
                  "train.eval_every=0", "train.progress_bar=false", *(f"{k}={v}" for k, v in settings.items())]
     cfg = build_train_config(DEMO_CONFIG, overrides)

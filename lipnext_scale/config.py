@@ -8,12 +8,16 @@ against the field types, and each section's `validate()` checks ranges with mess
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from lipnext_scale.eps import parse_eps_list
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,6 +27,40 @@ else:  # pragma: no cover
 
 class ConfigError(ValueError):
     """A config file, key or value is wrong; the message names it and the fix."""
+
+
+# Choices: one source each. Loading checks a value against its Literal and lists the choices on error;
+# code that needs the list reads it with `choices(Type)`.
+Retraction = Literal["fast_exp", "polar_ns"]
+Moments = Literal["adam", "momentum"]
+EuclidOptimizer = Literal["adamw", "nadam"]
+Dataset = Literal["digits", "cifar10", "cifar100", "tiny-imagenet", "imagenet"]
+LossKind = Literal["emma", "margin"]
+Attack = Literal["", "pgd", "fmn"]
+Precision = Literal["bf16", "fp32"]
+ShiftMode = Literal["circular", "zero"]
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    return typing.get_args(literal)
+
+
+def check_choices(section: Any, where: str) -> None:
+    """Every Literal-typed field of a section holds one of its choices (also for sections built in code)."""
+    for name, tp in typing.get_type_hints(type(section)).items():
+        value = getattr(section, name)
+        literals = [t for t in (tp, *typing.get_args(tp)) if typing.get_origin(t) is Literal]
+        if literals and value is not None and value not in choices(literals[0]):
+            shown = ", ".join(repr(a) if a == "" else str(a) for a in choices(literals[0]))
+            raise ConfigError(f"{where}.{name}={value!r}: choose one of {shown}")
+
+
+# Keys that used to exist: loading them says what replaced them instead of a bare "unknown key".
+RENAMED_KEYS = {
+    "data.num_workers": "data.loader_processes (DataLoader processes per training rank)",
+    "certify.workers": "certify.actors (Ray actors that certify shards)",
+    "optim.total_steps": "nothing: the schedule length is train.steps (set that instead)",
+}
 
 
 @dataclass
@@ -36,10 +74,11 @@ class ModelConfig:
     patch_size: int | None = None
     beta: float | None = None
     shift_alpha: float | None = None
-    shift_mode: str | None = None
+    shift_mode: ShiftMode | None = None
     positional: bool | None = None
 
     def validate(self) -> None:
+        check_choices(self, "model")
         if self.num_classes < 2:
             raise ConfigError(f"model.num_classes={self.num_classes}: need at least 2 classes")
         if self.image_size < 1:
@@ -57,8 +96,8 @@ class OptimConfig:
     # Manifold Lookahead every `lookahead_k`. retraction = "polar_ns" with moments = "momentum" is the
     # pre-FastExp default (Riemannian heavy-ball + Newton-Schulz polar), kept for ablations.
     lr: float = 0.002
-    retraction: str = "fast_exp"  # fast_exp | polar_ns
-    moments: str = "adam"  # adam | momentum (fast_exp); polar_ns needs momentum
+    retraction: Retraction = "fast_exp"
+    moments: Moments = "adam"  # polar_ns needs momentum
     momentum: float = 0.9  # heavy-ball coefficient (moments = "momentum")
     manifold_betas: tuple[float, float] = (0.9, 0.99)  # Adam-type moments of the manifold gradients
     manifold_eps: float = 1e-8
@@ -67,12 +106,14 @@ class OptimConfig:
     lookahead_k: int = 5  # Manifold Lookahead every k steps (slow <- slow FastExp(1/2 sum of the k updates)); 0: off
     ns_iters: int = 6  # polar_ns only
     # Everything else: NAdam or AdamW, with plain Lookahead (alpha 1/2) every euclid_lookahead_k steps if > 0.
-    euclid_optimizer: str = "adamw"  # adamw | nadam
+    euclid_optimizer: EuclidOptimizer = "adamw"
     euclid_lr: float = 1e-3
     euclid_lookahead_k: int = 0
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
+    # The schedule length. Not a config key: `JobConfig` sets it from train.steps (one source); set it
+    # directly only when using the optimizer on its own (tests, benches).
     total_steps: int = 1000
     min_lr_ratio: float = 0.0
     # > 0: each group is clipped by its own global grad norm (manifold: the optimizer; Euclidean: the
@@ -83,11 +124,7 @@ class OptimConfig:
     manifold_bucket_mb: float = 256.0
 
     def validate(self) -> None:
-        choices = {"retraction": ("fast_exp", "polar_ns"), "moments": ("adam", "momentum"),
-                   "euclid_optimizer": ("adamw", "nadam")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"optim.{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
+        check_choices(self, "optim")
         if self.retraction == "polar_ns" and self.moments != "momentum":
             raise ConfigError('optim.moments="adam" needs optim.retraction="fast_exp"; polar_ns is the '
                               'heavy-ball ablation: set optim.moments="momentum"')
@@ -96,6 +133,8 @@ class OptimConfig:
         for key in ("polar_every", "lookahead_k", "euclid_lookahead_k"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"optim.{key}={getattr(self, key)}: must be >= 0 (0 disables it)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay={self.weight_decay}: must be >= 0")
         if self.grad_clip < 0 or self.manifold_bucket_mb <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"optim.grad_clip={self.grad_clip}, optim.manifold_bucket_mb={self.manifold_bucket_mb}, "
                               f"optim.min_lr_ratio={self.min_lr_ratio}: need grad_clip >= 0, "
@@ -110,8 +149,8 @@ class OptimConfig:
                 raise ConfigError(f"optim.{key}={getattr(self, key)}: both must be in [0, 1)")
         if self.total_steps < 1 or self.warmup_steps < 0 or self.warmup_steps > self.total_steps:
             raise ConfigError(
-                f"optim.warmup_steps={self.warmup_steps}, optim.total_steps={self.total_steps}: "
-                "need 0 <= warmup_steps <= total_steps and total_steps >= 1"
+                f"optim.warmup_steps={self.warmup_steps} with a run of train.steps={self.total_steps}: need "
+                "0 <= warmup_steps <= train.steps; lower optim.warmup_steps or raise train.steps"
             )
 
 
@@ -120,31 +159,27 @@ class DataConfig:
     # A shard pattern ("{train-000000..000009}.tar" brace syntax) or a manifest URL; any fsspec URL.
     train_url: str = ""
     eval_url: str = ""
-    dataset: str = "digits"  # digits | cifar10 | cifar100 | tiny-imagenet | imagenet: picks augmentation
-    batch_size: int = 64
-    num_workers: int = 2
+    dataset: Dataset = "digits"  # picks the augmentation
+    batch_size: int = 64  # per training rank (micro-batch)
+    loader_processes: int = 2  # DataLoader processes per training rank
     shuffle_buffer: int = 1000
     seed: int = 0
 
     def validate(self) -> None:
+        check_choices(self, "data")
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size={self.batch_size}: must be >= 1")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers={self.num_workers}: must be >= 0")
-        datasets = ("digits", "cifar10", "cifar100", "tiny-imagenet", "imagenet")  # = data.transforms.DATASETS
-        if self.dataset not in datasets:
-            raise ConfigError(f"data.dataset={self.dataset!r}: choose one of {', '.join(datasets)} "
-                              "(it picks the augmentation)")
-
-
-LOSS_KINDS = ("emma", "margin")
+        if self.loader_processes < 0:
+            raise ConfigError(f"data.loader_processes={self.loader_processes}: must be >= 0")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"data.shuffle_buffer={self.shuffle_buffer}: must be >= 0")
 
 
 @dataclass
 class LossConfig:
     # Certified-training loss (paper.md B.6; lipnext_scale/train/loss.py). "emma": the paper's (LiResNet++'s
     # EMMA); "margin": our earlier fixed-offset margin loss (offset, temperature apply to it only).
-    kind: str = "emma"
+    kind: LossKind = "emma"
     eps: float = 36 / 255  # the radius training aims at (usually the first certify eps)
     # The training eps ramps linearly from eps_ramp_start * eps at step 0 to eps_ramp_end * eps at
     # eps_ramp_fraction of train.steps, then stays (LiResNet++: 0.1 -> 3.0 over the first half).
@@ -155,8 +190,7 @@ class LossConfig:
     temperature: float = 0.25
 
     def validate(self) -> None:
-        if self.kind not in LOSS_KINDS:
-            raise ConfigError(f"loss.kind={self.kind!r}: choose one of {', '.join(LOSS_KINDS)}")
+        check_choices(self, "loss")
         if not self.temperature > 0:
             raise ConfigError(f"loss.temperature={self.temperature}: must be > 0")
         values = (self.eps, self.offset, self.eps_ramp_start, self.eps_ramp_end)
@@ -175,21 +209,24 @@ class CertifyConfig:
     batch_size: int = 256
     lipschitz_tol: float = 1e-4
     allow_approx: bool = False
-    workers: int = 2  # Ray actors, one model copy each; 0 runs in the calling process
-    attack: str = ""  # "" | "pgd" | "fmn": an attack on certified points, a soundness check (fmn: Foolbox extra)
+    actors: int = 2  # Ray actors, one model copy each; 0 runs in the calling process
+    attack: Attack = ""  # an attack on certified points, a soundness check (fmn: Foolbox extra); "": none
     attack_steps: int = 10
 
     def validate(self) -> None:
-        from lipnext_scale.certify.certify import parse_eps_list
-
-        parse_eps_list(self.eps)
+        check_choices(self, "certify")
+        try:
+            parse_eps_list(self.eps)
+        except ValueError as e:
+            raise ConfigError(f"certify.eps={self.eps!r}: {e}") from None
         if self.lipschitz_tol < 0:
             raise ConfigError(f"certify.lipschitz_tol={self.lipschitz_tol}: must be >= 0")
-        if self.workers < 0 or self.batch_size < 1 or self.attack_steps < 1:
-            raise ConfigError(f"certify.workers={self.workers}, certify.batch_size={self.batch_size}, "
-                              f"certify.attack_steps={self.attack_steps}: need workers >= 0, the others >= 1")
-        if self.attack not in ("", "pgd", "fmn"):
-            raise ConfigError(f"certify.attack={self.attack!r}: choose \"pgd\", \"fmn\" or \"\" (no attack)")
+        if self.actors < 0 or self.batch_size < 1 or self.attack_steps < 1:
+            raise ConfigError(f"certify.actors={self.actors}, certify.batch_size={self.batch_size}, "
+                              f"certify.attack_steps={self.attack_steps}: need actors >= 0, the others >= 1")
+
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 @dataclass
@@ -199,7 +236,7 @@ class TrainConfig:
     storage: str = "./runs"  # fsspec URL (local path, file://, s3://, gs://); the run lives in {storage}/{name}
     steps: int = 1000  # optimizer steps (each = grad_accum micro-batches per worker)
     grad_accum: int = 1
-    precision: str = "bf16"  # bf16 | fp32 (fp32 gives bit-exact resume checks)
+    precision: Precision = "bf16"  # fp32 gives bit-exact resume checks
     num_workers: int = 2  # Ray Train workers = data-parallel ranks
     cpus_per_worker: int = 1
     use_gpu: bool | str = "auto"  # "auto" uses GPUs when the Ray cluster has them
@@ -214,8 +251,10 @@ class TrainConfig:
     progress_bar: bool = True
 
     def validate(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"train.name={self.name!r}: must be a non-empty name without '/'")
+        check_choices(self, "train")
+        if not _RUN_NAME.fullmatch(self.name) or set(self.name) == {"."}:
+            raise ConfigError(f"train.name={self.name!r}: use letters, digits, '.', '_' and '-' only "
+                              "(it names a directory under train.storage), e.g. train.name=cifar10-run1")
         if not self.storage:
             raise ConfigError("train.storage is empty: set a directory or URL, e.g. --set train.storage=./runs")
         for key in ("steps", "grad_accum", "num_workers", "cpus_per_worker", "log_every", "eval_batches"):
@@ -223,8 +262,6 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}={getattr(self, key)}: must be >= 1")
         if self.eval_every < 0 or self.max_failures < 0:
             raise ConfigError("train.eval_every and train.max_failures must be >= 0")
-        if self.precision not in ("bf16", "fp32"):
-            raise ConfigError(f"train.precision={self.precision!r}: choose bf16 or fp32")
         if self.use_gpu not in ("auto", True, False):
             raise ConfigError(f"train.use_gpu={self.use_gpu!r}: choose \"auto\", true or false")
         if not self.resume:
@@ -253,7 +290,11 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
 
+    def __post_init__(self) -> None:
+        self.optim.total_steps = self.train.steps  # the schedule spans the run: one source
+
     def validate(self) -> None:
+        self.optim.total_steps = self.train.steps
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
@@ -267,6 +308,12 @@ class JobConfig:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check (and minimally convert) `value` against the annotated type `tp`."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed or isinstance(value, bool):
+            shown = ", ".join(repr(a) if a == "" else str(a) for a in allowed)
+            raise ConfigError(f"{where}={value!r}: choose one of {shown}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -293,6 +340,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}={value!r}: expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}={value!r}: must be a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -317,8 +366,13 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
+    prefix = f"{where}." if where else ""
+    for key in unknown:
+        if prefix + key in RENAMED_KEYS:
+            raise ConfigError(f"config key {prefix + key} was replaced by {RENAMED_KEYS[prefix + key]}")
+    if where == "optim" and "total_steps" in data:
+        raise ConfigError(f"config key optim.total_steps was replaced by {RENAMED_KEYS['optim.total_steps']}")
     if unknown:
-        prefix = f"{where}." if where else ""
         raise ConfigError(
             f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
             f"valid keys{' in [' + where + ']' if where else ''}: {', '.join(sorted(fields))}"
@@ -365,18 +419,27 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
     return out
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
+def read_toml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a TOML config; `extends = "other.toml"` (relative to this file) layers this one on top."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist; pass a path such as configs/train/demo.toml")
+    if p.resolve() in _chain:
+        loop = " -> ".join(str(c) for c in (*_chain, p.resolve()))
+        raise ConfigError(f"config file {str(p)!r}: `extends` forms a loop ({loop}); remove one of them")
     try:
-        data = tomllib.loads(p.read_text())
+        data = tomllib.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from e
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(p)!r} cannot be read ({type(e).__name__}: {e})") from None
     parent = data.pop("extends", None)
     if parent is not None:
-        data = _merge(read_toml(p.parent / parent), data)
+        if not isinstance(parent, str):
+            raise ConfigError(f"config file {str(p)!r}: extends={parent!r} must be a file name")
+        data = _merge(read_toml(p.parent / parent, (*_chain, p.resolve())), data)
     return data
 
 
@@ -392,11 +455,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as stored (run config.json, checkpoints): derived values left out."""
+    out = dataclasses.asdict(cfg)
+    if isinstance(cfg, JobConfig):
+        out["optim"].pop("total_steps", None)
+    return out
+
+
+# Stored configs of older versions: a key's old name -> its new one (derived keys map to None: dropped).
+_STORED_KEY_MIGRATIONS = {("data", "num_workers"): "loader_processes", ("certify", "workers"): "actors",
+                          ("optim", "total_steps"): None}
 
 
 def config_from_dict(data: dict[str, Any], cls: type = JobConfig) -> Any:
-    """Inverse of `config_to_dict` (e.g. a config stored in a checkpoint), validated like a loaded file."""
+    """Inverse of `config_to_dict` (e.g. a config stored in a checkpoint), validated like a loaded file;
+    configs stored by older versions are read with their keys' new names."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    if cls is JobConfig:
+        for (section, old), new in _STORED_KEY_MIGRATIONS.items():
+            if isinstance(data.get(section), dict) and old in data[section]:
+                value = data[section].pop(old)
+                if new is not None:
+                    data[section].setdefault(new, value)
     cfg = _build(cls, data, "")
     cfg.validate()
     return cfg

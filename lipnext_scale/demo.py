@@ -66,7 +66,7 @@ def demo_config(out: Path, name: str, steps: int | None, user_overrides: list[st
             f"train.name={toml_string(name)}"]
     cfg = build_train_config(DEMO_CONFIG, base + list(user_overrides))
     if steps is not None:
-        cfg.train.steps = cfg.optim.total_steps = steps
+        cfg.train.steps = steps  # the schedule length follows (JobConfig.validate)
         cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, max(steps, 0))
         cfg.validate()
     return cfg

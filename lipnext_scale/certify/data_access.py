@@ -68,14 +68,14 @@ def check_sample(shard_url: str, key: str, image: torch.Tensor, label: int, imag
 
 
 def _data_dir(shards: list[str]) -> str:
-    from lipnext_scale.data.urls import parent_url
+    from lipnext_scale.storage import parent_url
 
     return parent_url(shards[0])
 
 
 def dataset_num_classes(shards: list[str]) -> int | None:
     """The class count of classes.json next to the shards (written by `lipnext prep`), if there is one."""
-    from lipnext_scale.data.urls import exists, join_url, read_bytes
+    from lipnext_scale.storage import exists, join_url, read_bytes
 
     url = join_url(_data_dir(shards), "classes.json")
     if not exists(url):
@@ -107,7 +107,7 @@ def data_fingerprint(shards: list[str]) -> str:
     """sha256 over the shard list (names and sizes) and the split's manifest when there is one
     (`{split}-manifest.parquet`, which holds every shard's sha256): identifies the evaluation data in
     the report without reading every shard."""
-    from lipnext_scale.data.urls import join_url, read_bytes, url_to_fs
+    from lipnext_scale.storage import join_url, read_bytes, url_to_fs
 
     h = hashlib.sha256()
     fs, _ = url_to_fs(shards[0])

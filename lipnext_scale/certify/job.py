@@ -18,6 +18,7 @@ import time
 
 import fsspec
 
+from lipnext_scale.config import Attack, choices
 from lipnext_scale.certify.certify import DEFAULT_EPS, format_eps, parse_eps_list
 from lipnext_scale.certify.data_access import data_fingerprint, preflight, resolve_shards, shard_name
 from lipnext_scale.certify.fp_error import float_error_model
@@ -26,7 +27,7 @@ from lipnext_scale.certify.report import build_report, merge_shard_tables, write
 from lipnext_scale.certify.worker import ShardCertifier, shard_result_url
 
 JOB_FILE = "job.json"
-ATTACKS = ("pgd", "fmn")
+ATTACKS = tuple(a for a in choices(Attack) if a)
 
 
 def _check_out_dir(out_url: str, identity: dict) -> None:
@@ -40,7 +41,7 @@ def _check_out_dir(out_url: str, identity: dict) -> None:
             raise CertifyError(f"--out {out_url!r} holds results of a different job ({', '.join(changed)} "
                                "differ); choose a new --out, or delete it to start over")
         return
-    from lipnext_scale.data.urls import atomic_write_bytes
+    from lipnext_scale.storage import atomic_write_bytes
 
     atomic_write_bytes(posixpath.join(out_url, JOB_FILE), json.dumps(identity, indent=2).encode())
 

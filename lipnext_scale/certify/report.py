@@ -194,7 +194,7 @@ def plot_certified_accuracy(table, eps_list: list[float], title: str) -> bytes:
 
 
 def write_outputs(out_url: str, table, report: dict, eps_list: list[float]) -> None:
-    from lipnext_scale.data.urls import atomic_write_bytes
+    from lipnext_scale.storage import atomic_write_bytes
 
     write_parquet_atomic(table, posixpath.join(out_url, SAMPLES_FILE))
     title = f"{report['checkpoint'].get('model', '')} ({report['samples']} samples)"

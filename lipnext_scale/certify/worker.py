@@ -98,7 +98,7 @@ def write_parquet_atomic(table, url: str) -> None:
 
     import pyarrow.parquet as pq
 
-    from lipnext_scale.data.urls import atomic_write_bytes
+    from lipnext_scale.storage import atomic_write_bytes
 
     buf = io.BytesIO()
     pq.write_table(table, buf)

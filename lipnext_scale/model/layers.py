@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lipnext_scale.config import ShiftMode, choices
+
 
 def orthogonal_(weight: torch.Tensor) -> torch.Tensor:
     """Fill a (d_out, d_in) matrix with a Haar-random (semi-)orthogonal one: QR of a Gaussian in fp32,
@@ -47,7 +49,7 @@ class OrthogonalProjection(nn.Module):
         return f"d_in={self.d_in}, d_out={self.d_out}"
 
 
-SHIFT_MODES = ("circular", "zero")
+SHIFT_MODES = choices(ShiftMode)
 # (dh, dw) of the shifted groups, in channel order: up, down, left, right; the remaining channels stay.
 SHIFT_DIRECTIONS = ((-1, 0), (1, 0), (0, -1), (0, 1))
 

@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from lipnext_scale.data.urls import url_to_fs
+from lipnext_scale.storage import url_to_fs
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lipnext_scale.data.urls import url_to_fs
+from lipnext_scale.storage import url_to_fs
 
 FORMAT = "lipnext-exported"
 FORMAT_VERSION = 1

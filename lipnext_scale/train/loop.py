@@ -130,7 +130,7 @@ def train_worker(cfg: JobConfig, ds_base: dict, run_url: str, rank: int, world: 
 
     loader = make_train_loader(cfg.data.train_url, image_size=cfg.model.image_size, batch_size=cfg.data.batch_size,
                                dataset=cfg.data.dataset, rank=rank, world_size=world,
-                               num_workers=cfg.data.num_workers, seed=cfg.data.seed + tc.seed,
+                               num_workers=cfg.data.loader_processes, seed=cfg.data.seed + tc.seed,
                                start_batch=batches_done, shuffle_buffer=cfg.data.shuffle_buffer,
                                deterministic=tc.deterministic_data)
     batches = iter(loader)

@@ -31,9 +31,9 @@ def _worker(run: str, data: str, steps: int) -> None:
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     cfg = load_config(None, [
-        "model.width=16", "model.depth=1", "data.batch_size=4", "data.num_workers=0", "train.precision=fp32",
+        "model.width=16", "model.depth=1", "data.batch_size=4", "data.loader_processes=0", "train.precision=fp32",
         "train.deepspeed=configs/deepspeed/zero3_fp32.json", "train.progress_bar=false", "train.log_every=1",
-        f"train.steps={steps}", f"optim.total_steps={steps}", "ckpt.every_steps=100000", f"data.train_url={data}"])
+        f"train.steps={steps}", "ckpt.every_steps=100000", f"data.train_url={data}"])
 
     def report(metrics, local_dir, name):
         if local_dir:  # what Ray Train does: merge every rank's files into one storage directory

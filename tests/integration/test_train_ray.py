@@ -27,10 +27,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 STEPS = 24
 TINY = [
-    "model.width=16", "model.depth=2", "data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=64",
+    "model.width=16", "model.depth=2", "data.batch_size=8", "data.loader_processes=0", "data.shuffle_buffer=64",
     "train.precision=fp32", "train.deepspeed=configs/deepspeed/zero3_fp32.json", "train.deterministic_data=true",
     "train.progress_bar=false", "train.num_workers=2", "train.log_every=3", "train.eval_batches=2",
-    f"train.steps={STEPS}", f"optim.total_steps={STEPS}", "optim.warmup_steps=2", "optim.grad_clip=5.0",
+    f"train.steps={STEPS}", "optim.warmup_steps=2", "optim.grad_clip=5.0",
     "ckpt.every_steps=6", "ckpt.keep_last=3",
 ]
 

@@ -48,3 +48,62 @@ def test_missing_and_invalid_files_are_named(tmp_path):
     bad.write_text("[model\nname=")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+# Issue 12, item 7: NaN/inf and nonsense values are refused at load time, naming the key.
+@pytest.mark.parametrize("override,match", [
+    ("optim.lr=nan", "optim.lr=nan: must be a finite number"),
+    ("optim.euclid_lr=inf", "optim.euclid_lr=inf: must be a finite number"),
+    ("loss.eps=nan", "loss.eps=nan: must be a finite number"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay=-0.1: must be >= 0"),
+    ("optim.betas=[0.9, 1.5]", r"optim.betas=\(0.9, 1.5\): both must be in \[0, 1\)"),
+    ("optim.manifold_betas=[nan, 0.9]", r"optim.manifold_betas\[0\]=nan: must be a finite number"),
+    ('train.name=".."', "train.name='..': use letters, digits"),
+    ('train.name="a b"', "train.name='a b': use letters, digits"),
+    ("data.shuffle_buffer=-1", "data.shuffle_buffer=-1: must be >= 0"),
+    ("optim.warmup_steps=20", "optim.warmup_steps=20 with a run of train.steps=10"),
+    ("data.dataset=mnist", "data.dataset='mnist': choose one of digits, cifar10"),
+    ("certify.attack=cw", "certify.attack='cw': choose one of '', pgd, fmn"),
+])
+def test_nonsense_values_are_refused(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["train.steps=10", override])
+
+
+@pytest.mark.parametrize("old,new", [("data.num_workers=2", "data.loader_processes"),
+                                     ("certify.workers=2", "certify.actors"),
+                                     ("optim.total_steps=5", "the schedule length is train.steps")])
+def test_old_keys_name_their_replacement(old, new):
+    with pytest.raises(ConfigError, match=new):
+        load_config(None, [old])
+
+
+def test_schedule_length_is_the_run_length():
+    cfg = load_config(None, ["train.steps=123"])
+    assert cfg.optim.total_steps == 123
+
+
+def test_stored_configs_of_older_versions_still_load():
+    from lipnext_scale.config import config_from_dict, config_to_dict
+
+    stored = config_to_dict(load_config(None, ["train.steps=9"]))
+    stored["data"]["num_workers"] = stored["data"].pop("loader_processes")
+    stored["certify"]["workers"] = stored["certify"].pop("actors")
+    stored["optim"]["total_steps"] = 9
+    cfg = config_from_dict(stored)
+    assert cfg.data.loader_processes == 2 and cfg.certify.actors == 2 and cfg.optim.total_steps == 9
+
+
+# Issue 12, item 11 (config part): an `extends` loop and a non-UTF-8 file are one-line errors.
+def test_extends_loop_and_non_utf8_are_named(tmp_path):
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    with pytest.raises(ConfigError, match="`extends` forms a loop"):
+        load_config(tmp_path / "a.toml")
+    (tmp_path / "self.toml").write_text('extends = "self.toml"\n')
+    with pytest.raises(ConfigError, match="`extends` forms a loop"):
+        load_config(tmp_path / "self.toml")
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b'[train]\nname = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(latin)

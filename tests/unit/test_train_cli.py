@@ -10,6 +10,7 @@ from pathlib import Path
 from lipnext_scale.cli import main
 from lipnext_scale.demo import demo_config, digits_ready
 from lipnext_scale.train.cli import build_train_config, dataset_overrides
+from lipnext_scale.config import config_to_dict
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,8 +24,8 @@ def load_launcher(name: str):
 
 def test_config_path_resolves_from_any_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = build_train_config("configs/train/demo.toml", ["train.steps=7"], resume="123")
-    assert cfg.train.steps == 7
+    cfg = build_train_config("configs/train/demo.toml", ["train.steps=70"], resume="123")
+    assert cfg.train.steps == 70 == cfg.optim.total_steps
     assert cfg.train.resume == "123"  # a path that looks like a number stays a string
 
 
@@ -58,6 +59,7 @@ def test_train_2b_launcher_builds_its_recipe_and_rejects_bad_keys(capsys):
 def test_demo_steps_set_run_and_schedule_length(tmp_path):
     cfg = demo_config(tmp_path, "d", 3, [])
     assert cfg.train.steps == cfg.optim.total_steps == 3
+    assert "total_steps" not in config_to_dict(cfg)["optim"]  # derived, not stored
     assert cfg.optim.warmup_steps <= 3
     assert cfg.train.storage == str(tmp_path) and cfg.train.name == "d"
     assert cfg.data.train_url == f"{tmp_path}/data/digits/train-manifest.parquet"
