@@ -77,14 +77,30 @@ def start_local_ray(num_cpus: int) -> str:
     Returns the dashboard URL."""
     import ray
 
-    return ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=True).dashboard_url  # the workers' progress bar and warnings
+    url = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                   log_to_driver=True).dashboard_url  # the workers' progress bar and warnings
+    restrict_token_file(Path.home() / ".ray" / "auth_token")
+    return url
+
+
+def restrict_token_file(path: Path) -> bool:
+    """Ray 2.60 writes its auth token readable by every local user; the token lets its holder run code on
+    the instance, so it is made owner-only (0600). Returns True if the mode was changed."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return False  # no token file: auth disabled, or the token comes from RAY_AUTH_TOKEN
+    if mode & 0o077 == 0:
+        return False
+    path.chmod(0o600)
+    print(f"[demo] {path} was readable by other users (mode {mode:o}); restricted it to you (0600)")
+    return True
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    tmp.replace(path)
+    from lipnext_scale.storage import atomic_write_bytes
+
+    atomic_write_bytes(str(path), json.dumps(data, indent=2, sort_keys=True).encode())
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -125,7 +141,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"[demo] certifying {result['checkpoint']}", flush=True)
         t0 = time.perf_counter()
         report = certify_job(result["checkpoint"], cfg.data.eval_url, str(run_dir / "certify"),
-                             eps=cfg.certify.eps, workers=CERTIFY_WORKERS, batch_size=cfg.certify.batch_size)
+                             eps=cfg.certify.eps, actors=CERTIFY_WORKERS, batch_size=cfg.certify.batch_size)
         seconds["certify"] = time.perf_counter() - t0
     finally:
         ray.shutdown()

@@ -10,3 +10,43 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # A local ray.init() under Ray 2.60 turns token auth on and writes ~/.ray/auth_token, which then switches
 # every later Ray process of this user to token mode. Tests opt out; the token-auth test sets its own HOME.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import pytest  # noqa: E402  (after the environment: Ray and DeepSpeed read it at import)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole test session (2 CPUs, no dashboard, no auth token in the real
+    HOME): starting Ray costs ~5 s, so modules share it. A test that needs its own cluster (a token head, a
+    multi-node `ray.cluster_utils.Cluster`) starts it in a subprocess or after `ray.shutdown()` of this one."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        mp.delenv("RAY_ADDRESS", raising=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_shards(ray_local, tmp_path_factory):
+    """`digits_shards(shard_size)` -> a directory of real digits shards (32x32, train 1497 / val 300), prepared
+    once per shard size for the session; tests must not write into it."""
+    from lipnext_scale.data.prep import prepare
+
+    made = {}
+
+    def get(shard_size: int = 1000):
+        if shard_size not in made:
+            out = tmp_path_factory.mktemp(f"digits-{shard_size}")
+            prepare("digits", None, str(out), image_size=32, shard_size=shard_size, progress=False, workers=2)
+            made[shard_size] = out
+        return made[shard_size]
+
+    return get
