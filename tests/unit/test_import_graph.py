@@ -17,7 +17,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "lipnext_scale"
 
 LEVEL = {"config": 0, "eps": 0, "storage": 0, "model": 1, "optim": 2, "ckpt": 3,
-         "data": 4, "train": 4, "certify": 4, "cli": 5, "demo": 5, "info": 5}
+         "data": 4, "train": 4, "certify": 4, "cli": 5, "demo": 5, "info": 5, "plan": 5}
 SIDEWAYS = {("config", "eps"), ("train", "data"), ("train", "certify"), ("certify", "data")}
 FORBIDDEN_THIRD_PARTY = {"model": {"deepspeed", "ray", "fsspec", "pyarrow", "webdataset", "tensorboard"},
                          "config": {"torch", "deepspeed", "ray", "fsspec"},
