@@ -97,7 +97,7 @@ def train_and_certify(overrides: list[str], seed: int, steps: int, data: Path, w
     export = work / f"export-{os.getpid()}-{time.monotonic_ns()}"
     save_exported(model.state_dict(), config_to_dict(cfg), str(export))
     report = certify_job(str(export), str(data / "val-manifest.parquet"), str(export / "certify"),
-                         eps=cfg.certify.eps, workers=0, progress=False)
+                         eps=cfg.certify.eps, actors=0, progress=False)
     return {"seed": seed, "clean": report["clean_accuracy"],
             **{f"cra@{k}": report["certified_accuracy"][k] for k in EPS_KEYS},
             "train_seconds": round(train_s, 1), "final_loss": float(loss.detach())}

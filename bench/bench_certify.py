@@ -9,6 +9,7 @@
   certify 1 worker   the job on one Ray actor
   certify 2 workers  the job on two Ray actors
 
+"N workers" in these names (and the result keys) is `certify_job(actors=N)`: N Ray actors, 0 in process.
 `certify_ratio_vs_forward` = certified images/s of the 1-worker Ray job (its shard phase, once the actor
 has loaded and verified the model: reading, forward, float64 radii, parquet writes) / forward images/s,
 both on one CPU thread. `speedup_2_workers` = 2-worker / 1-worker certified images/s. Every job runs
@@ -108,7 +109,7 @@ def forward_images_per_s(ckpt: str, shards: list[str], batch_size: int) -> dict:
             "images_per_cpu_s": n / (time.process_time() - cpu_started)}
 
 
-def certify_images_per_s(ckpt: str, data: str, out: Path, workers: int, batch_size: int) -> dict:
+def certify_images_per_s(ckpt: str, data: str, out: Path, actors: int, batch_size: int) -> dict:
     import shutil
 
     from lipnext_scale.certify.job import certify_job
@@ -122,7 +123,7 @@ def certify_images_per_s(ckpt: str, data: str, out: Path, workers: int, batch_si
     try:
         # fp32-initialised matrices of a deep random model can sum to a rigorous bound just above 1 + 1e-4;
         # a throughput bench certifies them anyway (the radii are divided by the bound, as always)
-        report = certify_job(ckpt, data, str(out), workers=workers, batch_size=batch_size, progress=False,
+        report = certify_job(ckpt, data, str(out), actors=actors, batch_size=batch_size, progress=False,
                              lipschitz_tol=1e-3)
     finally:
         worker.certify_batch = allowed
@@ -156,15 +157,14 @@ def main() -> None:
     import torch
 
     from lipnext_scale.certify.data_access import resolve_shards
-    from lipnext_scale.certify.report import versions
     from lipnext_scale.config import JobConfig, config_to_dict
-    from lipnext_scale.storage import atomic_write_bytes
+    from lipnext_scale.storage import atomic_write_bytes, versions
     from lipnext_scale.model import create_model
     from lipnext_scale.train.export import save_exported
 
     from lipnext_scale.certify.worker import keep_freed_memory
 
-    keep_freed_memory()  # as `lipnext certify --workers 0` does for its process (and every actor for its own)
+    keep_freed_memory()  # as `lipnext certify --actors 0` does for its process (and every actor for its own)
     info = machine()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,9 +181,9 @@ def main() -> None:
 
         runs: dict[str, list] = {key: [] for key, _ in CONFIGS}
         for _ in range(args.repeats):
-            for key, workers in CONFIGS:  # each job right after its own forward baseline: load cancels
+            for key, actors in CONFIGS:  # each job right after its own forward baseline: load cancels
                 forward = forward_images_per_s(ckpt, shards, args.batch_size)
-                job = certify_images_per_s(ckpt, data, work / key, workers, args.batch_size)
+                job = certify_images_per_s(ckpt, data, work / key, actors, args.batch_size)
                 runs[key].append({**job, "forward_images_per_s": forward["images_per_s"],
                                   "forward_images_per_cpu_s": forward["images_per_cpu_s"]})
     ray.shutdown()

@@ -22,7 +22,7 @@ from pathlib import Path
 from lipnext_scale.train.cli import add_set_argument, build_train_config, dataset_overrides, toml_string
 
 DEMO_CONFIG = "configs/train/demo.toml"
-CERTIFY_WORKERS = 2
+CERTIFY_ACTORS = 2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -141,7 +141,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"[demo] certifying {result['checkpoint']}", flush=True)
         t0 = time.perf_counter()
         report = certify_job(result["checkpoint"], cfg.data.eval_url, str(run_dir / "certify"),
-                             eps=cfg.certify.eps, actors=CERTIFY_WORKERS, batch_size=cfg.certify.batch_size)
+                             eps=cfg.certify.eps, actors=CERTIFY_ACTORS, batch_size=cfg.certify.batch_size)
         seconds["certify"] = time.perf_counter() - t0
     finally:
         ray.shutdown()

@@ -139,9 +139,10 @@ def _remove_quietly(fs, path: str, recursive: bool = False) -> None:
 
 def versions() -> dict[str, str]:
     """Library versions recorded in every checkpoint, export and report (the installed ones only)."""
+    import platform
     from importlib import metadata
 
-    out = {}
+    out = {"python": platform.python_version(), "platform": platform.platform()}
     for dist in ("lipnext_scale", "torch", "deepspeed", "ray", "safetensors", "webdataset", "fsspec", "pyarrow"):
         try:
             out[dist] = metadata.version(dist)

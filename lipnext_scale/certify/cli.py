@@ -15,11 +15,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="a training checkpoint directory (ZeRO-3, any world size) or a `lipnext export` "
                                 "output; any fsspec URL")
     p.add_argument("--data", required=True, help="evaluation shards: directory, brace pattern or glob (fsspec URL)")
-    p.add_argument("--out", default="./certify-out", help="output directory (fsspec URL); rerun with the same "
-                                                          "--out to resume (default: ./certify-out)")
+    p.add_argument("--out", default="./certify-out", help="output directory (fsspec URL), created if missing; "
+                                                          "rerun with the same --out to resume (default: "
+                                                          "./certify-out)")
     p.add_argument("--eps", help="comma-separated l2 radii, fractions allowed (default: certify.eps, "
                                  "36/255,72/255,108/255)")
-    p.add_argument("--workers", type=int, help="Ray actors (0: run in this process; default: certify.workers)")
+    p.add_argument("--actors", type=int, help="Ray actors, one model copy each (0: certify in this process; "
+                                               "default: certify.actors)")
+    # the old name of --actors: accepted by the parser only to say what it is called now
+    p.add_argument("--workers", dest="renamed_workers", nargs="?", const="", help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, help="images per forward pass (default: certify.batch_size)")
     p.add_argument("--attack", choices=["pgd", "fmn"],
                    help="pgd: l2 PGD at each eps on the certified points; fmn: Foolbox's minimum-norm l2 attacks "
@@ -28,8 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack-steps", type=int, help="attack steps (default: certify.attack_steps; use ~100 for fmn)")
     p.add_argument("--allow-approx", action="store_true", default=None,
                    help="certify weights whose Lipschitz bound exceeds 1 + tol, dividing radii by the bound")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per worker)")
-    p.add_argument("--threads-per-worker", type=int, default=1, help="torch CPU threads (and Ray CPUs) per worker")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per actor)")
+    p.add_argument("--threads-per-worker", type=int, default=1, help="torch CPU threads (and Ray CPUs) per actor")
     p.add_argument("--ray-address", help="Ray cluster to join (default: what ray.init() does: RAY_ADDRESS or a "
                                          "new local instance)")
     p.add_argument("--config", help="a job TOML whose [certify] section gives the defaults")
@@ -44,18 +48,22 @@ def run_certify(args: argparse.Namespace) -> int:
     from lipnext_scale.certify.report import format_table
     from lipnext_scale.config import ConfigError, load_config
 
+    if args.renamed_workers is not None:
+        print("error: --workers is now --actors (Ray actors, one model copy each; 0: certify in this process)",
+              file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, args.set).certify
-        for flag, key in (("eps", "eps"), ("workers", "workers"), ("batch_size", "batch_size"),
+        for flag, key in (("eps", "eps"), ("actors", "actors"), ("batch_size", "batch_size"),
                           ("attack", "attack"), ("attack_steps", "attack_steps"), ("allow_approx", "allow_approx")):
             if getattr(args, flag) is not None:
                 setattr(cfg, key, getattr(args, flag))
         cfg.validate()
-        if cfg.workers == 0:  # this process certifies: keep freed memory, as actors do (worker.py says why)
+        if cfg.actors == 0:  # this process certifies: keep freed memory, as actors do (worker.py says why)
             from lipnext_scale.certify.worker import keep_freed_memory
 
             keep_freed_memory()
-        report = certify_job(args.ckpt, args.data, args.out, eps=cfg.eps, workers=cfg.workers,
+        report = certify_job(args.ckpt, args.data, args.out, eps=cfg.eps, actors=cfg.actors,
                              batch_size=cfg.batch_size, attack=cfg.attack or None, attack_steps=cfg.attack_steps,
                              allow_approx=cfg.allow_approx, lipschitz_tol=cfg.lipschitz_tol, device=args.device,
                              threads_per_worker=args.threads_per_worker, progress=not args.no_progress,

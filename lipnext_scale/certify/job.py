@@ -1,54 +1,118 @@
 """The certification job: verify, split shards over Ray actors, merge, report. `certify_job` is the API.
 
 Order of work, so that every bad input fails before any certification starts:
-  1. load + verify the checkpoint on the driver (missing/corrupt file, refused Lipschitz bound);
-  2. resolve the shards and check the data against the model (class count, image size);
-  3. check `--out` belongs to this job (job.json) and skip shards whose result file exists (resume);
-  4. one actor per worker loads and verifies the model once; shards are handed out one at a time to
+  1. check the URLs (empty, unknown protocol, `--out` a file or under one, process-local storage that
+     actors cannot see); nothing is loaded or written yet;
+  2. load + verify the checkpoint on the driver (missing/corrupt file, refused Lipschitz bound);
+  3. resolve the shards and check the data against the model (class count, image size);
+  4. check `--out` belongs to this job (job.json, written there first: a read-only `--out` fails here)
+     and skip shards whose result file is readable (resume; an unreadable one is recomputed);
+  5. one model copy per Ray actor, each loaded and verified once; shards are handed out one at a time to
      whichever actor is free, so each shard (hence each sample) is certified exactly once;
-  5. merge the per-shard files in shard order and write the report.
-The driver holds one copy of the model for step 1 (for a 2B model: ~8 GB of host memory).
+  6. merge the per-shard files in shard order and write the report.
+The driver holds one copy of the model for step 2 (for a 2B model: ~8 GB of host memory).
+Every file is written through `storage.atomic_write_bytes`: a crash leaves a `*.tmp-*` sibling, never a
+half file under a final name, and a rerun with the same `--out` finishes the job.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 import time
-
-import fsspec
 
 from lipnext_scale.config import Attack, choices
 from lipnext_scale.certify.certify import DEFAULT_EPS, format_eps, parse_eps_list
 from lipnext_scale.certify.data_access import data_fingerprint, preflight, resolve_shards, shard_name
 from lipnext_scale.certify.fp_error import float_error_model
 from lipnext_scale.certify.model_loading import CertifyError, load_model, verify_model
-from lipnext_scale.certify.report import build_report, merge_shard_tables, write_outputs
-from lipnext_scale.certify.worker import ShardCertifier, shard_result_url
+from lipnext_scale.certify.report import build_report, merge_shard_tables, read_shard_result, write_outputs
+from lipnext_scale.certify.worker import RESULTS_DIR, ShardCertifier, shard_result_url
+from lipnext_scale.storage import atomic_write_bytes, exists, is_process_local, join_url, read_bytes, url_to_fs
 
+log = logging.getLogger(__name__)
 JOB_FILE = "job.json"
 ATTACKS = tuple(a for a in choices(Attack) if a)
 
 
+def _url_to_fs(what: str, url: str):
+    try:
+        return url_to_fs(url, CertifyError)
+    except CertifyError as e:
+        raise CertifyError(f"{what}: {e}") from None
+
+
+def _check_urls(ckpt_url: str, data_url: str, out_url: str, actors: int) -> None:
+    """Refuse, before anything is loaded or written, URLs no run could use. Whether `--out` is writable
+    is proven by writing job.json (step 4), still before any actor starts."""
+    for what, url in (("checkpoint", ckpt_url), ("--data", data_url), ("--out", out_url)):
+        _url_to_fs(what, url)
+        if actors > 0 and is_process_local(url, CertifyError):
+            raise CertifyError(f"{what} {url!r} lives in this process's memory, which Ray actors cannot "
+                               "reach; use a shared path (local disk, s3://, gs://) or --actors 0")
+    fs, path = _url_to_fs("--out", out_url)
+    existing = path.rstrip("/")
+    while existing and not fs.exists(existing):  # the nearest part of the path that exists
+        parent = posixpath.dirname(existing)
+        existing = parent if parent != existing else ""
+    if existing and not fs.isdir(existing):
+        where = "is a file" if existing == path.rstrip("/") else f"is inside {existing!r}, which is a file"
+        raise CertifyError(f"--out {out_url!r} {where}, but --out must be a directory; choose another path")
+
+
+def _read_job_file(job_url: str, start_over: str) -> dict:
+    """job.json as an earlier run wrote it. Anything else (empty, not UTF-8, not JSON, not an object) was
+    damaged outside the job, which writes it atomically: an error saying how to start over."""
+    try:
+        raw = read_bytes(job_url, CertifyError)
+    except CertifyError as e:
+        raise CertifyError(f"{e}; {start_over}") from None
+    try:
+        previous = json.loads(raw.decode("utf-8"))
+        problem = None if isinstance(previous, dict) else f"a JSON {type(previous).__name__}, not an object"
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        problem = f"{type(e).__name__}: {' '.join(str(e).split())}" if raw else "an empty file"
+    if problem:
+        raise CertifyError(f"{job_url!r} is not a certification job's description ({problem}), so the results "
+                           f"next to it cannot be trusted; {start_over}")
+    return previous
+
+
 def _check_out_dir(out_url: str, identity: dict) -> None:
-    """Results already under `out_url` are reused only if they were made by this same job."""
-    fs, path = fsspec.core.url_to_fs(posixpath.join(out_url, JOB_FILE))
-    if fs.isfile(path):
-        with fs.open(path, "rb") as f:
-            previous = json.loads(f.read())
+    """Results already under `out_url` are reused only if job.json says this same job made them."""
+    job_url = join_url(out_url, JOB_FILE)
+    start_over = f"delete {out_url!r} to start over, or choose another --out"
+    if exists(job_url, CertifyError):
+        previous = _read_job_file(job_url, start_over)
         changed = sorted(k for k in identity if previous.get(k) != identity[k])
         if changed:
             raise CertifyError(f"--out {out_url!r} holds results of a different job ({', '.join(changed)} "
-                               "differ); choose a new --out, or delete it to start over")
+                               f"differ); {start_over}")
         return
-    from lipnext_scale.storage import atomic_write_bytes
+    fs, results = _url_to_fs("--out", join_url(out_url, RESULTS_DIR))
+    if fs.isdir(results) and any(p.endswith(".parquet") for p in fs.ls(results, detail=False)):
+        # job.json is written before any result: without it nobody knows which job these belong to
+        raise CertifyError(f"--out {out_url!r} holds shard results but no {JOB_FILE}; {start_over}")
+    atomic_write_bytes(job_url, json.dumps(identity, indent=2).encode(), CertifyError)
 
-    atomic_write_bytes(posixpath.join(out_url, JOB_FILE), json.dumps(identity, indent=2).encode())
 
-
-def _pending(out_url: str, shards: list[str]) -> list[str]:
-    fs, _ = fsspec.core.url_to_fs(out_url)
-    return [s for s in shards if not fs.isfile(fsspec.core.url_to_fs(shard_result_url(out_url, s))[1])]
+def _pending(out_url: str, shards: list[str]) -> tuple[list[str], list[str]]:
+    """(shards to certify now, those among them whose result file exists but cannot be read). A broken
+    result (a file cut short or damaged outside the job: the job itself writes atomically) is logged,
+    recomputed and replaced atomically, and counted in the report."""
+    pending, broken = [], []
+    for shard in shards:
+        url = shard_result_url(out_url, shard)
+        if exists(url, CertifyError):
+            try:
+                read_shard_result(url)
+                continue
+            except CertifyError as e:
+                log.warning("%s: certifying shard %s again", e, shard)
+                broken.append(shard_name(shard))
+        pending.append(shard)
+    return pending, broken
 
 
 def _progress(total: int, enabled: bool):
@@ -79,7 +143,7 @@ def _unwrap(error: Exception) -> Exception:
     return cause if isinstance(cause, CertifyError) else error
 
 
-def _run_ray(pending: list[str], out_url: str, worker_kwargs: dict, workers: int, progress: bool,
+def _run_ray(pending: list[str], out_url: str, worker_kwargs: dict, actors: int, progress: bool,
              ray_address: str | None) -> dict:
     """{samples, seconds, cpu_seconds} of the shard phase, which starts once every actor is ready."""
     import ray
@@ -89,17 +153,17 @@ def _run_ray(pending: list[str], out_url: str, worker_kwargs: dict, workers: int
     use_gpu = str(worker_kwargs["device"]).startswith("cuda")
     actor_cls = ray.remote(num_cpus=max(1, worker_kwargs["threads"]), num_gpus=1 if use_gpu else 0)(
         ShardCertifier)
-    actors = [actor_cls.remote(**worker_kwargs, own_process=True) for _ in range(min(workers, len(pending)))]
+    pool = [actor_cls.remote(**worker_kwargs, own_process=True) for _ in range(min(actors, len(pending)))]
     totals = {"samples": 0, "cpu_seconds": 0.0}
     try:
         try:
-            ray.get([a.info.remote() for a in actors])  # load + verify everywhere before any shard
+            ray.get([a.info.remote() for a in pool])  # load + verify everywhere before any shard
         except Exception as e:
             raise CertifyError(f"a certification worker failed to start: {_unwrap(e)}") from None
         started = time.perf_counter()
         queue = list(pending)
         # Two shards queued per actor: it starts the next one without waiting for the driver to answer.
-        in_flight = {a.certify_shard.remote(queue.pop(0), out_url): a for _ in range(2) for a in actors if queue}
+        in_flight = {a.certify_shard.remote(queue.pop(0), out_url): a for _ in range(2) for a in pool if queue}
         with _progress(len(pending), progress) as bar:
             while in_flight:
                 (done,), _ = ray.wait(list(in_flight), num_returns=1)
@@ -114,19 +178,20 @@ def _run_ray(pending: list[str], out_url: str, worker_kwargs: dict, workers: int
                 if queue:
                     in_flight[actor.certify_shard.remote(queue.pop(0), out_url)] = actor
     finally:
-        for a in actors:
+        for a in pool:
             ray.kill(a)
     return {**totals, "seconds": time.perf_counter() - started}
 
 
-def certify_job(ckpt_url: str, data_url: str, out_url: str, *, eps: str | list = DEFAULT_EPS, workers: int = 2,
+def certify_job(ckpt_url: str, data_url: str, out_url: str, *, eps: str | list = DEFAULT_EPS, actors: int = 2,
                 batch_size: int = 256, attack: str | None = None, attack_steps: int = 10,
                 allow_approx: bool = False, lipschitz_tol: float = 1e-4, device: str = "cpu",
                 threads_per_worker: int = 1, progress: bool = True, ray_address: str | None = None) -> dict:
     """Certify every sample of `data_url` with the model at `ckpt_url`; write and return the report.
 
-    workers=0 runs in this process (no Ray); workers>=1 starts that many Ray actors (connecting to
-    `ray_address`, or starting/joining Ray as `ray.init()` does, when Ray is not initialised yet).
+    actors=0 certifies in this process (no Ray); actors>=1 starts that many Ray actors, one model copy
+    each (connecting to `ray_address`, or starting/joining Ray as `ray.init()` does, when Ray is not
+    initialised yet). `threads_per_worker` sets each actor's torch threads and Ray CPUs.
     """
     eps_list = parse_eps_list(eps)  # distinct radii: two spellings of one value are an error
     if attack not in (None, "", "none") + ATTACKS:
@@ -140,9 +205,10 @@ def certify_job(ckpt_url: str, data_url: str, out_url: str, *, eps: str | list =
             require_foolbox()
         except ImportError as e:
             raise CertifyError(str(e)) from None
-    if workers < 0 or batch_size < 1:
-        raise CertifyError(f"workers={workers}, batch_size={batch_size}: need workers >= 0, batch_size >= 1")
-    out_url = out_url.rstrip("/")
+    if actors < 0 or batch_size < 1:
+        raise CertifyError(f"actors={actors}, batch_size={batch_size}: need actors >= 0, batch_size >= 1")
+    _check_urls(ckpt_url, data_url, out_url, actors)
+    out_url = out_url.rstrip("/") or out_url
     started = time.perf_counter()
 
     loaded = load_model(ckpt_url)
@@ -161,25 +227,25 @@ def certify_job(ckpt_url: str, data_url: str, out_url: str, *, eps: str | list =
                 # results of the earlier certificate (no floating-point allowances) are never resumed into
                 "certificate": "fp32-with-fp-allowances-1"}
     _check_out_dir(out_url, identity)
-    ckpt_url = loaded.url  # workers read the very checkpoint verified here
+    ckpt_url = loaded.url  # actors read the very checkpoint verified here
     checkpoint = {"url": ckpt_url, "kind": loaded.kind, "model": loaded.config["model"]["name"],
                   "weights_sha256": loaded.weights_sha256}
     floating_point = float_error_model(loaded.model, verification.lipschitz_used).as_dict()  # O(C^2 + params)
-    del loaded  # the workers load their own copy
+    del loaded  # each worker (this process or an actor) loads its own copy
 
-    pending = _pending(out_url, shards)
+    pending, broken = _pending(out_url, shards)
     worker_kwargs = dict(ckpt_url=ckpt_url, eps_list=eps_list, batch_size=batch_size, lipschitz_tol=lipschitz_tol,
                          allow_approx=allow_approx, attack_steps=attack_steps, attack=attack or "pgd",
                          device=device,
-                         threads=threads_per_worker if workers > 0 else 0,
+                         threads=threads_per_worker if actors > 0 else 0,
                          expected_sha256=identity["weights_sha256"])
     run_started = time.perf_counter()
     if not pending:
         phase = {"samples": 0, "seconds": 0.0, "cpu_seconds": 0.0}
-    elif workers == 0:
+    elif actors == 0:
         phase = _run_in_process(pending, out_url, worker_kwargs, progress)
     else:
-        phase = _run_ray(pending, out_url, worker_kwargs, workers, progress, ray_address)
+        phase = _run_ray(pending, out_url, worker_kwargs, actors, progress, ray_address)
     run_seconds = time.perf_counter() - run_started
 
     table = merge_shard_tables(out_url, shards)
@@ -187,7 +253,8 @@ def certify_job(ckpt_url: str, data_url: str, out_url: str, *, eps: str | list =
     # cost per job, reported as worker_startup_seconds); images_per_cpu_s: per CPU-second of the
     # workers' processes; total_seconds: the whole call.
     n, seconds, cpu = phase["samples"], phase["seconds"], phase["cpu_seconds"]
-    timing = {"workers": workers, "shards_certified_now": len(pending), "shards_resumed": len(shards) - len(pending),
+    timing = {"actors": actors, "shards_certified_now": len(pending), "shards_resumed": len(shards) - len(pending),
+              "shards_recomputed": len(broken),  # their result file was unreadable (in shards_certified_now)
               "samples_certified_now": n, "worker_startup_seconds": run_seconds - seconds,
               "certify_seconds": seconds, "images_per_s": n / seconds if seconds > 0 else None,
               "worker_cpu_seconds": cpu, "images_per_cpu_s": n / cpu if cpu > 0 else None,

@@ -1,18 +1,15 @@
 """Reports of a certification job: merged per-sample parquet, report.json, a PNG plot, a terminal table.
 
 Everything here is computed from the merged per-sample table, so a resumed job (some shards from an
-earlier run) reports exactly what a single uninterrupted run would.
+earlier run) reports exactly what a single uninterrupted run would. Every file is read and written
+through `lipnext_scale.storage` (written atomically: never half a file under its final name).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import platform
-import posixpath
-import sys
 
-import fsspec
 import numpy as np
 
 from lipnext_scale.certify.certify import format_eps
@@ -20,39 +17,32 @@ from lipnext_scale.certify.model_loading import CertifyError
 from lipnext_scale.certify.worker import (
     ATTACK_DISTANCE, RADIUS_EXACT, broken_column, certified_column, shard_result_url, write_parquet_atomic,
 )
+from lipnext_scale.storage import atomic_write_bytes, join_url, read_bytes, versions
 
 SAMPLES_FILE = "samples.parquet"
 REPORT_FILE = "report.json"
 PLOT_FILE = "certified_accuracy.png"
 
 
-def versions() -> dict[str, str]:
-    import pyarrow
-    import torch
+def read_shard_result(url: str):
+    """One shard's result table; a file that is cut short or damaged raises CertifyError (the job then
+    certifies that shard again)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    import lipnext_scale
-
-    out = {"lipnext_scale": lipnext_scale.__version__, "torch": torch.__version__, "pyarrow": pyarrow.__version__,
-           "python": sys.version.split()[0], "platform": platform.platform()}
+    data = read_bytes(url, CertifyError)
     try:
-        import ray
-
-        out["ray"] = ray.__version__
-    except ImportError:  # pragma: no cover - ray is a dependency, but reports must not need it
-        pass
-    return out
+        return pq.read_table(io.BytesIO(data), use_threads=False)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__  # one line whatever pyarrow says
+        raise CertifyError(f"shard result {url!r} is unreadable ({len(data)} bytes: {reason})") from None
 
 
 def merge_shard_tables(out_url: str, shard_urls: list[str]):
     """Concatenate the per-shard parquet files in shard order; each (shard, key) must appear once."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    tables = []
-    for shard in shard_urls:
-        fs, path = fsspec.core.url_to_fs(shard_result_url(out_url, shard))
-        with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(io.BytesIO(f.read()), use_threads=False))
+    tables = [read_shard_result(shard_result_url(out_url, shard)) for shard in shard_urls]
     table = pa.concat_tables(tables, promote_options="default")
     ids = [f"{s}/{k}" for s, k in zip(table.column("shard").to_pylist(), table.column("key").to_pylist())]
     if len(set(ids)) != len(ids):
@@ -194,12 +184,11 @@ def plot_certified_accuracy(table, eps_list: list[float], title: str) -> bytes:
 
 
 def write_outputs(out_url: str, table, report: dict, eps_list: list[float]) -> None:
-    from lipnext_scale.storage import atomic_write_bytes
-
-    write_parquet_atomic(table, posixpath.join(out_url, SAMPLES_FILE))
+    """samples.parquet, the plot, then report.json last: a report on disk means the rest is there too."""
+    write_parquet_atomic(table, join_url(out_url, SAMPLES_FILE))
     title = f"{report['checkpoint'].get('model', '')} ({report['samples']} samples)"
-    atomic_write_bytes(posixpath.join(out_url, PLOT_FILE), plot_certified_accuracy(table, eps_list, title))
-    atomic_write_bytes(posixpath.join(out_url, REPORT_FILE), json.dumps(report, indent=2).encode())
+    atomic_write_bytes(join_url(out_url, PLOT_FILE), plot_certified_accuracy(table, eps_list, title), CertifyError)
+    atomic_write_bytes(join_url(out_url, REPORT_FILE), json.dumps(report, indent=2).encode(), CertifyError)
 
 
 def format_table(report: dict) -> str:

@@ -1,14 +1,13 @@
 """One certification worker: load and verify the model once, then certify whole shards.
 
-Used in-process (`workers=0`) and as a Ray actor (job.py wraps `ShardCertifier` with `ray.remote`), so
+Used in-process (`actors=0`) and as a Ray actor (job.py wraps `ShardCertifier` with `ray.remote`), so
 both paths run exactly the same code (an actor, a process of its own, also keeps freed memory:
 `keep_freed_memory`). Each shard's per-sample results go to one parquet file written under a temporary
-name and renamed: a file that exists is complete, which is what resume relies on.
+name and renamed: a file the job wrote is complete, which is what resume relies on (one damaged outside
+the job is found unreadable by job.py, certified again and replaced).
 """
 
 from __future__ import annotations
-
-import posixpath
 
 import torch
 
@@ -17,9 +16,11 @@ from lipnext_scale.certify.certify import certified_radius, format_eps, head_log
 from lipnext_scale.certify.data_access import check_sample, iter_shard_samples, shard_name
 from lipnext_scale.certify.fp_error import FloatErrorModel, batch_allowances, float_error_model
 from lipnext_scale.certify.model_loading import CertifyError, load_model, verify_model
+from lipnext_scale.storage import atomic_write_bytes, join_url
 
 ATTACK_DISTANCE = "attack_distance"  # --attack fmn: smallest adversarial l2 distance found (inf: none)
 RADIUS_EXACT = "radius_exact_arithmetic"  # the radius without floating-point allowances, for comparison
+RESULTS_DIR = "shards"  # {out}/shards/{shard name}.parquet: one result file per shard
 
 
 def certified_column(eps: float) -> str:
@@ -98,15 +99,13 @@ def write_parquet_atomic(table, url: str) -> None:
 
     import pyarrow.parquet as pq
 
-    from lipnext_scale.storage import atomic_write_bytes
-
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    atomic_write_bytes(url, buf.getvalue())
+    atomic_write_bytes(url, buf.getvalue(), CertifyError)
 
 
 def shard_result_url(out_url: str, shard_url: str) -> str:
-    return posixpath.join(out_url.rstrip("/"), "shards", f"{shard_name(shard_url)}.parquet")
+    return join_url(out_url, RESULTS_DIR, f"{shard_name(shard_url)}.parquet")
 
 
 def keep_freed_memory() -> bool:
