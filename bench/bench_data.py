@@ -5,7 +5,11 @@
    cannot be installed beside our torch build, so the baseline is its straightforward equivalent: a
    map-style Dataset over one JPEG file per image (sorted class folders, like ImageFolder), shuffled
    DataLoader with 2 workers and default_collate, exactly our decode (PIL) and augmentation functions,
-   then torchvision's ToTensor (per-image float conversion) re-implemented line for line. Two settings:
+   then torchvision's ToTensor (per-image float conversion) re-implemented line for line. And, on the
+   very same shards, webdataset's stock loader as its documentation writes it: `wds.WebDataset(urls,
+   resampled=True).shuffle(1000).decode("pil").to_tuple("jpg;png", "cls")`, our augmentation mapped over
+   it, `.batched()` with our per-batch float conversion, in a `wds.WebLoader` with 2 workers: the
+   difference is then only the reading, grouping, decoding and shuffling plumbing. Two settings:
    ImageNet-style (256-short-side JPEGs, random-resized-crop 224 + flip) and CIFAR-style (32x32 PNGs,
    padded crop + flip). The variants run round-robin, several rounds, medians compared.
 2. Prep throughput: `prepare("imagenet", ...)` with one Ray task per shard on 2 CPUs from larger JPEGs
@@ -106,6 +110,25 @@ def ours_loader(manifest: str, dataset: str, image_size: int, batch_size: int, w
                              num_workers=workers, seed=random.randrange(1 << 30))
 
 
+def webdataset_loader(manifest: str, dataset: str, image_size: int, batch_size: int, workers: int):
+    """webdataset's stock pipeline on our shards, with our augmentation (the same work per image)."""
+    import webdataset as wds
+
+    from lipnext_scale.data.shards import resolve_shards
+    from lipnext_scale.data.streams import collate_train
+    from lipnext_scale.data.transforms import to_uint8_chw, train_augment
+
+    rng = random.Random()
+
+    def augment(img: Image.Image) -> torch.Tensor:
+        return to_uint8_chw(train_augment(img, dataset, image_size, rng))
+
+    ds = (wds.WebDataset(resolve_shards(manifest), resampled=True, shardshuffle=False)
+          .shuffle(1000).decode("pil").to_tuple("jpg;png", "cls").map_tuple(augment, int)
+          .batched(batch_size, collation_fn=collate_train, partial=False))
+    return wds.WebLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+
+
 def _forever(loader):
     while True:  # the baseline is finite (epochs); ours is infinite
         yield from loader
@@ -124,19 +147,24 @@ def images_per_s(loader, batches: int, warmup: int = 3) -> float:
     return rate
 
 
-def bench_loader(name: str, make_ours, make_base, batches: int, rounds: int) -> dict:
-    ours, base = [], []
-    for r in range(rounds):  # ABBA order, so a drift in the machine's load hits both alike
-        order = [(ours, make_ours), (base, make_base)]
-        for rates, make in (order if r % 2 == 0 else order[::-1]):
+def bench_loader(name: str, make_ours, make_base, make_wds, batches: int, rounds: int) -> dict:
+    ours, base, stock = [], [], []
+    variants = [(ours, make_ours), (base, make_base), (stock, make_wds)]
+    for r in range(rounds):  # rotated order, so a drift in the machine's load hits all alike
+        for rates, make in variants[r % 3:] + variants[:r % 3]:
             rates.append(images_per_s(make(), batches))
     row = {"setting": name, "ours_images_per_s": [round(x, 1) for x in ours],
            "imagefolder_images_per_s": [round(x, 1) for x in base],
-           "ours_median": round(statistics.median(ours), 1), "imagefolder_median": round(statistics.median(base), 1)}
+           "webdataset_images_per_s": [round(x, 1) for x in stock],
+           "ours_median": round(statistics.median(ours), 1), "imagefolder_median": round(statistics.median(base), 1),
+           "webdataset_median": round(statistics.median(stock), 1)}
     row["ratio"] = round(row["ours_median"] / row["imagefolder_median"], 3)
-    # Each round's two measurements run back to back: their ratio cancels most of the shared load.
+    row["ratio_vs_webdataset"] = round(row["ours_median"] / row["webdataset_median"], 3)
+    # Each round's measurements run back to back: their ratio cancels most of the shared load.
     row["paired_ratios"] = [round(a / b, 3) for a, b in zip(ours, base)]
     row["paired_ratio_median"] = round(statistics.median(a / b for a, b in zip(ours, base)), 3)
+    row["paired_ratios_vs_webdataset"] = [round(a / b, 3) for a, b in zip(ours, stock)]
+    row["paired_ratio_vs_webdataset_median"] = round(statistics.median(a / b for a, b in zip(ours, stock)), 3)
     print(json.dumps(row), flush=True)
     return row
 
@@ -206,14 +234,19 @@ def main() -> int:
             bench_loader("imagenet: 256px JPEG, random-resized-crop 224 + flip, batch 64",
                          lambda: ours_loader(str(tmp / "in256" / "train-manifest.parquet"), "imagenet", 224, 64, 2),
                          lambda: baseline_loader(tmp / "folders256", "imagenet", 224, 64, 2),
+                         lambda: webdataset_loader(str(tmp / "in256" / "train-manifest.parquet"), "imagenet", 224,
+                                                   64, 2),
                          args.batches, args.rounds),
             bench_loader("cifar-style: 32px PNG (digits), padded crop + flip, batch 256",
                          lambda: ours_loader(str(tmp / "digits" / "train-manifest.parquet"), "digits", 32, 256, 2),
                          lambda: baseline_loader(tmp / "folders32", "digits", 32, 256, 2),
+                         lambda: webdataset_loader(str(tmp / "digits" / "train-manifest.parquet"), "digits", 32,
+                                                   256, 2),
                          args.batches, args.rounds),
         ]
     result = {
         "loader_ratio_vs_imagefolder": rows[0]["ratio"],
+        "loader_ratio_vs_webdataset": {row["setting"].split(":")[0]: row["ratio_vs_webdataset"] for row in rows},
         "prep_images_per_s_per_core": prep_row["images_per_s_per_core"],
         "loader": rows,
         "prep": prep_row,
@@ -222,8 +255,11 @@ def main() -> int:
                   "beside torch " + torch.__version__ + " here): one JPEG/PNG file per image on local disk, shuffled "
                   "DataLoader + default_collate, same PIL decode and augmentation code, torchvision's ToTensor re-implemented "
                   "(per-image float conversion), 2 workers, 1 intra-op thread. Ours: WebDataset "
-                  "tar shards from a manifest, resampled shards + shuffle buffer 1000, 2 workers. Local disk with a "
-                  "warm page cache: the file-per-image penalty grows on network/object storage. Prep: one Ray task per "
+                  "tar shards from a manifest, resampled shards + shuffle buffer 1000, 2 workers, every shard "
+                  "checked against the manifest's sha256 while it streams. webdataset: its stock WebDataset "
+                  "(resampled, shuffle 1000, decode('pil'), to_tuple) on the same shards in a WebLoader with 2 "
+                  "workers, our augmentation and per-batch float conversion mapped over it, no checksum. "
+                  "Local disk with a warm page cache: the file-per-image penalty grows on network/object storage. Prep: one Ray task per "
                   "250-image shard, 2 CPUs, source JPEGs 350-500 px resized to short side 256 at quality 95; the time "
                   "includes Ray worker start-up and scheduling; build_shard_images_per_s_one_process is the same work in one "
                   "process without Ray (the per-core ceiling). Medians of round-robin rounds; the machine is shared with other jobs."),

@@ -212,3 +212,41 @@ def ray_local():
             yield
         finally:
             ray.shutdown()
+
+
+def prepared_digits(out: Path, split: str = "val", shard_size: int = 100) -> list[Path]:
+    """Real digits shards + a complete manifest + classes.json under `out`, written as `prepare` writes them
+    but in this process (no Ray): for tests of reading that need prepared data, fast."""
+    from lipnext_scale.data.manifest import manifest_url, shard_name, write_classes, write_manifest
+    from lipnext_scale.data.prep import SETTINGS_KEYS, build_shard, plan_digest
+    from lipnext_scale.data.sources import list_source
+
+    plan = list_source("digits", None, [split])
+    settings = {"kind": "digits", "image_size": 32, "quality": 95, "shard_size": shard_size, "image_format": "png",
+                "num_classes": 10, "classes": plan.classes}
+    samples = plan.splits[split]
+    rows, paths = [], []
+    for i in range(0, len(samples), shard_size):
+        chunk, index = samples[i:i + shard_size], i // shard_size
+        data, stats = build_shard(chunk, settings)
+        stats.pop("skipped")
+        path = out / shard_name(split, index)
+        _write(path, data)
+        paths.append(path)
+        rows.append({"split": split, "index": index, "shard": path.name,
+                     "plan_digest": plan_digest(split, index, settings, chunk), **stats})
+    meta = {**{k: settings[k] for k in SETTINGS_KEYS}, "split": split, "num_shards": len(rows), "complete": True}
+    write_manifest(manifest_url(str(out), split), rows, meta)
+    write_classes(str(out), {"kind": "digits", "num_classes": 10, "classes": plan.classes, "names": plan.classes})
+    return paths
+
+
+def flip_label_same_size(shard: Path, key: str) -> None:
+    """Change the label digit of sample `key` in place: the shard keeps its size and stays a valid tar
+    (tar checksums cover headers only), so only a content hash can tell."""
+    with tarfile.open(shard) as tar:
+        member = tar.getmember(f"{key}.cls")
+    raw = bytearray(shard.read_bytes())
+    old = raw[member.offset_data]
+    raw[member.offset_data] = ord("0") + (old - ord("0") + 1) % 10
+    shard.write_bytes(bytes(raw))

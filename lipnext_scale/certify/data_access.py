@@ -1,9 +1,11 @@
-"""The certification job's view of the evaluation data: which shards, their samples, and checks.
+"""The certification job's view of the evaluation data: what is certification-specific, on top of data's.
 
-Shard URLs and tar reading come from the data pipeline (`lipnext_scale.data`). Certification is stricter
-than training: it never resizes and never skips. An image of the wrong size, a label outside the model's
-classes, an undecodable sample or a truncated shard is an error naming the shard, the key and the fix,
-because a silently dropped sample would make the reported accuracy a lie.
+Resolving shards, reading them and the error rules come from the data pipeline (`lipnext_scale.data`:
+`resolve_shards`, `iter_shard_samples`, tar_reader.py's rules); here: certification reads at the stored
+size and never skips (`SkipStats(strict=True)`): an undecodable sample, a truncated shard or one that does
+not match its manifest's sha256 is an error naming the shard (and key) and the fix, because a silently
+dropped or corrupt sample would make the reported accuracy a lie. Also here: the preflight against the
+model (class count, image size), the data fingerprint for the report, and file-name-safe shard names.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from lipnext_scale.certify.model_loading import CertifyError
 
 def resolve_shards(data_url: str) -> list[str]:
     """Shard URLs of `data_url`: a manifest, a brace pattern, a glob, one .tar or a split prefix."""
+    from lipnext_scale.data.errors import DataError
     from lipnext_scale.data.shards import resolve_shards as data_resolve_shards
-    from lipnext_scale.data.urls import DataError
 
     try:
         return list(data_resolve_shards(data_url))
@@ -37,22 +39,15 @@ def shard_name(shard_url: str) -> str:
 
 def iter_shard_samples(shard_url: str) -> Iterator[tuple[str, torch.Tensor, int]]:
     """(key, CHW float32 image in [0, 1], label) in shard order, at the stored size; any bad sample or
-    unreadable part of the shard raises CertifyError."""
-    from lipnext_scale.data.tar_reader import SkipStats, decode_raw, iter_raw_samples
-    from lipnext_scale.data.transforms import SampleError, to_float_chw
+    unreadable part of the shard, or a mismatch with its manifest's sha256, raises CertifyError."""
+    from lipnext_scale.data.errors import DataError
+    from lipnext_scale.data.shards import iter_shard_samples as data_iter_shard_samples
+    from lipnext_scale.data.tar_reader import SkipStats
 
-    stats = SkipStats()
-    for sample in iter_raw_samples(shard_url, stats):
-        try:
-            img, label = decode_raw(sample)
-        except SampleError as e:
-            raise CertifyError(f"shard {shard_url!r}, sample {sample.key!r}: {e}; re-create the shard "
-                               "(`lipnext prep`)") from None
-        yield sample.key, to_float_chw(img.convert("RGB")), label
-    if stats.total:
-        reasons = ", ".join(f"{r} x{n}" for r, n in stats.by_reason.items())
-        raise CertifyError(f"shard {shard_url!r} is missing, truncated or corrupt ({reasons}); re-create it "
-                           "(`lipnext prep` resumes and rewrites bad shards)")
+    try:
+        yield from data_iter_shard_samples(shard_url, stats=SkipStats(strict=True))
+    except DataError as e:
+        raise CertifyError(str(e)) from None
 
 
 def check_sample(shard_url: str, key: str, image: torch.Tensor, label: int, image_size: int,
@@ -78,10 +73,10 @@ def dataset_num_classes(shards: list[str]) -> int | None:
     from lipnext_scale.storage import exists, join_url, read_bytes
 
     url = join_url(_data_dir(shards), "classes.json")
-    if not exists(url):
+    if not exists(url, CertifyError):
         return None
     try:
-        info = json.loads(read_bytes(url))
+        info = json.loads(read_bytes(url, CertifyError))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CertifyError(f"{url!r} is not valid JSON ({e}); re-create the data set") from None
     if isinstance(info, list):
@@ -110,11 +105,11 @@ def data_fingerprint(shards: list[str]) -> str:
     from lipnext_scale.storage import join_url, read_bytes, url_to_fs
 
     h = hashlib.sha256()
-    fs, _ = url_to_fs(shards[0])
+    fs, _ = url_to_fs(shards[0], CertifyError)
     for url in shards:
-        h.update(f"{shard_name(url)}|{fs.size(url_to_fs(url)[1])}\n".encode())
+        h.update(f"{shard_name(url)}|{fs.size(url_to_fs(url, CertifyError)[1])}\n".encode())
     for split in sorted({shard_name(s).rsplit("-", 1)[0] for s in shards}):
         manifest = join_url(_data_dir(shards), f"{split}-manifest.parquet")
-        if fs.isfile(url_to_fs(manifest)[1]):
-            h.update(read_bytes(manifest))
+        if fs.isfile(url_to_fs(manifest, CertifyError)[1]):
+            h.update(read_bytes(manifest, CertifyError))
     return h.hexdigest()

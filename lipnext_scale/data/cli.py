@@ -31,13 +31,13 @@ def add_arguments(p: argparse.ArgumentParser, kind: str | None = None) -> None:
 
 def run_prep(args: argparse.Namespace) -> int:
     from lipnext_scale.data.prep import prepare
-    from lipnext_scale.data.urls import DataError
+    from lipnext_scale.data.errors import DataError
 
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
     try:
         summary = prepare(args.kind, args.source, args.out, shard_size=args.shard_size, image_size=args.image_size,
                           quality=args.quality, workers=args.workers, splits=splits, progress=not args.no_progress)
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (DataError, ValueError, OSError) as e:  # OSError: a source or output the library could not name
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:

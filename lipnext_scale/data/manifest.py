@@ -5,18 +5,24 @@ One manifest row per completed shard: `shard` is the file name relative to the m
 (a list indexed by label) and `plan_digest` (a hash of the keys and prep settings the shard was
 planned with: resume only skips a shard whose plan is unchanged). The schema metadata holds the
 prep settings and `complete` (false while a prep is still running or was interrupted).
+
+A shard is checked against its row (`ShardDigest`) while it streams: `HashingReader` hashes the bytes
+the tar reader reads anyway, so the check costs no second read. Prep's resume checks the same way.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lipnext_scale.data.urls import DataError, atomic_write_bytes, join_url, parent_url, read_bytes
+from lipnext_scale.data.errors import DataError
+from lipnext_scale.storage import atomic_write_bytes, exists, join_url, open_url, parent_url, read_bytes
 
 _META_KEY = b"lipnext_scale.prep"
 
@@ -40,6 +46,12 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
+def split_of(shard_file: str) -> str | None:
+    """"train" of "train-000003.tar" (the split a shard belongs to), None for a name prep did not write."""
+    stem, sep, index = shard_file.removesuffix(".tar").rpartition("-")
+    return stem if sep and stem and index.isdigit() else None
+
+
 def write_manifest(url: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     """Atomically write the manifest at `url`: rows sorted by shard index, `meta` in the schema metadata."""
     rows = sorted(rows, key=lambda r: r["index"])
@@ -48,12 +60,12 @@ def write_manifest(url: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -
     table = table.replace_schema_metadata({_META_KEY: json.dumps(meta, sort_keys=True).encode()})
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    atomic_write_bytes(url, buf.getvalue())
+    atomic_write_bytes(url, buf.getvalue(), DataError)
 
 
 def read_manifest(url: str) -> pa.Table:
     """The manifest as a pyarrow Table (see `manifest_meta` and `manifest_rows`)."""
-    data = read_bytes(url)
+    data = read_bytes(url, DataError)
     try:
         # use_threads=False: a threaded read in a process that imported fsspec intermittently aborted at
         # interpreter exit ("terminate called without an active exception", exit 134); manifests are small.
@@ -82,8 +94,73 @@ def manifest_shard_urls(url: str, table: pa.Table) -> list[str]:
 
 
 def write_classes(out_url: str, info: dict[str, Any]) -> None:
-    atomic_write_bytes(join_url(out_url, "classes.json"), json.dumps(info, indent=1).encode())
+    atomic_write_bytes(join_url(out_url, "classes.json"), json.dumps(info, indent=1).encode(), DataError)
 
 
 def read_classes(out_url: str) -> dict[str, Any]:
-    return json.loads(read_bytes(join_url(out_url, "classes.json")))
+    return json.loads(read_bytes(join_url(out_url, "classes.json"), DataError))
+
+
+@dataclass(frozen=True)
+class ShardDigest:
+    """What a manifest row says a shard is: its size and sha256."""
+    bytes: int
+    sha256: str
+
+
+def shard_digests(shard_urls: list[str]) -> dict[str, ShardDigest]:
+    """{shard URL: its manifest row's digest} for every shard that its split's manifest lists (the
+    `{split}-manifest.parquet` beside it, as prep writes it), however the shards were named (manifest,
+    pattern, glob): a shard prep wrote is always checked. Shards no manifest lists are absent."""
+    by_manifest: dict[str, list[str]] = {}
+    for url in shard_urls:
+        split = split_of(url.rstrip("/").rsplit("/", 1)[-1])
+        if split is not None:
+            by_manifest.setdefault(manifest_url(parent_url(url), split), []).append(url)
+    out: dict[str, ShardDigest] = {}
+    for murl, urls in by_manifest.items():
+        if not exists(murl, DataError):
+            continue
+        table = read_manifest(murl)
+        rows = dict(zip(table.column("shard").to_pylist(),
+                        map(ShardDigest, table.column("bytes").to_pylist(), table.column("sha256").to_pylist())))
+        out.update({u: rows[name] for u in urls if (name := u.rstrip("/").rsplit("/", 1)[-1]) in rows})
+    return out
+
+
+def mismatch_error(shard_url: str, what: str) -> DataError:
+    return DataError(f"shard {shard_url!r} does not match its manifest ({what}): it is corrupt or was replaced; "
+                     "re-run the `lipnext prep` command that wrote it (it checks every shard's sha256 and "
+                     "rewrites the bad ones)")
+
+
+class HashingReader:
+    """A read-only stream that hashes every byte read through it, so a shard is checked against its
+    manifest while the tar reader streams it. It reports itself unseekable: skipped members are then
+    read in bounded chunks (they must be hashed too), never held whole."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, f):
+        self.f, self.hash, self.size = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.hash.update(data)
+        self.size += len(data)
+        return data
+
+    def seekable(self) -> bool:
+        return False
+
+    def finish(self) -> ShardDigest:
+        """Hash what is left (the tar's zero padding after its end-of-archive block) and return the digest."""
+        while self.read(self.CHUNK):
+            pass
+        return ShardDigest(self.size, self.hash.hexdigest())
+
+
+def file_digest(url: str) -> ShardDigest:
+    """Size and sha256 of a whole file, read in bounded chunks (prep's check of finished shards)."""
+    with open_url(url, "rb", DataError) as f:
+        return HashingReader(f).finish()

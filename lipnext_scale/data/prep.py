@@ -3,8 +3,9 @@
 Shard contents are a pure function of (source listing, settings): keys and their assignment to
 shards are deterministic, tar headers carry no timestamps, so the same input gives the same bytes.
 The manifest is rewritten (atomically) as shards complete, so an interrupted prep resumes by
-skipping every shard the manifest lists with an unchanged plan; a shard is written under a temporary
-name and renamed, so a half-written shard is never visible under its final name.
+skipping every shard the manifest lists with an unchanged plan and whose bytes still match the row's
+size and sha256 (a shard corrupted since is rewritten); a shard is written under a temporary name and
+renamed, so a half-written shard is never visible under its final name.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ import logging
 import os
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from lipnext_scale.data.manifest import (manifest_meta, manifest_rows, manifest_url, read_manifest, shard_name,
-                                         write_classes, write_manifest)
+from lipnext_scale.data.errors import DataError
+from lipnext_scale.data.manifest import (ShardDigest, file_digest, manifest_meta, manifest_rows, manifest_url,
+                                         read_manifest, shard_name, write_classes, write_manifest)
 from lipnext_scale.data.sources import KINDS, list_source
 from lipnext_scale.data.sources.base import SourceSample
 from lipnext_scale.data.transforms import SampleError
-from lipnext_scale.data.urls import DataError, atomic_write_bytes, exists, is_process_local, join_url, url_to_fs
+from lipnext_scale.storage import atomic_write_bytes, exists, is_process_local, join_url, url_to_fs
 
 log = logging.getLogger("lipnext_scale.data")
 
@@ -63,7 +66,7 @@ def build_shard(samples: list[SourceSample], settings: dict[str, Any]) -> tuple[
             try:
                 data, ext, size, fmt = encode_image(s.ref.read(), settings["image_size"],
                                                     settings["image_format"], settings["quality"])
-            except (SampleError, OSError) as e:
+            except (SampleError, DataError, OSError) as e:  # DataError: the source file is gone or unreadable
                 skipped.append((s.origin, str(e)))
                 continue
             meta = {"class": settings["classes"][s.label], "origin": s.origin, "original_size": list(size),
@@ -81,13 +84,15 @@ def _shard_task(url: str, samples: list[SourceSample], settings: dict[str, Any],
     data, stats = build_shard(samples, settings)
     if return_bytes:  # process-local filesystem (memory://): the driver writes it
         return stats, data
-    atomic_write_bytes(url, data)
+    atomic_write_bytes(url, data, DataError)
     return stats, None
 
 
 def _existing_rows(out_url: str, split: str, settings: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The manifest's rows whose shard exists with the listed size (settings must match, else DataError);
+    `_verified` then checks their sha256."""
     url = manifest_url(out_url, split)
-    if not exists(url):
+    if not exists(url, DataError):
         return {}
     table = read_manifest(url)
     old = manifest_meta(table)
@@ -96,13 +101,30 @@ def _existing_rows(out_url: str, split: str, settings: dict[str, Any]) -> dict[i
         raise DataError(f"{url!r} was written with different settings ({', '.join(f'{k}={old.get(k)!r}' for k in changed)}"
                         f" vs now {', '.join(f'{k}={settings[k]!r}' for k in changed)}); use a new --out "
                         "or delete that output to start over")
-    fs, path = url_to_fs(out_url)
+    fs, path = url_to_fs(out_url, DataError)
     sizes = {p["name"].rsplit("/", 1)[-1]: p["size"] for p in fs.ls(path, detail=True)}
     return {r["index"]: r for r in manifest_rows(table) if sizes.get(r["shard"]) == r["bytes"]}
 
 
+def _verified(out_url: str, rows: dict[int, dict[str, Any]], workers: int) -> dict[int, dict[str, Any]]:
+    """The rows whose shard's bytes hash to the row's sha256 (read in bounded chunks, `workers` at once:
+    hashlib releases the GIL); a mismatch is logged and the shard is rewritten."""
+    def matches(row: dict[str, Any]) -> bool:
+        try:
+            return file_digest(join_url(out_url, row["shard"])) == ShardDigest(row["bytes"], row["sha256"])
+        except DataError:
+            return False
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        ok = dict(zip(rows, pool.map(matches, rows.values())))
+    for i, row in rows.items():
+        if not ok[i]:
+            log.warning("prep: %s does not match its manifest's sha256; rewriting it", row["shard"])
+    return {i: row for i, row in rows.items() if ok[i]}
+
+
 def _remove_stale_temporaries(out_url: str, split: str) -> None:
-    fs, path = url_to_fs(out_url)
+    fs, path = url_to_fs(out_url, DataError)
     for p in fs.glob(f"{path.rstrip('/')}/{split}-*.tmp-*"):
         fs.rm(p)
 
@@ -117,8 +139,8 @@ def _run_split(split: str, samples: list[SourceSample], out_url: str, settings: 
     digests = [plan_digest(split, i, settings, c) for i, c in enumerate(chunks)]
     meta = {**{k: settings[k] for k in SETTINGS_KEYS}, "split": split, "num_shards": len(chunks),
             "complete": False}
-    done = {i: r for i, r in _existing_rows(out_url, split, settings).items()
-            if i < len(chunks) and r["plan_digest"] == digests[i]}
+    done = _verified(out_url, {i: r for i, r in _existing_rows(out_url, split, settings).items()
+                               if i < len(chunks) and r["plan_digest"] == digests[i]}, workers)
     _remove_stale_temporaries(out_url, split)
     todo = [i for i in range(len(chunks)) if i not in done]
     return_bytes = is_process_local(out_url)
@@ -145,7 +167,7 @@ def _run_split(split: str, samples: list[SourceSample], out_url: str, settings: 
             failures.append(f"{shard_name(split, i)}: {e}")
             continue
         if data is not None:
-            atomic_write_bytes(join_url(out_url, shard_name(split, i)), data)
+            atomic_write_bytes(join_url(out_url, shard_name(split, i)), data, DataError)
         skipped += [tuple(x) for x in stats.pop("skipped")]
         done[i] = {"split": split, "index": i, "shard": shard_name(split, i), "plan_digest": digests[i], **stats}
         bar.update(1)
@@ -178,12 +200,22 @@ def prepare(kind: str, source: str | None, out_url: str, *, shard_size: int = 10
     if shard_size < 1 or not 1 <= quality <= 100 or (image_size is not None and image_size < 1):
         raise ValueError(f"shard_size={shard_size}, quality={quality}, image_size={image_size}: need "
                          "shard_size >= 1, 1 <= quality <= 100, image_size >= 1")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers={workers}: need at least 1 concurrent shard task (omit it to use the "
+                         "cluster's CPUs)")
+    if not isinstance(out_url, str) or not out_url.strip():
+        raise DataError(f"output URL {out_url!r} is empty: give a directory path or an fsspec URL "
+                        "(e.g. data/digits or s3://bucket/imagenet)")
+    fs, path = url_to_fs(out_url, DataError)  # an unknown protocol fails before the source is listed
     plan = list_source(kind, source, splits)
     settings = {"kind": kind, "image_size": image_size or plan.default_image_size, "quality": quality,
                 "shard_size": shard_size, "image_format": plan.image_format, "num_classes": len(plan.classes),
                 "classes": plan.classes}
-    fs, path = url_to_fs(out_url)
-    fs.makedirs(path, exist_ok=True)
+    try:
+        fs.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the output directory {out_url!r} ({type(e).__name__}: {e}); give a "
+                        "writable directory path or URL") from None
     for split in plan.splits:  # refuse a mismatched earlier prep before writing anything
         _existing_rows(out_url, split, settings)
     write_classes(out_url, {"kind": kind, "num_classes": len(plan.classes), "classes": plan.classes,
@@ -196,7 +228,7 @@ def prepare(kind: str, source: str | None, out_url: str, *, shard_size: int = 10
     per_split = {split: _run_split(split, samples, out_url, settings, workers, progress)
                  for split, samples in plan.splits.items()}
     seconds = time.monotonic() - start
-    skipped = [x for s in per_split.values() for x in s.pop("skipped_files")]
+    skipped = plan.skipped + [x for s in per_split.values() for x in s.pop("skipped_files")]
     written = sum(s["samples_written"] for s in per_split.values())
     summary = {
         "kind": kind, "out": out_url, "image_size": settings["image_size"], "image_format": plan.image_format,

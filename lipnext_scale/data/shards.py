@@ -1,5 +1,8 @@
 """Streaming input pipeline over WebDataset shards on any fsspec URL: resolve, read, load.
 
+The loaders are torch DataLoaders over the webdataset pipelines of streams.py; `iter_shard_samples` is the
+one reader of a single shard (eval transform or stored size), used by certification too.
+
     urls = resolve_shards("s3://bucket/imagenet/train-manifest.parquet")
     loader = make_train_loader(urls, image_size=224, batch_size=256, dataset="imagenet",
                                rank=r, world_size=n, num_workers=8, seed=0)
@@ -12,17 +15,18 @@ from typing import Iterator
 
 from braceexpand import braceexpand
 
-from lipnext_scale.data.manifest import manifest_meta, manifest_shard_urls, read_manifest
+from lipnext_scale.data.errors import DataError
+from lipnext_scale.data.manifest import manifest_meta, manifest_shard_urls, read_manifest, shard_digests
 from lipnext_scale.data.tar_reader import SkipStats, decode_raw, iter_raw_samples
 from lipnext_scale.data.transforms import SampleError, check_dataset, eval_transform, to_float_chw
-from lipnext_scale.data.urls import DataError, exists, parent_url, url_to_fs
+from lipnext_scale.storage import exists, parent_url, url_to_fs
 
 _HOW = ("pass a manifest (.../train-manifest.parquet), a brace pattern (.../train-{000000..000009}.tar), "
         "a glob (.../train-*.tar), or a directory/prefix with a split (.../out/train)")
 
 
 def _from_manifest(url: str) -> list[str]:
-    if not exists(url):
+    if not exists(url, DataError):
         raise DataError(f"manifest {url!r} does not exist; run `lipnext prep ... --out {parent_url(url)}` "
                         f"first, or {_HOW}")
     table = read_manifest(url)
@@ -36,7 +40,7 @@ def _from_manifest(url: str) -> list[str]:
 
 
 def _check_all_exist(urls: list[str], pattern: str) -> None:
-    fs, _ = url_to_fs(urls[0])
+    fs, _ = url_to_fs(urls[0], DataError)
     listed: dict[str, set[str]] = {}
     missing = []
     for u in urls:
@@ -55,7 +59,7 @@ def _check_all_exist(urls: list[str], pattern: str) -> None:
 
 
 def _glob(pattern: str) -> list[str]:
-    fs, path = url_to_fs(pattern)
+    fs, path = url_to_fs(pattern, DataError)
     return [fs.unstrip_protocol(p) for p in sorted(fs.glob(path)) if p.endswith(".tar")]
 
 
@@ -80,7 +84,7 @@ def resolve_shards(url: str | list[str], *, split: str | None = None) -> list[st
         if not urls:
             raise DataError(f"no .tar shard matches {url!r}; {_HOW}")
         return urls
-    fs, path = url_to_fs(url)
+    fs, path = url_to_fs(url, DataError)
     if path.endswith(".tar"):
         if not fs.exists(path):
             raise DataError(f"shard {url!r} does not exist; {_HOW}")
@@ -90,7 +94,7 @@ def resolve_shards(url: str | list[str], *, split: str | None = None) -> list[st
             raise DataError(f"{url!r} is a directory: say which split to read (e.g. {url.rstrip('/')}/train); {_HOW}")
         url = f"{url.rstrip('/')}/{split}"
     manifest = f"{url}-manifest.parquet"
-    if exists(manifest):
+    if exists(manifest, DataError):
         return _from_manifest(manifest)
     urls = _glob(f"{url}-*.tar")
     if not urls:
@@ -98,19 +102,26 @@ def resolve_shards(url: str | list[str], *, split: str | None = None) -> list[st
     return urls
 
 
-def iter_shard_samples(shard_url: str, *, image_size: int, dataset: str,
+def iter_shard_samples(shard_url: str, *, image_size: int | None = None, dataset: str | None = None,
                        stats: SkipStats | None = None) -> Iterator[tuple[str, "torch.Tensor", int]]:
-    """(key, image (3, H, W) float32 in [0, 1] with the eval transform, label) for every good sample of
-    one shard, in shard order; bad samples are skipped, counted in `stats` and logged."""
-    check_dataset(dataset)
+    """(key, image (3, H, W) float32 in [0, 1], label) for every good sample of one shard, in shard order.
+
+    With `image_size` and `dataset`: the eval transform; without: the stored size (certification). Bad
+    samples are skipped, counted in `stats` and logged (`SkipStats(strict=True)`: each is an error); a
+    shard its manifest lists is checked against the manifest's sha256 (tar_reader.py has the rules)."""
+    if (image_size is None) != (dataset is None):
+        raise ValueError("give both image_size and dataset (the eval transform) or neither (the stored size)")
+    if dataset is not None:
+        check_dataset(dataset)
     stats = stats if stats is not None else SkipStats()
-    for sample in iter_raw_samples(shard_url, stats):
+    expected = shard_digests([shard_url]).get(shard_url)
+    for sample in iter_raw_samples(shard_url, stats, expected=expected):
         try:
             img, label = decode_raw(sample)
         except SampleError as e:
             stats.skip(sample.shard, sample.key, str(e))
             continue
-        yield sample.key, to_float_chw(eval_transform(img, dataset, image_size)), label
+        yield sample.key, to_float_chw(img if dataset is None else eval_transform(img, dataset, image_size)), label
 
 
 def _init_worker(_worker_id: int) -> None:
@@ -119,13 +130,36 @@ def _init_worker(_worker_id: int) -> None:
     torch.set_num_threads(1)  # decode is per-sample PIL work; intra-op threads only oversubscribe
 
 
+def _one_line(message: str) -> str:
+    """The worker's own DataError message out of torch's re-raise ("Caught DataError in DataLoader worker
+    process 0.\nOriginal Traceback ...\nlipnext_scale.data.errors.DataError: <message>")."""
+    prefix = f"{DataError.__module__}.{DataError.__qualname__}: "
+    last = [ln for ln in message.splitlines() if ln.startswith(prefix)]
+    return last[-1][len(prefix):] if last else message
+
+
 def _loader(dataset, num_workers: int):
     from torch.utils.data import DataLoader
 
+    class Loader(DataLoader):
+        """A DataLoader whose DataErrors stay one line: torch re-raises a worker's exception with the
+        worker's traceback folded into its message."""
+
+        def __iter__(self):
+            batches = super().__iter__()
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                except DataError as e:
+                    raise DataError(_one_line(str(e))) from None
+                yield batch
+
     if num_workers < 0:
         raise ValueError(f"num_workers={num_workers}: must be >= 0")
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, worker_init_fn=_init_worker,
-                      prefetch_factor=4 if num_workers else None)
+    return Loader(dataset, batch_size=None, num_workers=num_workers, worker_init_fn=_init_worker,
+                  prefetch_factor=4 if num_workers else None)
 
 
 def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
@@ -149,9 +183,10 @@ def make_train_loader(url: str | list[str], *, image_size: int, batch_size: int,
 
     check_dataset(dataset)
     _check_rank(rank, world_size, batch_size)
-    if start_batch < 0:
-        raise ValueError(f"start_batch={start_batch}: must be >= 0")
-    stream = TrainStream(resolve_shards(url, split="train"), image_size=image_size, batch_size=batch_size,
+    if start_batch < 0 or shuffle_buffer < 0:
+        raise ValueError(f"start_batch={start_batch}, shuffle_buffer={shuffle_buffer}: both must be >= 0")
+    urls = resolve_shards(url, split="train")
+    stream = TrainStream(urls, shard_digests(urls), image_size=image_size, batch_size=batch_size,
                          dataset=dataset, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
                          start_batch=start_batch, shuffle_buffer=shuffle_buffer, deterministic=deterministic)
     return _loader(stream, num_workers)
@@ -165,6 +200,7 @@ def make_eval_loader(url: str | list[str], *, image_size: int, batch_size: int, 
 
     check_dataset(dataset)
     _check_rank(rank, world_size, batch_size)
-    stream = EvalStream(resolve_shards(url, split="val"), image_size=image_size, batch_size=batch_size,
+    urls = resolve_shards(url, split="val")
+    stream = EvalStream(urls, shard_digests(urls), image_size=image_size, batch_size=batch_size,
                         dataset=dataset, rank=rank, world_size=world_size)
     return _loader(stream, num_workers)

@@ -1,23 +1,37 @@
-"""The two sample streams behind the loaders: resampled training batches and exactly-once eval batches.
+"""The two sample streams behind the loaders: webdataset pipelines around our tar-member stage.
 
-Work is split over `world_size` ranks x `num_workers` DataLoader workers = "streams". Batches are
-assembled inside each worker and the DataLoader hands them out round-robin by worker id, so the
-order of batches is a pure function of the seeds: that is what makes exact resume possible.
+    train  wds.ResampledShards -> read_shards -> wds.shuffle -> decode -> augment_from -> wds.batched
+    eval   eval_parts          -> read_shards ->                decode ->                 wds.batched
+
+Stock webdataset stages draw shards, shuffle and batch; ours are `read_shards` (tar_reader.py: checksums,
+a truncated shard is an error or a counted skip, manifest sha256 checked while streaming), `decode`
+(bad samples counted), and the two stages a stock one cannot do, each saying why in its docstring:
+`augment_from` (exact resume) and `eval_parts` (exactly-once evaluation over ranks x workers).
+
+Work is split over `world_size` ranks x `num_workers` DataLoader workers = "streams". A worker builds its
+pipeline when it starts iterating (only then does it know its id), seeded from (seed, epoch, rank,
+world_size, num_workers, worker); the rank comes from the caller, never from the environment. Training
+streams are split the way webdataset splits resampled data (one ResampledShards per stream, each with its
+own seed); evaluation streams by `eval_parts`. Batches
+are assembled inside each worker and the DataLoader hands them out round-robin by worker id, so the order
+of batches is a pure function of the seeds: that is what makes exact resume possible.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
+import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lipnext_scale.data.tar_reader import TRAINING_SUFFIXES, SkipStats, decode_raw, iter_raw_samples, shuffled
+from lipnext_scale.data.errors import DataError
+from lipnext_scale.data.manifest import ShardDigest
+from lipnext_scale.data.tar_reader import TRAINING_SUFFIXES, SkipStats, decode_raw, iter_raw_samples
 from lipnext_scale.data.transforms import (SampleError, eval_transform, stack_to_float, to_uint8_chw,
                                            train_augment)
-from lipnext_scale.data.urls import DataError
 
 
 def stream_seed(*parts) -> int:
@@ -50,29 +64,104 @@ def _worker() -> tuple[int, int]:
     return (info.num_workers, info.id) if info is not None else (1, 0)
 
 
+def read_shards(shards: Iterable[dict], stats: SkipStats, digests: dict[str, ShardDigest],
+                max_empty: int | None = None) -> Iterator:
+    """Our tar-member stage: {"url", optional "part"/"parts"} -> RawSample, keeping the samples whose index
+    in the shard is congruent to `part` mod `parts`. `max_empty`: consecutive shards without a readable
+    sample after which a resampled (endless) stream gives up with an error instead of spinning."""
+    empty = 0
+    for shard in shards:
+        part, parts = shard.get("part", 0), shard.get("parts", 1)
+        got = False
+        for i, sample in enumerate(iter_raw_samples(shard["url"], stats, TRAINING_SUFFIXES, digests.get(shard["url"]))):
+            got = True
+            if i % parts == part:
+                yield sample
+        empty = 0 if got else empty + 1
+        if max_empty is not None and empty > max_empty:
+            raise DataError(f"no readable sample in {empty} consecutive shard draws (last: {shard['url']!r}); "
+                            "check the shards")
+
+
+def decode(samples: Iterable, stats: SkipStats) -> Iterator[tuple[str, object, int]]:
+    """RawSample -> (key, RGB PIL image, label); an undecodable sample is counted, logged and dropped."""
+    for sample in samples:
+        try:
+            img, label = decode_raw(sample)
+        except SampleError as e:
+            stats.skip(sample.shard, sample.key, str(e))
+            continue
+        yield sample.key, img, label
+
+
+def augment_from(samples: Iterable, first: int, base: int, dataset: str, image_size: int) -> Iterator:
+    """(key, image, label) -> (uint8 CHW augmented image, label), dropping the first `first` samples.
+
+    Hand-written for exact resume: sample n of the stream is augmented with a generator seeded by
+    (base, n), so the augmentation of a sample does not depend on what came before; a resumed stream drops
+    the samples of the batches already trained on, after decoding them (a corrupt image is dropped
+    exactly as in the original run) but without augmenting them. webdataset's stages draw augmentation
+    randomness from one running generator, which cannot be fast-forwarded without replaying every draw.
+    """
+    for n, (_, img, label) in enumerate(samples):
+        if n >= first:
+            img = train_augment(img, dataset, image_size, random.Random(base ^ (n * 0x9E3779B1)))
+            yield to_uint8_chw(img), label
+
+
+def eval_parts(urls: list[str], rank: int, world_size: int) -> Iterator[dict]:
+    """The (shard, part) reads of this rank's DataLoader worker: every sample once over ranks x workers.
+
+    Hand-written because `wds.split_by_node` reads the rank from RANK/WORLD_SIZE or torch.distributed
+    (our loaders receive it as an argument, before or without a process group) and, like
+    `wds.split_by_worker`, hands out whole shards only: with fewer shards than streams some would idle
+    (a rank with no data stalls a collective eval). `eval_assignment` splits such shards by sample index.
+    """
+    num_workers, worker = _worker()
+    stream = rank * num_workers + worker
+    for shard, part, parts in eval_assignment(len(urls), world_size * num_workers, stream):
+        yield {"url": urls[shard], "part": part, "parts": parts}
+
+
+def shuffle_stage(buffer_size: int, rng: random.Random):
+    """webdataset's shuffle buffer, filled before the first release and driven by an explicit generator
+    (its default seeds from the pid and the clock, which would make the stream irreproducible)."""
+    return wds.shuffle(buffer_size, initial=buffer_size, rng=rng)
+
+
+def collate_train(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = zip(*samples)
+    return stack_to_float(list(images)), torch.tensor(labels, dtype=torch.int64)
+
+
+def collate_eval(samples: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    keys, images, labels = zip(*samples)
+    return stack_to_float(list(images)), torch.tensor(labels, dtype=torch.int64), list(keys)
+
+
 class TrainStream(IterableDataset):
     """Infinite stream of augmented batches; shards drawn with replacement per (rank, worker)."""
 
-    def __init__(self, urls: list[str], *, image_size: int, batch_size: int, dataset: str, rank: int,
-                 world_size: int, seed: int, epoch: int, start_batch: int, shuffle_buffer: int,
-                 deterministic: bool):
-        self.urls, self.image_size, self.batch_size, self.dataset = urls, image_size, batch_size, dataset
-        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
+    def __init__(self, urls: list[str], digests: dict[str, ShardDigest], *, image_size: int, batch_size: int,
+                 dataset: str, rank: int, world_size: int, seed: int, epoch: int, start_batch: int,
+                 shuffle_buffer: int, deterministic: bool):
+        self.urls, self.digests, self.image_size, self.batch_size = urls, digests, image_size, batch_size
+        self.dataset, self.rank, self.world_size, self.seed, self.epoch = dataset, rank, world_size, seed, epoch
         self.start_batch, self.shuffle_buffer, self.deterministic = start_batch, shuffle_buffer, deterministic
         self.stats = SkipStats()
 
-    def _resampled_samples(self, rng: random.Random):
-        empty_draws = 0
-        while True:
-            url = self.urls[rng.randrange(len(self.urls))]
-            got = False
-            for sample in iter_raw_samples(url, self.stats, TRAINING_SUFFIXES):
-                got = True
-                yield sample
-            empty_draws = 0 if got else empty_draws + 1
-            if empty_draws > 2 * len(self.urls) + 8:
-                raise DataError(f"no readable sample in {empty_draws} consecutive shard draws from "
-                                f"{self.urls[0]!r} and {len(self.urls) - 1} more; check the shards")
+    def pipeline(self, base: int, skip_batches: int) -> wds.DataPipeline:
+        # ResampledShards folds its seed to 31 bits (webdataset's make_seed); with `worker_seed` constant,
+        # the per-stream seed is ours. A collision only makes two streams draw the same shard sequence.
+        return wds.DataPipeline(
+            wds.ResampledShards(self.urls, seed=base, worker_seed=lambda: 0, deterministic=True),
+            lambda shards: read_shards(shards, self.stats, self.digests, max_empty=2 * len(self.urls) + 8),
+            shuffle_stage(self.shuffle_buffer, random.Random(base + 1)),
+            lambda samples: decode(samples, self.stats),
+            lambda samples: augment_from(samples, skip_batches * self.batch_size, base, self.dataset,
+                                         self.image_size),
+            wds.batched(self.batch_size, collation_fn=collate_train, partial=False),
+        )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         num_workers, worker = _worker()
@@ -81,56 +170,27 @@ class TrainStream(IterableDataset):
         else:  # a resumed run gets fresh randomness instead of paying to replay the stream
             role, skip, salt = worker, 0, f"from{self.start_batch}"
         base = stream_seed("train", self.seed, self.epoch, self.rank, self.world_size, num_workers, role, salt)
-        shard_rng, buffer_rng = random.Random(base), random.Random(base + 1)
-        images, labels, batch_index, n = [], [], 0, 0
-        for sample in shuffled(self._resampled_samples(shard_rng), self.shuffle_buffer, buffer_rng):
-            try:
-                img, label = decode_raw(sample)  # decoded even in skipped batches: a corrupt image
-            except SampleError as e:             # must be dropped exactly as in the original run
-                self.stats.skip(sample.shard, sample.key, str(e))
-                continue
-            if batch_index >= skip:
-                img = train_augment(img, self.dataset, self.image_size, random.Random(base ^ (n * 0x9E3779B1)))
-                images.append(to_uint8_chw(img))
-            labels.append(label)
-            n += 1
-            if len(labels) == self.batch_size:
-                if batch_index >= skip:
-                    yield stack_to_float(images), torch.tensor(labels, dtype=torch.int64)
-                images, labels, batch_index = [], [], batch_index + 1
+        return iter(self.pipeline(base, skip))
 
 
 class EvalStream(IterableDataset):
     """Every sample exactly once across all ranks and workers; yields (images, labels, keys)."""
 
-    def __init__(self, urls: list[str], *, image_size: int, batch_size: int, dataset: str, rank: int,
-                 world_size: int):
-        self.urls, self.image_size, self.batch_size, self.dataset = urls, image_size, batch_size, dataset
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, urls: list[str], digests: dict[str, ShardDigest], *, image_size: int, batch_size: int,
+                 dataset: str, rank: int, world_size: int):
+        self.urls, self.digests, self.image_size, self.batch_size = urls, digests, image_size, batch_size
+        self.dataset, self.rank, self.world_size = dataset, rank, world_size
         self.stats = SkipStats()
 
-    def samples(self) -> Iterator[tuple[str, torch.Tensor, int]]:
-        num_workers, worker = _worker()
-        stream = self.rank * num_workers + worker
-        for shard, part, parts in eval_assignment(len(self.urls), self.world_size * num_workers, stream):
-            for i, sample in enumerate(iter_raw_samples(self.urls[shard], self.stats, TRAINING_SUFFIXES)):
-                if i % parts != part:
-                    continue
-                try:
-                    img, label = decode_raw(sample)
-                except SampleError as e:
-                    self.stats.skip(sample.shard, sample.key, str(e))
-                    continue
-                yield sample.key, to_uint8_chw(eval_transform(img, self.dataset, self.image_size)), label
+    def pipeline(self) -> wds.DataPipeline:
+        return wds.DataPipeline(
+            lambda: eval_parts(self.urls, self.rank, self.world_size),
+            lambda shards: read_shards(shards, self.stats, self.digests),
+            lambda samples: decode(samples, self.stats),
+            lambda samples: ((key, to_uint8_chw(eval_transform(img, self.dataset, self.image_size)), label)
+                             for key, img, label in samples),
+            wds.batched(self.batch_size, collation_fn=collate_eval, partial=True),
+        )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-        images, labels, keys = [], [], []
-        for key, image, label in self.samples():
-            images.append(image)
-            labels.append(label)
-            keys.append(key)
-            if len(keys) == self.batch_size:
-                yield stack_to_float(images), torch.tensor(labels, dtype=torch.int64), keys
-                images, labels, keys = [], [], []
-        if keys:
-            yield stack_to_float(images), torch.tensor(labels, dtype=torch.int64), keys
+        return iter(self.pipeline())

@@ -1,41 +1,63 @@
-"""Read WebDataset tar shards from any fsspec URL as raw samples, skipping (and counting) bad ones.
+"""Our tar-member stage: one WebDataset shard on any fsspec URL -> raw samples, bad ones counted and logged.
 
-Only `.jpg/.jpeg/.png/.cls/.json` members are read at all: anything else (a `.pyd` or pickle member)
-is neither read nor decoded. A sample is the run of consecutive members sharing a key (the file name
-up to its first dot), as WebDataset writes them.
+Kept hand-written inside the webdataset pipelines (streams.py) instead of webdataset's `url_opener` +
+`tar_file_expander` + `group_by_keys`: it is ~5x cheaper per member (tar_stream.py), checks every header's
+checksum and calls a shard cut at a header boundary truncated (tarfile sees a clean end there), reads only
+the `.jpg/.jpeg/.png/.cls/.json` members (a `.pyd` or pickle member is neither read nor decoded), skips
+the rest without holding them, and hashes the bytes as they stream past to check the shard against its
+manifest. A sample is the run of consecutive members sharing a key (the file name up to its first dot).
+
+Error rules, the same for training, evaluation and certification:
+- a bad sample (undecodable image, missing or bad label, oversized member) is skipped, counted in
+  `SkipStats` and logged with shard and key; `SkipStats(strict=True)` makes it an error instead
+  (certification never skips: a dropped sample would make its accuracy a lie);
+- a shard its manifest lists must match the manifest's size and sha256: a mismatch, a truncated or
+  unreadable shard is a DataError naming the shard and the fix. Why an error and not a skip: the hash is
+  only known once the shard has streamed past, its samples already used; a same-size corruption means
+  wrong images or labels went in, and re-running prep repairs the shard;
+- a shard no manifest lists (hand-made, a glob of foreign shards) has nothing to check against: a
+  missing, truncated or corrupt one is counted and logged, and what was readable before the damage is kept.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import fsspec
-
+from lipnext_scale.data.errors import DataError
+from lipnext_scale.data.manifest import HashingReader, ShardDigest, mismatch_error
 from lipnext_scale.data.tar_stream import TarError, iter_tar_members
 from lipnext_scale.data.transforms import SampleError, decode_image
+from lipnext_scale.storage import open_url
 
 log = logging.getLogger("lipnext_scale.data")
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png")
 DECODED_SUFFIXES = frozenset(IMAGE_SUFFIXES + ("cls", "json"))
 TRAINING_SUFFIXES = frozenset(IMAGE_SUFFIXES + ("cls",))  # .json is metadata the loaders never use
+# A stored image is a few hundred KB at most; a member above this is skipped (by seeking, not read) and
+# counted, so one bad member cannot cost a loader worker its size in memory.
+MAX_MEMBER_BYTES = 64 << 20
 
 
 @dataclass
 class SkipStats:
-    """Samples skipped by this process, by reason; each skip is also logged with shard and key."""
+    """Samples skipped by this process, by reason; each skip is also logged with shard and key.
+    `strict`: a skip raises DataError instead (certification)."""
     by_reason: Counter = field(default_factory=Counter)
+    strict: bool = False
 
     @property
     def total(self) -> int:
         return sum(self.by_reason.values())
 
     def skip(self, shard: str, key: str, reason: str) -> None:
+        if self.strict:
+            raise DataError(f"shard {shard!r}, sample {key!r}: {reason}; re-create the shard with `lipnext prep` "
+                            "(it resumes and rewrites bad shards)")
         self.by_reason[reason.split(" (")[0]] += 1
         log.warning("skipped sample %r in shard %s: %s", key, shard, reason)
 
@@ -45,6 +67,7 @@ class RawSample:
     key: str
     shard: str
     members: dict[str, bytes]
+    problem: str | None = None  # why the sample cannot be used although its members were grouped
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -56,33 +79,50 @@ def _split_name(name: str) -> tuple[str, str]:
     return prefix + stem, ext.lower()
 
 
-def iter_raw_samples(shard_url: str, stats: SkipStats,
-                     suffixes: frozenset[str] = DECODED_SUFFIXES) -> Iterator[RawSample]:
-    """Group the members with `suffixes` (a subset of .jpg/.jpeg/.png/.cls/.json) of one shard by key;
-    a truncated/corrupt shard is counted, logged and ends (a broken tar stream cannot be resynchronised)."""
+def iter_raw_samples(shard_url: str, stats: SkipStats, suffixes: frozenset[str] = DECODED_SUFFIXES,
+                     expected: ShardDigest | None = None) -> Iterator[RawSample]:
+    """Group the members with `suffixes` (a subset of .jpg/.jpeg/.png/.cls/.json) of one shard by key.
+    `expected`: the shard's manifest digest, checked while streaming (see the module's error rules)."""
     suffixes = suffixes & DECODED_SUFFIXES
     current: RawSample | None = None
+    opened = False
     try:
-        with fsspec.open(shard_url, "rb") as f:
-            for name, data in iter_tar_members(f, lambda n: _split_name(n)[1] in suffixes):
+        with open_url(shard_url, "rb", DataError) as f:
+            opened = True
+            reader = HashingReader(f) if expected is not None else f
+            for name, data in iter_tar_members(reader, lambda n: _split_name(n)[1] in suffixes, MAX_MEMBER_BYTES):
                 key, ext = _split_name(name)
                 if current is not None and key != current.key:
                     yield current
                     current = None
                 if current is None:
                     current = RawSample(key, shard_url, {})
-                current.members[ext] = data
-    except FileNotFoundError:
-        stats.skip(shard_url, "<shard>", "shard missing")
+                if data is None:
+                    current.problem = f"oversized .{ext} member (over MAX_MEMBER_BYTES = {MAX_MEMBER_BYTES} bytes)"
+                else:
+                    current.members[ext] = data
+            if expected is not None and (got := reader.finish()) != expected:
+                raise mismatch_error(shard_url, f"{got.bytes} bytes, sha256 {got.sha256[:16]}... where the "
+                                                f"manifest has {expected.bytes} bytes, {expected.sha256[:16]}...")
+    except DataError as e:
+        if opened:  # the manifest check itself
+            raise
+        if expected is not None:
+            raise mismatch_error(shard_url, f"cannot be read: {e}") from None
+        stats.skip(shard_url, "<shard>", f"shard missing or unreadable ({e})")
         return
     except TarError as e:
+        if expected is not None:
+            raise mismatch_error(shard_url, str(e)) from None
         if current is not None and e.member is not None and _split_name(e.member)[0] != current.key:
             yield current  # all its members were read before the cut
             current = None
         where = current.key if current else (_split_name(e.member)[0] if e.member else "<end of shard>")
         stats.skip(shard_url, where, f"unreadable shard ({e})")
         return
-    except Exception as e:  # truncated or corrupt tar, a network error mid-stream
+    except Exception as e:  # truncated or corrupt gzip, a network error mid-stream
+        if expected is not None:
+            raise mismatch_error(shard_url, f"unreadable: {type(e).__name__}: {e}") from None
         stats.skip(shard_url, current.key if current else "<shard>", f"unreadable shard ({type(e).__name__}: {e})")
         return
     if current is not None:
@@ -118,18 +158,7 @@ def parse_meta(sample: RawSample) -> dict:
 
 def decode_raw(sample: RawSample):
     """(RGB PIL image, label) or SampleError."""
+    if sample.problem is not None:
+        raise SampleError(sample.problem)
     label = parse_label(sample)
     return decode_image(image_bytes(sample)), label
-
-
-def shuffled(items: Iterator, buffer_size: int, rng: random.Random) -> Iterator:
-    """Shuffle buffer: once `buffer_size` items are buffered, each new one releases a random buffered one."""
-    buf = []
-    for item in items:
-        buf.append(item)
-        if len(buf) >= buffer_size:
-            k = rng.randrange(len(buf))
-            buf[k], buf[-1] = buf[-1], buf[k]
-            yield buf.pop()
-    rng.shuffle(buf)
-    yield from buf

@@ -16,12 +16,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lipnext_scale.config import Dataset, choices
+
+DATASETS = choices(Dataset)  # the one list, shared with config validation
 # Augmentation family per data set: ImageNet crops at random scale, the small-image sets
 # (CIFAR, digits, Tiny-ImageNet) crop with zero padding.
 RESIZED_CROP_DATASETS = ("imagenet",)
-PADDED_CROP_DATASETS = ("cifar10", "cifar100", "digits", "tiny-imagenet")
-DATASETS = RESIZED_CROP_DATASETS + PADDED_CROP_DATASETS
+PADDED_CROP_DATASETS = tuple(d for d in DATASETS if d not in RESIZED_CROP_DATASETS)
 IMAGENET_EVAL_CROP = 0.875  # resize to size/0.875 then center crop (224 from 256), the timm convention
+# Stored images are prepared at a short side of a few hundred pixels; a header announcing more than this
+# (a 9500x9500 PNG of a few hundred KB would cost GBs once decoded) is refused before any pixel is
+# decoded. PIL's own MAX_IMAGE_PIXELS (89M, an error only at twice that) is far too high for a loader.
+MAX_DECODED_PIXELS = 4096 * 4096
 
 
 class SampleError(ValueError):
@@ -34,11 +40,19 @@ def check_dataset(dataset: str) -> None:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """JPEG/PNG bytes -> RGB PIL image; corrupt data raises SampleError."""
+    """JPEG/PNG bytes -> RGB PIL image; corrupt data or more than MAX_DECODED_PIXELS raises SampleError
+    (the size is read from the header, before decoding)."""
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        img = Image.open(io.BytesIO(data))  # parses the header only
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise SampleError(f"undecodable image ({type(e).__name__}: {e})") from e
+    width, height = img.size
+    if width * height > MAX_DECODED_PIXELS:
+        raise SampleError(f"image too large to decode ({width}x{height} pixels, over MAX_DECODED_PIXELS = "
+                          f"{MAX_DECODED_PIXELS})")
+    try:
+        img.load()
+    except Exception as e:
         raise SampleError(f"undecodable image ({type(e).__name__}: {e})") from e
     return img if img.mode == "RGB" else img.convert("RGB")
 

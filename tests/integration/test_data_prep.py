@@ -14,11 +14,11 @@ from PIL import Image
 
 import fixtures_data as fx
 from fixtures_data import ray_local  # noqa: F401  (module-scoped Ray fixture)
+from lipnext_scale.data.errors import DataError
 from lipnext_scale.data.manifest import manifest_meta, manifest_rows, read_manifest, write_manifest
 from lipnext_scale.data.prep import prepare
 from lipnext_scale.data.shards import resolve_shards
 from lipnext_scale.data.tar_reader import SkipStats, iter_raw_samples
-from lipnext_scale.data.urls import DataError
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -132,3 +132,24 @@ def test_cli_prep(ray_local, tmp_path, capsys):  # noqa: F811
     assert json.loads(capsys.readouterr().out)["splits"]["val"]["samples"] == 300
     assert main(["prep", "imagenet", "--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_rerun_rewrites_a_same_size_corrupted_shard(ray_local, tmp_path):  # noqa: F811
+    out = tmp_path / "d"
+    prepare("digits", None, str(out), shard_size=100, splits=["val"], progress=False)
+    shard = out / "val-000001.tar"
+    good = shard.read_bytes()
+    fx.flip_label_same_size(shard, read_split(str(out), "val")[100].key)
+    assert shard.read_bytes() != good and len(shard.read_bytes()) == len(good)
+    summary = prepare("digits", None, str(out), shard_size=100, splits=["val"], progress=False)
+    assert (summary["splits"]["val"]["shards_skipped"], summary["splits"]["val"]["shards_written"]) == (2, 1)
+    assert shard.read_bytes() == good
+
+
+def test_dangling_symlinks_are_counted_in_the_summary(ray_local, tmp_path):  # noqa: F811
+    expected = fx.make_imagenet_folders(tmp_path / "src")
+    (tmp_path / "src" / "train" / fx.WNIDS[0] / "dangling.JPEG").symlink_to(tmp_path / "gone.JPEG")
+    summary = prepare("imagenet", str(tmp_path / "src"), str(tmp_path / "out"), shard_size=4, image_size=16,
+                      progress=False)
+    assert summary["files_skipped_by_reason"] == {"dangling symlink": 1, "undecodable source image": 1}
+    assert Counter(s.key for s in read_split(str(tmp_path / "out"), "train")) == Counter(list(expected["train"]))

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from fixtures_data import write_tar
+from lipnext_scale.data.errors import DataError
 from lipnext_scale.data.shards import iter_shard_samples, make_eval_loader, make_train_loader, resolve_shards
 from lipnext_scale.data.tar_reader import SkipStats
-from lipnext_scale.data.urls import DataError
 
 PWNED = "/tmp/lipnext-pyd-pwned"
 

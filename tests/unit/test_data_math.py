@@ -12,12 +12,11 @@ import pytest
 from PIL import Image
 
 from lipnext_scale.data.encode import encode_image
+from lipnext_scale.data.errors import DataError
 from lipnext_scale.data.sources.cifar import load_array_pickle
-from lipnext_scale.data.streams import eval_assignment, resume_role, stream_seed
-from lipnext_scale.data.tar_reader import shuffled
+from lipnext_scale.data.streams import eval_assignment, resume_role, shuffle_stage, stream_seed
 from lipnext_scale.data.transforms import (SampleError, decode_image, eval_transform, random_resized_crop_box,
                                            to_float_chw, train_augment)
-from lipnext_scale.data.urls import DataError
 
 
 @pytest.mark.parametrize("num_shards", range(1, 8))
@@ -47,10 +46,10 @@ def test_stream_seed_is_stable_and_distinct():
     assert stream_seed("train", 0, 1) != stream_seed("train", 1, 0)
 
 
-def test_shuffled_is_a_seeded_permutation():
-    a = list(shuffled(iter(range(100)), 10, random.Random(1)))
+def test_shuffle_stage_is_a_seeded_permutation():
+    a = list(shuffle_stage(10, random.Random(1))(iter(range(100))))
     assert sorted(a) == list(range(100)) and a != list(range(100))
-    assert a == list(shuffled(iter(range(100)), 10, random.Random(1)))
+    assert a == list(shuffle_stage(10, random.Random(1))(iter(range(100))))
 
 
 def test_random_resized_crop_box_in_bounds():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lipnext_scale.data.sources.base import SourcePlan
+from lipnext_scale.data.sources.base import SourcePlan, check_unique_keys
 
 KINDS = ("imagenet", "cifar10", "cifar100", "tiny-imagenet", "digits")
 
@@ -28,4 +28,5 @@ def list_source(kind: str, source: str | None, splits: list[str] | None = None) 
         if unknown:
             raise ValueError(f"split(s) {unknown} not in {kind} (it has {', '.join(plan.splits)})")
         plan.splits = {s: plan.splits[s] for s in plan.splits if s in splits}
+    check_unique_keys(plan)
     return plan

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from PIL import Image
 
-from lipnext_scale.data.urls import DataError, url_to_fs
+from lipnext_scale.data.errors import DataError
+from lipnext_scale.storage import open_url, read_bytes
 
 
 @dataclass(frozen=True)
@@ -15,9 +17,7 @@ class FileRef:
     url: str
 
     def read(self) -> bytes:
-        fs, path = url_to_fs(self.url)
-        with fs.open(path, "rb") as f:
-            return f.read()
+        return read_bytes(self.url, DataError)
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,7 @@ class TarMemberRef:
     size: int
 
     def read(self) -> bytes:
-        fs, path = url_to_fs(self.url)
-        with fs.open(path, "rb") as f:
+        with open_url(self.url, "rb", DataError) as f:
             f.seek(self.offset)
             data = f.read(self.size)
         if len(data) != self.size:
@@ -52,7 +51,7 @@ class PixelsRef:
 
 @dataclass(frozen=True)
 class SourceSample:
-    key: str          # unique, deterministic, no dots (WebDataset splits member names at the first dot)
+    key: str          # unique in its split, deterministic, no dots (WebDataset splits member names at the first dot)
     label: int        # index of the class id in `SourcePlan.classes`
     origin: str       # original file name (or array index), recorded in the sample's .json
     ref: FileRef | TarMemberRef | PixelsRef
@@ -66,14 +65,23 @@ class SourcePlan:
     image_format: str = "jpg"               # what prep stores: jpg, or png (lossless) for tiny arrays
     names: list[str] | None = None          # human-readable class names, when the source has them
     default_image_size: int = 256
-    notes: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (origin, reason) found while listing
 
 
 def safe_key(text: str) -> str:
-    return text.replace(".", "_").replace("/", "_").replace(" ", "_")
+    """A sample key for `text` (a file name without its extension): injective, so two source files never
+    share a key (two samples would merge into one while the manifest counted both). Percent-encoding
+    (RFC 3986, `%` itself escaped) keeps letters, digits and `_-~` as they are (ImageNet's names come
+    through unchanged) and escapes `.` too, where WebDataset splits a member name into key and extension."""
+    return quote(text, safe="").replace(".", "%2E")
 
 
-def require_dir(url: str, what: str) -> None:
-    fs, path = url_to_fs(url)
-    if not fs.isdir(path):
-        raise DataError(f"{what}: {url!r} is not a directory")
+def check_unique_keys(plan: SourcePlan) -> None:
+    """Keys must be unique within a split (e.g. `a.JPEG` and `a.png` in one folder both give key `a`)."""
+    for split, samples in plan.splits.items():
+        seen: dict[str, str] = {}
+        for s in samples:
+            if s.key in seen:
+                raise DataError(f"{plan.kind} {split}: {seen[s.key]!r} and {s.origin!r} both give sample key "
+                                f"{s.key!r} (keys are file names without extension); rename one of them")
+            seen[s.key] = s.origin

@@ -14,8 +14,9 @@ import tarfile
 
 import numpy as np
 
+from lipnext_scale.data.errors import DataError
 from lipnext_scale.data.sources.base import PixelsRef, SourcePlan, SourceSample
-from lipnext_scale.data.urls import DataError, url_to_fs
+from lipnext_scale.storage import open_url, url_to_fs
 
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -56,7 +57,7 @@ def load_array_pickle(data: bytes):
 
 def _read_files(source: str) -> dict[str, bytes]:
     """basename -> bytes of every regular file in the archive (any compression) or folder tree."""
-    fs, path = url_to_fs(source)
+    fs, path = url_to_fs(source, DataError)
     if not fs.exists(path):
         raise DataError(f"CIFAR source {source!r} does not exist; pass the release archive "
                         "(cifar-10-python.tar.gz, cifar-100-binary.tar.gz, ...) or its extracted folder")
@@ -65,7 +66,7 @@ def _read_files(source: str) -> dict[str, bytes]:
         for p in fs.find(path):
             files[p.rsplit("/", 1)[-1]] = fs.cat_file(p)
         return files
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
+    with open_url(source, "rb", DataError) as f, tarfile.open(fileobj=f, mode="r:*") as tar:
         for m in tar:
             if m.isfile():
                 files[m.name.rsplit("/", 1)[-1]] = tar.extractfile(m).read()

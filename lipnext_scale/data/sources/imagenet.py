@@ -14,21 +14,22 @@ from __future__ import annotations
 import io
 import tarfile
 
+from lipnext_scale.data.errors import DataError
 from lipnext_scale.data.sources.base import FileRef, SourcePlan, SourceSample, TarMemberRef, safe_key
 from lipnext_scale.data.sources.imagefiles import IMAGE_EXTENSIONS, list_images, read_text, subdirs
-from lipnext_scale.data.urls import DataError, join_url, url_to_fs
+from lipnext_scale.storage import join_url, open_url, url_to_fs
 
 TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
 CLS_LOC = "ILSVRC/Data/CLS-LOC"
 
 
 def _isdir(url: str) -> bool:
-    fs, path = url_to_fs(url)
+    fs, path = url_to_fs(url, DataError)
     return fs.isdir(path)
 
 
 def _isfile(url: str) -> bool:
-    fs, path = url_to_fs(url)
+    fs, path = url_to_fs(url, DataError)
     return fs.isfile(path)
 
 
@@ -48,34 +49,38 @@ def list_imagenet(source: str | None) -> SourcePlan:
                     f"{TRAIN_TAR} + {VAL_TAR} + {DEVKIT}, or {CLS_LOC}/ with LOC_val_solution.csv")
 
 
-def _plan(wnids: list[str], splits: dict, names: list[str] | None = None) -> SourcePlan:
+def _plan(wnids: list[str], splits: dict, names: list[str] | None = None,
+          skipped: list[tuple[str, str]] | None = None) -> SourcePlan:
     return SourcePlan(kind="imagenet", classes=wnids, names=names, splits=splits, image_format="jpg",
-                      default_image_size=256)
+                      default_image_size=256, skipped=skipped or [])
 
 
-def _class_folders(root: str, wnids: list[str], index: dict[str, int], split: str) -> list[SourceSample]:
+def _class_folders(root: str, wnids: list[str], dangling: set[str], index: dict[str, int], split: str,
+                   skipped: list[tuple[str, str]]) -> list[SourceSample]:
     return [SourceSample(safe_key(name.rsplit(".", 1)[0]), index[w], f"{split}/{w}/{name}", FileRef(url))
-            for w in wnids for name, url in list_images(join_url(root, w))]
+            for w in wnids if w not in dangling for name, url in list_images(join_url(root, w), skipped)]
 
 
 def _from_folders(source: str) -> SourcePlan:
-    wnids = subdirs(join_url(source, "train"))
+    skipped: list[tuple[str, str]] = []
+    wnids, dangling = subdirs(join_url(source, "train"), skipped)
     index = {w: i for i, w in enumerate(wnids)}
-    splits = {"train": _class_folders(join_url(source, "train"), wnids, index, "train")}
+    splits = {"train": _class_folders(join_url(source, "train"), wnids, dangling, index, "train", skipped)}
     if _isdir(join_url(source, "val")):
-        val_wnids = subdirs(join_url(source, "val"))
+        val_wnids, val_dangling = subdirs(join_url(source, "val"), skipped)
         unknown = sorted(set(val_wnids) - set(index))
         if unknown:
             raise DataError(f"{source}/val has class folders {unknown[:3]} that are not in train/")
-        splits["val"] = _class_folders(join_url(source, "val"), val_wnids, index, "val")
-    return _plan(wnids, splits)
+        splits["val"] = _class_folders(join_url(source, "val"), val_wnids, val_dangling, index, "val", skipped)
+    return _plan(wnids, splits, skipped=skipped)
 
 
 def _from_cls_loc(source: str) -> SourcePlan:
     data = join_url(source, CLS_LOC)
-    wnids = subdirs(join_url(data, "train"))
+    skipped: list[tuple[str, str]] = []
+    wnids, dangling = subdirs(join_url(data, "train"), skipped)
     index = {w: i for i, w in enumerate(wnids)}
-    splits = {"train": _class_folders(join_url(data, "train"), wnids, index, "train")}
+    splits = {"train": _class_folders(join_url(data, "train"), wnids, dangling, index, "train", skipped)}
     names = None
     mapping_url = join_url(source, "LOC_synset_mapping.txt")
     if _isfile(mapping_url):
@@ -95,13 +100,13 @@ def _from_cls_loc(source: str) -> SourcePlan:
                 raise DataError(f"{solution_url} line {n + 2}: wnid {wnid!r} is not a train/ class")
             labels[image_id.strip()] = index[wnid]
         val = []
-        for name, url in list_images(join_url(data, "val")):
+        for name, url in list_images(join_url(data, "val"), skipped):
             stem = name.rsplit(".", 1)[0]
             if stem not in labels:
                 raise DataError(f"{url}: no row for {stem!r} in {solution_url}")
             val.append(SourceSample(safe_key(stem), labels[stem], f"val/{name}", FileRef(url)))
         splits["val"] = val
-    return _plan(wnids, splits, names)
+    return _plan(wnids, splits, names, skipped)
 
 
 class _Window(io.RawIOBase):
@@ -143,9 +148,9 @@ def _from_archives(source: str) -> SourcePlan:
     train_url = join_url(source, TRAIN_TAR)
     if not _isfile(train_url):
         raise DataError(f"{train_url} is missing: the class list (sorted wnids) comes from the training archive")
-    fs, path = url_to_fs(train_url)
+    fs, path = url_to_fs(train_url, DataError)
     by_wnid: dict[str, list[tuple[str, int, int]]] = {}
-    with fs.open(path, "rb") as f:
+    with open_url(train_url, "rb", DataError) as f:
         for name, offset, size in _tar_members(f, 0, fs.size(path)):
             wnid = name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
             if name.endswith(".tar"):
@@ -163,8 +168,8 @@ def _from_archives(source: str) -> SourcePlan:
         if not _isfile(devkit_url):
             raise DataError(f"{val_url} needs {devkit_url} for its labels (meta.mat + validation ground truth)")
         id_to_wnid, ground_truth, words = _read_devkit(devkit_url)
-        fs_v, path_v = url_to_fs(val_url)
-        with fs_v.open(path_v, "rb") as f:
+        fs_v, path_v = url_to_fs(val_url, DataError)
+        with open_url(val_url, "rb", DataError) as f:
             members = sorted(m for m in _tar_members(f, 0, fs_v.size(path_v)) if m[0].lower().endswith(IMAGE_EXTENSIONS))
         if len(members) != len(ground_truth):
             raise DataError(f"{val_url} has {len(members)} images but the devkit lists {len(ground_truth)} labels")
@@ -184,9 +189,8 @@ def _read_devkit(url: str) -> tuple[dict[int, str], list[int], dict[str, str]]:
     """(ILSVRC2012_ID -> wnid, val ground-truth IDs in file order, wnid -> words) from the devkit tar.gz."""
     from scipy.io import loadmat  # MAT-file v5 parser: no pickle involved
 
-    fs, path = url_to_fs(url)
     meta = truth = None
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
+    with open_url(url, "rb", DataError) as f, tarfile.open(fileobj=f, mode="r:*") as tar:
         for m in tar:
             if m.name.endswith("data/meta.mat"):
                 meta = tar.extractfile(m).read()

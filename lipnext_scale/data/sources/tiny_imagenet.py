@@ -6,25 +6,28 @@ The unlabeled test split is not prepared.
 
 from __future__ import annotations
 
+from lipnext_scale.data.errors import DataError
 from lipnext_scale.data.sources.base import FileRef, SourcePlan, SourceSample, safe_key
 from lipnext_scale.data.sources.imagefiles import list_images, read_text, subdirs
-from lipnext_scale.data.urls import DataError, join_url, url_to_fs
+from lipnext_scale.storage import exists, join_url, url_to_fs
 
 
 def list_tiny_imagenet(source: str | None) -> SourcePlan:
     if not source:
         raise DataError("tiny-imagenet needs --source: the extracted tiny-imagenet-200 folder")
-    fs, path = url_to_fs(source)
+    fs, path = url_to_fs(source, DataError)
     root = join_url(source, "tiny-imagenet-200") if fs.isdir(join_url(path, "tiny-imagenet-200")) else source
-    if not fs.isdir(url_to_fs(join_url(root, "train"))[1]):
+    if not fs.isdir(url_to_fs(join_url(root, "train"), DataError)[1]):
         raise DataError(f"{source!r} is not a tiny-imagenet-200 folder: no train/ directory in it")
-    wnids = subdirs(join_url(root, "train"))
+    skipped: list[tuple[str, str]] = []
+    wnids, dangling = subdirs(join_url(root, "train"), skipped)
     index = {w: i for i, w in enumerate(wnids)}
     train = [SourceSample(safe_key(name.rsplit(".", 1)[0]), index[w], f"train/{w}/images/{name}", FileRef(url))
-             for w in wnids for name, url in list_images(join_url(root, "train", w, "images"))]
+             for w in wnids if w not in dangling
+             for name, url in list_images(join_url(root, "train", w, "images"), skipped)]
     splits = {"train": train}
     ann_url = join_url(root, "val", "val_annotations.txt")
-    if fs.exists(url_to_fs(ann_url)[1]):
+    if exists(ann_url, DataError):
         val = []
         for n, line in enumerate(read_text(ann_url).splitlines()):
             parts = line.split("\t")
@@ -38,8 +41,8 @@ def list_tiny_imagenet(source: str | None) -> SourcePlan:
         splits["val"] = sorted(val, key=lambda s: s.key)
     words_url = join_url(root, "words.txt")
     names = None
-    if fs.exists(url_to_fs(words_url)[1]):
+    if exists(words_url, DataError):
         words = dict(ln.split("\t", 1) for ln in read_text(words_url).splitlines() if "\t" in ln)
         names = [words.get(w, w).strip() for w in wnids]
     return SourcePlan(kind="tiny-imagenet", classes=wnids, names=names, splits=splits, image_format="jpg",
-                      default_image_size=64)
+                      default_image_size=64, skipped=skipped)
