@@ -72,7 +72,7 @@ def train_and_certify(overrides: list[str], seed: int, steps: int, data: Path, w
     from lipnext_scale.data.shards import make_train_loader
     from lipnext_scale.model import create_model
     from lipnext_scale.optim import ManifoldOptimizer
-    from lipnext_scale.train.export import save_exported
+    from lipnext_scale.ckpt import save_exported
     from lipnext_scale.train.loss import certified_loss, training_eps
 
     cfg = load_config(DEMO, [f"train.steps={steps}", f"train.seed={seed}", *overrides])

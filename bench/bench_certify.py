@@ -160,7 +160,7 @@ def main() -> None:
     from lipnext_scale.config import JobConfig, config_to_dict
     from lipnext_scale.storage import atomic_write_bytes, versions
     from lipnext_scale.model import create_model
-    from lipnext_scale.train.export import save_exported
+    from lipnext_scale.ckpt import save_exported
 
     from lipnext_scale.certify.worker import keep_freed_memory
 

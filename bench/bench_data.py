@@ -22,7 +22,6 @@ costs are those of natural images. Run: python bench/bench_data.py [--quick]
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform

@@ -85,7 +85,7 @@ def summarise(scalars: dict[str, dict[int, float]], log_every: int, batch_size: 
 
 
 def time_loads(ckpt: str, repeats: int = 3) -> dict:
-    from lipnext_scale.train.checkpoint import consolidate_checkpoint, load_train_state
+    from lipnext_scale.ckpt import consolidate_checkpoint, load_train_state
 
     def best(fn) -> float:
         times = []
@@ -119,12 +119,6 @@ def run_variant(name: str, settings: dict, data_dir: Path, storage: Path, steps:
     print(f"[bench] {name}: {json.dumps(out)}", flush=True)
     return out
 
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
             "memory, retraction share) were not measured.",
         ],
     }
-    write_json_atomic(Path(args.out), report)
+    from lipnext_scale.storage import atomic_write_bytes
+
+    atomic_write_bytes(args.out, (json.dumps(report, indent=2) + "\n").encode())
     print(f"[bench] wrote {args.out}")
     return 0
 

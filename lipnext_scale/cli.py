@@ -15,7 +15,8 @@ import sys
 _COMMANDS: list[tuple[str, str, str]] = [
     ("info", "lipnext_scale.info:run_info", "list registered models: params, width, depth, FLOPs"),
     ("train", "lipnext_scale.train.cli:run_train", "train a model from a TOML job config (Ray Train + DeepSpeed)"),
-    ("export", "lipnext_scale.train.cli:run_export", "consolidate a checkpoint into safetensors + config.json"),
+    ("export", "lipnext_scale.train.cli:run_export",
+     "consolidate a checkpoint (or a run directory's newest) into safetensors + config.json"),
     ("certify", "lipnext_scale.certify.cli:run_certify",
      "certify a checkpoint on evaluation shards with Ray workers: CRA report, optional PGD check"),
     ("demo", "lipnext_scale.demo:run_demo", "prepare digits, train lipnext-tiny on 2 CPU workers, certify it"),

@@ -123,7 +123,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from lipnext_scale.certify.job import certify_job
     from lipnext_scale.certify.report import format_table
-    from lipnext_scale.train.trainer import run_training
+    from lipnext_scale.train.trainer import TrainingDiverged, run_training
 
     dashboard = start_local_ray(num_cpus=max(2, os.cpu_count() or 2))
     seconds: dict[str, float] = {}
@@ -143,6 +143,9 @@ def run_demo(args: argparse.Namespace) -> int:
         report = certify_job(result["checkpoint"], cfg.data.eval_url, str(run_dir / "certify"),
                              eps=cfg.certify.eps, actors=CERTIFY_ACTORS, batch_size=cfg.certify.batch_size)
         seconds["certify"] = time.perf_counter() - t0
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         ray.shutdown()
     seconds["total"] = time.perf_counter() - started

@@ -14,28 +14,35 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import pytest  # noqa: E402  (after the environment: Ray and DeepSpeed read it at import)
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray instance for the whole test session (2 CPUs, no dashboard, no auth token in the real
-    HOME): starting Ray costs ~5 s, so modules share it. A test that needs its own cluster (a token head, a
-    multi-node `ray.cluster_utils.Cluster`) starts it in a subprocess or after `ray.shutdown()` of this one."""
+def ensure_local_ray() -> None:
+    """A local Ray instance in this process (2 CPUs, no dashboard, no auth token in the real HOME), unless
+    one is running. Starting Ray costs ~5 s, so test modules share one; a test that needs its own cluster
+    (a token head, a multi-node `ray.cluster_utils.Cluster`) may shut it down: the next module restarts it."""
     import ray
 
     if ray.is_initialized():
-        yield
         return
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")
-        mp.delenv("RAY_ADDRESS", raising=False)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            yield
-        finally:
-            ray.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)  # never attach to a cluster the developer happens to run
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 
 
 @pytest.fixture(scope="session")
-def digits_shards(ray_local, tmp_path_factory):
+def _ray_session():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local(_ray_session):
+    ensure_local_ray()
+    yield
+
+
+@pytest.fixture(scope="session")
+def digits_shards(_ray_session, tmp_path_factory):
     """`digits_shards(shard_size)` -> a directory of real digits shards (32x32, train 1497 / val 300), prepared
     once per shard size for the session; tests must not write into it."""
     from lipnext_scale.data.prep import prepare
@@ -44,6 +51,7 @@ def digits_shards(ray_local, tmp_path_factory):
 
     def get(shard_size: int = 1000):
         if shard_size not in made:
+            ensure_local_ray()
             out = tmp_path_factory.mktemp(f"digits-{shard_size}")
             prepare("digits", None, str(out), image_size=32, shard_size=shard_size, progress=False, workers=2)
             made[shard_size] = out

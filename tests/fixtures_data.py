@@ -9,7 +9,6 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 # Deliberately not in sorted order, and the devkit's ILSVRC2012_IDs follow this order: a reader that
@@ -194,24 +193,6 @@ def make_cifar(root: Path, kind: str, fmt: str, per_file: int = 4) -> tuple[Path
     archive = root / f"{folder}.tar.gz"
     _write(archive, _tar_bytes(members, mode="w:gz"))
     return archive, expected
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray instance per test module (2 CPUs, no dashboard, no auth token in the real HOME)."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")
-        mp.delenv("RAY_ADDRESS", raising=False)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            yield
-        finally:
-            ray.shutdown()
 
 
 def prepared_digits(out: Path, split: str = "val", shard_size: int = 100) -> list[Path]:

@@ -11,7 +11,6 @@ model (class count, image size), the data fingerprint for the report, and file-n
 from __future__ import annotations
 
 import hashlib
-import json
 import posixpath
 from typing import Iterator
 
@@ -69,21 +68,14 @@ def _data_dir(shards: list[str]) -> str:
 
 
 def dataset_num_classes(shards: list[str]) -> int | None:
-    """The class count of classes.json next to the shards (written by `lipnext prep`), if there is one."""
-    from lipnext_scale.storage import exists, join_url, read_bytes
+    """The data set's declared class count (its manifest, else classes.json), if it has one."""
+    from lipnext_scale.data.errors import DataError
+    from lipnext_scale.data.manifest import dataset_classes
 
-    url = join_url(_data_dir(shards), "classes.json")
-    if not exists(url, CertifyError):
-        return None
     try:
-        info = json.loads(read_bytes(url, CertifyError))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CertifyError(f"{url!r} is not valid JSON ({e}); re-create the data set") from None
-    if isinstance(info, list):
-        return len(info)
-    if isinstance(info, dict) and ("num_classes" in info or "classes" in info):
-        return int(info["num_classes"]) if "num_classes" in info else len(info["classes"])
-    raise CertifyError(f"{url!r} has neither `num_classes` nor `classes`; re-create the data set")
+        return dataset_classes(shards)[0]
+    except DataError as e:
+        raise CertifyError(str(e)) from None
 
 
 def preflight(shards: list[str], image_size: int, num_classes: int) -> None:

@@ -1,7 +1,8 @@
 """Load a model to certify from a checkpoint URL, and verify its weights before any radius is trusted.
 
-CKPT is either an exported model (`lipnext_scale.train.export`, recognised by its manifest.json) or a
-ZeRO-3 training checkpoint, consolidated by `lipnext_scale.train.checkpoint.consolidate_checkpoint`.
+CKPT is either an exported model (`lipnext_scale.ckpt.export`, recognised by its manifest.json) or a
+ZeRO-3 training checkpoint (or a run directory: its newest checkpoint, `ckpt.resolve_checkpoint`, the
+resolver `lipnext export` uses too), consolidated by `lipnext_scale.ckpt.consolidate_checkpoint`.
 Verification (paper.md B.1): the orthogonality error of every (semi-)orthogonal matrix and the rigorous
 Lipschitz bound of the feature map. A bound above 1 + tol is refused unless `allow_approx`, in which case
 radii are divided by it. Within tolerance we still divide by max(1, bound): it costs at most `tol` of a
@@ -11,7 +12,6 @@ radius and keeps every certificate rigorous.
 from __future__ import annotations
 
 import hashlib
-import posixpath
 from dataclasses import dataclass, field
 
 import torch
@@ -64,12 +64,12 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
 
 def _read_state(ckpt_url: str) -> tuple[dict[str, torch.Tensor], dict, str, str]:
     """(state_dict, config, kind, the checkpoint URL actually read)."""
-    import fsspec
+    from lipnext_scale.ckpt import (
+        CheckpointError, ExportError, consolidate_checkpoint, is_exported, load_exported, resolve_checkpoint,
+    )
+    from lipnext_scale.storage import exists
 
-    from lipnext_scale.train.export import ExportError, is_exported, load_exported
-
-    fs, path = fsspec.core.url_to_fs(ckpt_url)
-    if not fs.exists(path):
+    if not exists(ckpt_url, CertifyError):
         raise CertifyError(f"checkpoint {ckpt_url!r} does not exist; pass a training checkpoint directory "
                            "or a `lipnext export` output")
     if is_exported(ckpt_url):
@@ -79,17 +79,9 @@ def _read_state(ckpt_url: str) -> tuple[dict[str, torch.Tensor], dict, str, str]
             raise CertifyError(f"cannot load exported model: {e}") from None
         return state_dict, config, "exported", ckpt_url
     try:
-        from lipnext_scale.train.checkpoint import META_FILE, consolidate_checkpoint, list_checkpoints
-    except ImportError:
-        raise CertifyError(f"{ckpt_url!r} has no manifest.json, so it would be a training checkpoint, but "
-                           "training checkpoints need lipnext_scale.train.checkpoint, which is not "
-                           "installed; pass an exported model (`lipnext export`) instead") from None
-    if not fs.isfile(posixpath.join(path, META_FILE)):
-        steps = list_checkpoints(ckpt_url)  # a run directory: certify its newest checkpoint, never an older one
-        if not steps:
-            raise CertifyError(f"{ckpt_url!r} is neither an exported model (no manifest.json) nor a training "
-                               f"checkpoint (no {META_FILE}, no step_* directories); pass one of those")
-        ckpt_url = steps[-1][1]
+        ckpt_url = resolve_checkpoint(ckpt_url)  # a run directory: its newest checkpoint, never an older one
+    except CheckpointError as e:
+        raise CertifyError(str(e)) from None
     try:
         state_dict, config = consolidate_checkpoint(ckpt_url)
     except Exception as e:  # its errors name the file; we add which argument it came from
@@ -99,8 +91,8 @@ def _read_state(ckpt_url: str) -> tuple[dict[str, torch.Tensor], dict, str, str]
 
 def load_model(ckpt_url: str, device: str | torch.device = "cpu") -> LoadedModel:
     """Build the model a checkpoint's config describes and load its weights (fp32, eval mode)."""
+    from lipnext_scale.ckpt import ExportError, check_state_dict, model_kwargs
     from lipnext_scale.model import create_model
-    from lipnext_scale.train.export import ExportError, check_state_dict, model_kwargs
 
     state_dict, config, kind, url = _read_state(ckpt_url)
     try:

@@ -98,7 +98,37 @@ def write_classes(out_url: str, info: dict[str, Any]) -> None:
 
 
 def read_classes(out_url: str) -> dict[str, Any]:
-    return json.loads(read_bytes(join_url(out_url, "classes.json"), DataError))
+    url = join_url(out_url, "classes.json")
+    try:
+        return json.loads(read_bytes(url, DataError))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{url!r} is not valid JSON ({e}); re-create the data set with `lipnext prep`") from None
+
+
+def dataset_classes(shard_urls: list[str]) -> tuple[int | None, int | None, str]:
+    """(declared class count, highest label present + 1, where it was read) of the data set the shards belong
+    to: from the split's manifest next to them (per-shard class counts, written by `lipnext prep`), else from
+    classes.json (no label counts there); (None, None, "") when neither exists (a hand-made shard set).
+    Training and certification both check the model's classes against this."""
+    folder = parent_url(shard_urls[0])
+    split = split_of(shard_urls[0].rsplit("/", 1)[-1])
+    manifest = manifest_url(folder, split) if split else None
+    if manifest and exists(manifest, DataError):
+        table = read_manifest(manifest)
+        counts = [r["class_counts"] or [] for r in manifest_rows(table)]
+        present = max((i + 1 for c in counts for i, n in enumerate(c) if n), default=None)
+        declared = manifest_meta(table).get("num_classes") or max((len(c) for c in counts), default=None)
+        return declared, present, manifest
+    classes = join_url(folder, "classes.json")
+    if exists(classes, DataError):
+        info = read_classes(folder)
+        if isinstance(info, list):
+            return len(info) or None, None, classes
+        if isinstance(info, dict) and ("num_classes" in info or "classes" in info):
+            declared = int(info["num_classes"]) if "num_classes" in info else len(info["classes"])
+            return declared or None, None, classes
+        raise DataError(f"{classes!r} has neither `num_classes` nor `classes`; re-create the data set")
+    return None, None, ""
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ one reader of a single shard (eval transform or stored size), used by certificat
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from braceexpand import braceexpand
 
@@ -20,6 +20,9 @@ from lipnext_scale.data.manifest import manifest_meta, manifest_shard_urls, read
 from lipnext_scale.data.tar_reader import SkipStats, decode_raw, iter_raw_samples
 from lipnext_scale.data.transforms import SampleError, check_dataset, eval_transform, to_float_chw
 from lipnext_scale.storage import exists, parent_url, url_to_fs
+
+if TYPE_CHECKING:
+    import torch
 
 _HOW = ("pass a manifest (.../train-manifest.parquet), a brace pattern (.../train-{000000..000009}.tar), "
         "a glob (.../train-*.tar), or a directory/prefix with a split (.../out/train)")

@@ -128,6 +128,7 @@ def get_spec(name: str, **overrides) -> ModelSpec:
 class LipNeXt(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
+        self.check_finite = True  # see check_input
         spec.validate()
         self.spec = spec
         self.register_buffer("input_mean", torch.tensor(spec.input_mean).view(1, 3, 1, 1), persistent=False)
@@ -163,8 +164,10 @@ class LipNeXt(nn.Module):
         if not x.is_floating_point():
             raise ModelInputError(f"input dtype {x.dtype}: expected floats in [0, 1] (divide uint8 by 255)")
         # One reduction and a host sync per batch: negligible next to the network, and a NaN image
-        # would otherwise flow into logits and certificates silently.
-        if not bool(torch.isfinite(x).all()):
+        # would otherwise flow into logits and certificates silently. Training turns it off
+        # (`check_finite = False`): there a NaN input makes a NaN loss, which the loop checks on its
+        # sync steps, and a host sync per micro-batch would stall the GPU.
+        if self.check_finite and not bool(torch.isfinite(x).all()):
             raise ModelInputError("input contains NaN or inf; images must be finite floats in [0, 1] "
                                   "(check the data pipeline's decode and normalisation)")
 

@@ -1,11 +1,14 @@
-"""Lipschitz bounds of a LipNeXt feature map: empirical (power iteration) and rigorous (from weights).
+"""Lipschitz bounds of a LipNeXt feature map, the one home of them: empirical (power iteration), rigorous
+(from the weights) and the training monitor's (from the largest orthogonality error alone).
 
-The rigorous bound is what certification divides radii by when weights are only approximately
-orthogonal (paper.md B.1): per matrix ||W||_2 <= sqrt(1 + ||G - I||_F) with G the Gram matrix of the
-smaller side, since ||W||_2^2 = lambda_max(G) <= 1 + ||G - I||_2 <= 1 + ||G - I||_F. All other layers
-(shift, beta-Abs, pooling, patchify, mean subtraction, positional encoding and bias) are 1-Lipschitz by
-construction, so the feature map's constant is at most the product over `model.lipschitz_path()`, the
-matrices an input passes through with repeats (the paper block applies R and then M R^T).
+Both upper bounds rest on one inequality (paper.md B.1): for a matrix whose Gram matrix of the smaller side
+is G = I + E, ||W||_2^2 = lambda_max(G) <= 1 + ||E||_2. The rigorous bound, which certification divides
+radii by when weights are only approximately orthogonal, uses ||E||_2 <= ||E||_F; the monitor, which only
+has max|E| (a collective over ZeRO-3 shards), uses ||E||_2 <= p max|E| with p the Gram size. All other
+layers (shift, beta-Abs, pooling, patchify, mean subtraction, positional encoding and bias) are
+1-Lipschitz by construction, so the feature map's constant is at most the product over
+`model.lipschitz_path()`, the matrices an input passes through with repeats (the paper block applies R
+and then M R^T).
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ def rigorous_lipschitz_bound(model: torch.nn.Module) -> float:
     params = dict(model.named_parameters())
     per_matrix = {name: spectral_norm_upper_bound(params[name]) for name in set(model.lipschitz_path())}
     return math.prod(per_matrix[name] for name in model.lipschitz_path())
+
+
+def lipschitz_from_orthogonality_error(max_abs_error: float, shapes: list[tuple[int, int]]) -> float:
+    """The training monitor's bound from the largest |X^T X - I| entry over all matrices: the product over
+    `shapes` (the matrices of `model.lipschitz_path()` in order, with repeats) of sqrt(1 + p max|E|)."""
+    log_bound = sum(0.5 * math.log1p(min(s) * max_abs_error) for s in shapes)
+    return math.exp(log_bound)
 
 
 def max_orthogonality_error(model: torch.nn.Module) -> float:

@@ -3,7 +3,8 @@ moments on orthogonal matrices, periodic exact polar, Manifold Lookahead; NAdam/
 
 Single process: `ManifoldOptimizer(model, cfg)`. DeepSpeed ZeRO-3: `build_zero3_optimizers` before
 `deepspeed.initialize`, then `ShardedManifoldStep(engine, model, cfg).step()` between `engine.backward`
-and `engine.step` (see `sharded.py`; DeepSpeed is imported only there, inside functions).
+and `engine.step` (see `sharded.py`; DeepSpeed is imported only there, inside functions). ZeRO-3's partition
+arithmetic (`partition.py`) is shared with the checkpoint code (`lipnext_scale.ckpt`).
 """
 
 from lipnext_scale.optim.fast_exp import (
@@ -18,14 +19,16 @@ from lipnext_scale.optim.optimizer import STATE_FORMAT, ManifoldOptimizer, split
 from lipnext_scale.optim.retraction import (
     RETRACTIONS, orthogonalize_exact, polar_newton_schulz, retract, retract_polar_ns,
 )
+from lipnext_scale.optim.partition import join_partitions, partition_of, partition_size
 from lipnext_scale.optim.schedule import lr_multiplier
 from lipnext_scale.optim.sharded import ShardedManifoldStep, assign_owners, build_zero3_optimizers
 
 __all__ = [
     "FASTEXP_THRESHOLDS", "ManifoldOptimizer", "ManifoldParameterError", "RETRACTIONS", "STATE_FORMAT",
     "ShardedManifoldStep", "assign_owners", "build_zero3_optimizers", "check_manifold_parameter", "fast_exp",
-    "fast_exp_error_bound", "lr_multiplier", "manifold_update", "ns_polish", "orthogonality_error",
-    "orthogonalize_exact", "polar_exact", "polar_newton_schulz", "project_tangent", "retract", "retract_polar_ns",
-    "riemannian_grad", "riemannian_momentum_step", "split_parameters", "state_shapes", "stiefel_exp_action", "sym",
+    "fast_exp_error_bound", "join_partitions", "lr_multiplier", "manifold_update", "ns_polish",
+    "orthogonality_error", "orthogonalize_exact", "partition_of", "partition_size", "polar_exact",
+    "polar_newton_schulz", "project_tangent", "retract", "retract_polar_ns", "riemannian_grad",
+    "riemannian_momentum_step", "split_parameters", "state_shapes", "stiefel_exp_action", "sym",
     "tangent_skew_error", "taylor_order",
 ]

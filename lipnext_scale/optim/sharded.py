@@ -22,8 +22,9 @@ module partitions. Between `engine.backward` and `engine.step` one `step()`:
   Finally the manifold grads are zeroed so DeepSpeed's `gradient_clipping` norm covers the Euclidean group
   only; the client optimizer skips the manifold groups, so DeepSpeed holds no Adam state for them.
 State: only the owner holds a matrix's moments and Lookahead slow copy (`optim.update.state_shapes`);
-`state_dict()` is this rank's part, never gathered. Checkpoints write it per rank, keyed by parameter name;
-at any world size each rank loads the entries of the matrices it owns now (train/checkpoint.py).
+`state_dict()` is this rank's part, never gathered. Checkpoints (`lipnext_scale.ckpt`) write it per rank,
+keyed by parameter name; at any world size each rank loads the entries of the matrices it owns now.
+The slice arithmetic is ZeRO-3's (`optim/partition.py`, shared with the checkpoint code).
 Owners: greedy by update cost n p^2, deterministic from names, shapes and world size.
 """
 
@@ -40,6 +41,7 @@ from lipnext_scale.optim.manifold import check_manifold_parameter, orthogonality
 from lipnext_scale.optim.optimizer import (
     STATE_FORMAT, check_manifold_state, check_state_format, clip_coefficient, split_parameters,
 )
+from lipnext_scale.optim.partition import join_partitions, partition_of, partition_range, partition_size
 from lipnext_scale.optim.retraction import orthogonalize_exact
 from lipnext_scale.optim.schedule import lr_multiplier
 from lipnext_scale.optim.update import manifold_update
@@ -106,24 +108,19 @@ class _Slot:
         self.name, self.param, self.owner = name, param, owner
         self.shape = tuple(param.ds_shape)
         self.numel = int(param.ds_numel)
-        self.part = int(param.ds_tensor.numel())  # equal on every rank; the last one is padded
-        if self.part * world < self.numel:
-            raise RuntimeError(f"{name}: ZeRO-3 partition {self.part} x {world} ranks < {self.numel} elements")
-        self.valid = max(0, min(self.part, self.numel - rank * self.part))
+        self.part = partition_size(self.numel, world)  # equal on every rank; the last one is padded
+        if int(param.ds_tensor.numel()) != self.part:
+            raise RuntimeError(f"{name}: ZeRO-3 partition of {param.ds_tensor.numel()} elements, expected "
+                               f"ceil({self.numel} / {world}) = {self.part}; unsupported DeepSpeed partitioning")
+        lo, hi = partition_range(self.numel, rank, world)
+        self.valid = hi - lo  # this rank's real (unpadded) elements
 
     def full(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(parts)[: self.numel].view(self.shape)
+        return join_partitions(parts, self.shape)
 
     def slices(self, value: torch.Tensor, world: int) -> list[torch.Tensor]:
         """Rank r's slice of the flattened value, for every r (views; only a padded last slice is copied)."""
-        flat = value.reshape(-1)
-        out = []
-        for r in range(world):
-            piece = flat[r * self.part: (r + 1) * self.part]
-            if piece.numel() < self.part:
-                piece = torch.cat([piece, piece.new_zeros(self.part - piece.numel())])
-            out.append(piece)
-        return out
+        return [partition_of(value, r, world) for r in range(world)]
 
 
 class _InFlight:
@@ -365,13 +362,11 @@ class ShardedManifoldStep:
 
     def state_dict(self) -> dict:
         """This rank's manifold state: the entries of the matrices it owns, keyed by parameter name (no
-        collective, nothing gathered). The union over ranks loads at any world size and into ManifoldOptimizer."""
-        return {"format": STATE_FORMAT, "step": self.step_count, "skipped_steps": self.skipped_steps,
-                "manifold": {n: {k: v.detach().clone() for k, v in e.items()} for n, e in self.state.items() if e}}
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """This rank's state flattened for a checkpoint file: `{key}/{parameter name}` -> tensor."""
-        return {f"{k}/{n}": v.detach() for n, e in self.state.items() for k, v in e.items()}
+        collective, nothing gathered). The union over ranks loads at any world size and into ManifoldOptimizer.
+        Like `torch.optim.Optimizer.state_dict`, the tensors are references, not copies (a checkpoint of a
+        large model must not double its optimizer memory): copy them before the next `step()` to keep them."""
+        return {**self.scalars(),
+                "manifold": {n: {k: v.detach() for k, v in e.items()} for n, e in self.state.items() if e}}
 
     def scalars(self) -> dict:
         return {"format": STATE_FORMAT, "step": self.step_count, "skipped_steps": self.skipped_steps}

@@ -1,10 +1,11 @@
 """Distributed training: Ray Train + DeepSpeed ZeRO-3 (see `trainer.run_training`).
 
-  trainer.py     start-time checks, TorchTrainer wiring: `run_training(cfg) -> {"metrics", "checkpoint", "run_dir"}`
-  loop.py        one worker's loop (plain torch.distributed + DeepSpeed; Ray is handed in as callbacks)
-  checkpoint.py  checkpoint format, manifest/sha256 validation, newest-valid discovery, consolidation
-  zero_state.py  engine <-> checkpoint tensors (fp32 masters, optimizer state, re-partitioning)
-  loss.py        margin-aware cross-entropy;  metrics.py  DeepSpeed config, phase timer, bounds
-  tb.py          TensorBoard scalars under the run's storage;  export.py  the exported-model format
-Nothing heavy is imported here: `lipnext --help` and the config checks stay fast.
+  preflight.py  every start-time check (config, data and its classes, storage, the start checkpoint)
+  trainer.py    TorchTrainer wiring: `run_training(cfg) -> {"metrics", "checkpoint", "run_dir"}`
+  engine.py     model + optimizer + DeepSpeed config -> ZeRO-3 engine and manifold step
+  resume.py     load the checkpoint a worker continues from;  loop.py  build, resume, the short loop
+  evaluate.py   held-out clean/certified accuracy estimates;  metrics.py  phase timer, loss window
+  loss.py       certified-training losses;  tb.py  TensorBoard scalars under the run's storage
+Checkpoints and exports live in `lipnext_scale.ckpt`. Nothing heavy is imported here: `lipnext --help`
+and the config checks stay fast.
 """

@@ -26,15 +26,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="a TOML job config, e.g. configs/train/demo.toml")
     add_set_argument(p)
     p.add_argument("--resume", default=None, metavar="PATH",
-                   help="resume from this checkpoint (path or URL) instead of the run's newest valid one")
+                   help="resume from this checkpoint (path or URL) instead of the run's newest valid one (the "
+                        "run's later checkpoints, if any, are moved to {run}/superseded-*/)")
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to run on (default: RAY_ADDRESS, else a new local instance)")
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a training checkpoint directory (path or URL), any world size")
+    p.add_argument("checkpoint", help="a training checkpoint directory (path or URL), any world size, or a run "
+                                      "directory (its newest checkpoint)")
     p.add_argument("out", help="output directory (path or URL) for model.safetensors + config.json")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is an existing export")
 
 
 def resolve_config_path(path: str) -> Path:
@@ -102,7 +104,7 @@ def run_train_config(config_path: str, overrides: list[str], *, resume: str | No
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from lipnext_scale.train.trainer import run_training
+    from lipnext_scale.train.trainer import TrainingDiverged, run_training
 
     try:
         result = run_training(cfg, ray_address=ray_address)
@@ -111,6 +113,9 @@ def run_train_config(config_path: str, overrides: list[str], *, resume: str | No
         # the thing and the fix; a traceback would only hide it.
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"training finished: {cfg.train.name}")
     print_summary(result)
     return 0
@@ -122,16 +127,14 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """Consolidate a (ZeRO-3, any world size) checkpoint and write it in the exported format."""
-    from lipnext_scale.train.checkpoint import consolidate_checkpoint
-    from lipnext_scale.train.export import ExportError, save_exported
+    from lipnext_scale.ckpt import export_checkpoint
 
     try:
-        state_dict, config = consolidate_checkpoint(args.checkpoint)
-        save_exported(state_dict, config, args.out, overwrite=args.overwrite)
-    except (ExportError, FileNotFoundError, ValueError) as e:
+        url, state_dict, config = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
+    except ValueError as e:  # CheckpointError, ExportError, StorageError: one line naming the input and the fix
         print(f"error: {e}", file=sys.stderr)
         return 2
     params = sum(t.numel() for t in state_dict.values())
-    print(f"exported {args.checkpoint} -> {args.out} ({len(state_dict)} tensors, {params:,} values, "
+    print(f"exported {url} -> {args.out} ({len(state_dict)} tensors, {params:,} values, "
           f"model {config['model']['name']})")
     return 0

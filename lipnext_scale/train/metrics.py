@@ -1,70 +1,98 @@
-"""Small pure helpers of the training loop: DeepSpeed config, phase timer, monitoring bounds."""
+"""What the loop measures, without a host sync per step: phase times and the running loss/accuracy window.
+
+On a GPU a host read (`.item()`, `bool(t)`, `synchronize`) stalls the CPU until the queued kernels finish,
+so the next step's launches stop overlapping this step's work. Hence:
+  PhaseTimer  on a GPU, each phase boundary records a CUDA event (no sync); the events are resolved, with
+              one synchronize, by `take()` on log steps. On the CPU, perf_counter (CPU ops are synchronous).
+  Window      per-micro-batch loss/accuracy sums stay on the device; `agree()` (log and checkpoint steps
+              only) all-reduces them with every rank's stop request in one collective: the one host read.
+"""
 
 from __future__ import annotations
 
-import copy
-import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
 
-from lipnext_scale.config import ConfigError, JobConfig
+import torch
+import torch.distributed as dist
 
 PHASES = ("data", "forward", "backward", "retraction", "optimizer", "checkpoint")
 
 
-def deepspeed_config(base: dict[str, Any], cfg: JobConfig, world_size: int) -> dict[str, Any]:
-    """The engine config: ZeRO settings from the JSON file, everything the job config owns set from it
-    (so batch, accumulation, clipping and precision have one source of truth)."""
-    out = copy.deepcopy(base)
-    zero = out.get("zero_optimization", {})
-    if int(zero.get("stage", 0)) != 3:
-        raise ConfigError(f"train.deepspeed={cfg.train.deepspeed!r}: zero_optimization.stage must be 3 "
-                          f"(got {zero.get('stage')!r}); the manifold step works on ZeRO-3 partitions")
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                "gradient_clipping", "optimizer", "scheduler", "fp16"):
-        out.pop(key, None)
-    out["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
-    out["gradient_accumulation_steps"] = cfg.train.grad_accum
-    out["train_batch_size"] = cfg.data.batch_size * cfg.train.grad_accum * world_size
-    # Clips the Euclidean group; the manifold step clips its own gradients (they are zeroed before).
-    out["gradient_clipping"] = cfg.optim.grad_clip
-    out["bf16"] = {**out.get("bf16", {}), "enabled": cfg.train.precision == "bf16"}
-    out["zero_allow_untested_optimizer"] = True  # our client optimizer (AdamW + manifold groups)
-    out.setdefault("steps_per_print", 10 ** 9)
-    return out
-
-
-def lipschitz_from_orthogonality_error(max_abs_error: float, shapes: list[tuple[int, int]]) -> float:
-    """A rigorous bound on the feature map's Lipschitz constant from the largest |X^T X - I| entry.
-
-    For a matrix whose (smaller) Gram matrix is I + E, ||X||_2^2 <= 1 + ||E||_2 <= 1 + p max|E| (p the
-    Gram size); the network's constant is at most the product over the matrices an input passes through
-    (paper.md B.1): `shapes` lists them in `model.lipschitz_path()` order, with repeats (R twice per block).
-    """
-    log_bound = sum(0.5 * math.log1p(min(s) * max_abs_error) for s in shapes)
-    return math.exp(log_bound)
-
-
 class PhaseTimer:
-    """Wall seconds per phase of the step, accumulated between `take()` calls."""
+    """Seconds per phase of the step, accumulated between `take()` calls."""
 
-    def __init__(self, sync=None):
+    def __init__(self, device: str | torch.device):
+        self.cuda = str(device).startswith("cuda")
         self.totals: dict[str, float] = defaultdict(float)
-        self.sync = sync or (lambda: None)  # e.g. torch.cuda.synchronize: time the kernels, not their launch
+        self.events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
     @contextmanager
     def phase(self, name: str):
-        self.sync()
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.sync()
-            self.totals[name] += time.perf_counter() - t0
+        if self.cuda:  # GPU time between the two points of the stream: kernels, not their launch
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self.events.append((name, start, end))
+        else:
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.totals[name] += time.perf_counter() - t0
 
     def take(self) -> dict[str, float]:
+        """Seconds per phase since the last call (resolves the CUDA events: call it on log steps only)."""
+        if self.events:
+            self.events[-1][2].synchronize()
+            for name, start, end in self.events:
+                self.totals[name] += start.elapsed_time(end) / 1e3
+            self.events.clear()
         out = {p: self.totals.get(p, 0.0) for p in PHASES}
         self.totals.clear()
         return out
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """The window's totals over all ranks and whether any rank asked to stop: the same on every rank."""
+
+    loss_sum: float
+    correct: float
+    seen: float
+    stop: bool
+
+
+class Window:
+    """Running sums (loss * n, correct) since the last log step, kept on the device."""
+
+    def __init__(self, device: str | torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.seen = 0  # samples, counted on the host (a shape, not a value: no sync)
+        self.t0 = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.sums += torch.stack([loss.detach().double() * labels.numel(),
+                                  (logits.argmax(1) == labels).sum().double()])
+        self.seen += labels.numel()
+
+    def agree(self, stop: bool) -> Agreement:
+        """One all-reduce (on the device: NCCL reduces only GPU tensors) of the sums and the stop requests."""
+        local = torch.tensor([float(self.seen), float(stop)], dtype=torch.float64, device=self.device)
+        buf = torch.cat([self.sums, local])
+        dist.all_reduce(buf)
+        loss_sum, correct, seen, stops = buf.tolist()
+        return Agreement(loss_sum, correct, seen, stops > 0)
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0

@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import tempfile
 
-import fsspec
+from lipnext_scale.storage import atomic_write_bytes, join_url, url_to_fs
 
 
 def _local_path(url: str) -> str | None:
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = url_to_fs(url)
     protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
     return path if ("file" in protocols or "local" in protocols) else None
 
@@ -47,11 +47,10 @@ class ScalarLog:
         if self.writer is None:
             return
         self.writer.flush()
-        if self._staging is not None:
-            fs, path = fsspec.core.url_to_fs(self.url)
-            fs.makedirs(path, exist_ok=True)
+        if self._staging is not None:  # whole files, each replaced atomically: a reader never sees half of one
             for name in os.listdir(self._staging):
-                fs.put_file(os.path.join(self._staging, name), f"{path}/{name}")
+                with open(os.path.join(self._staging, name), "rb") as f:
+                    atomic_write_bytes(join_url(self.url, name), f.read())
 
     def close(self) -> None:
         if self.writer is None:

@@ -62,7 +62,7 @@ def test_export_of_the_demo_checkpoint_loads_as_a_1_lipschitz_model(demo_run, tm
 
     from lipnext_scale.model import create_model
     from lipnext_scale.model.lipschitz import rigorous_lipschitz_bound
-    from lipnext_scale.train.export import load_exported
+    from lipnext_scale.ckpt import load_exported
 
     proc, out, _ = demo_run
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

@@ -167,7 +167,7 @@ def main() -> None:
     # engine (each rank keeps its owned matrices' state), then one more step.
     from deepspeed.utils import safe_set_local_fp32_param
 
-    from lipnext_scale.train.checkpoint import partition_of
+    from lipnext_scale.optim.partition import partition_of
 
     init = build_model().state_dict()
     sp_model, sp_opt = single_process(init, range(args.steps))
@@ -175,7 +175,7 @@ def main() -> None:
     for n, p in named.items():
         local = partition_of(weights[n].float(), rank, world)
         safe_set_local_fp32_param(p, local)
-        p.ds_tensor.data.copy_(local.to(p.ds_tensor.dtype))  # the module copy too (see train/zero_state.py)
+        p.ds_tensor.data.copy_(local.to(p.ds_tensor.dtype))  # the module copy too (see ckpt/zero.py)
     manifold.load_state_dict(sp_opt.state_dict())
     result["resume12_state_names"] = sorted(manifold.state)
     assert train_step(args.steps)

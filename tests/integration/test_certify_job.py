@@ -20,32 +20,15 @@ from lipnext_scale.certify.model_loading import CertifyError, CertifyRefused
 from lipnext_scale.config import JobConfig, config_to_dict
 from lipnext_scale.model import create_model
 from lipnext_scale.model.lipschitz import rigorous_lipschitz_bound
-from lipnext_scale.train.export import save_exported
+from lipnext_scale.ckpt import save_exported
 
 pytestmark = [pytest.mark.distributed]
 EPS = "16/255,36/255,72/255"
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    assert os.environ.get("RAY_AUTH_MODE") == "disabled"  # conftest: never write ~/.ray/auth_token here
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def digits(ray_local, tmp_path_factory):
-    from lipnext_scale.data.prep import prepare
-
-    out = tmp_path_factory.mktemp("digits")
-    prepare("digits", None, str(out), image_size=32, shard_size=100, progress=False, workers=2)
-    return out
+def digits(ray_local, digits_shards):
+    return digits_shards(100)
 
 
 def _read_split(folder, split):
@@ -298,8 +281,9 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
 
 
 def _write_training_checkpoint(model, step_dir, world_size=2):
-    """A ZeRO-3-partitioned training checkpoint in the training format (`train.checkpoint`), 2 ranks."""
-    from lipnext_scale.train.checkpoint import partition_of, write_rank_files
+    """A ZeRO-3-partitioned training checkpoint in the training format (`ckpt.format`), 2 ranks."""
+    from lipnext_scale.ckpt import write_rank_files
+    from lipnext_scale.optim.partition import partition_of
 
     state = model.state_dict()
     meta = {"step": 5, "world_size": world_size, "param_shapes": {k: list(v.shape) for k, v in state.items()},

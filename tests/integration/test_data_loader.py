@@ -8,7 +8,6 @@ import fsspec
 import pytest
 import torch
 
-from fixtures_data import ray_local  # noqa: F401  (module-scoped Ray fixture)
 from lipnext_scale.data.prep import prepare
 from lipnext_scale.data.shards import iter_shard_samples, make_eval_loader, make_train_loader, resolve_shards
 
@@ -16,7 +15,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def digits(ray_local, tmp_path_factory):  # noqa: F811
+def digits(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
     summary = prepare("digits", None, str(out), shard_size=400, workers=2, progress=False)
     assert summary["splits"]["train"]["samples"] == 1497 and summary["splits"]["val"]["samples"] == 300

@@ -13,7 +13,6 @@ import pytest
 from PIL import Image
 
 import fixtures_data as fx
-from fixtures_data import ray_local  # noqa: F401  (module-scoped Ray fixture)
 from lipnext_scale.data.errors import DataError
 from lipnext_scale.data.manifest import manifest_meta, manifest_rows, read_manifest, write_manifest
 from lipnext_scale.data.prep import prepare
@@ -39,7 +38,7 @@ def check_manifest(out: Path, split: str, num_samples: int) -> None:
 
 
 @pytest.mark.parametrize("layout", ["folders", "cls_loc", "archives"])
-def test_imagenet_layouts_give_sorted_wnid_labels_rgb_jpegs(ray_local, tmp_path, layout):  # noqa: F811
+def test_imagenet_layouts_give_sorted_wnid_labels_rgb_jpegs(ray_local, tmp_path, layout):
     expected = getattr(fx, f"make_imagenet_{layout}")(tmp_path / "src")
     out = tmp_path / "out"
     summary = prepare("imagenet", str(tmp_path / "src"), str(out), shard_size=4, image_size=16, progress=False)
@@ -61,7 +60,7 @@ def test_imagenet_layouts_give_sorted_wnid_labels_rgb_jpegs(ray_local, tmp_path,
     assert {"JPEG", "PNG"} <= quirks
 
 
-def test_tiny_imagenet_keeps_right_sized_jpegs_byte_exact(ray_local, tmp_path):  # noqa: F811
+def test_tiny_imagenet_keeps_right_sized_jpegs_byte_exact(ray_local, tmp_path):
     expected = fx.make_tiny_imagenet(tmp_path / "src")
     out = tmp_path / "out"
     prepare("tiny-imagenet", str(tmp_path / "src"), str(out), shard_size=3, progress=False)
@@ -75,7 +74,7 @@ def test_tiny_imagenet_keeps_right_sized_jpegs_byte_exact(ray_local, tmp_path): 
 
 @pytest.mark.parametrize("kind,fmt", [("cifar10", "python"), ("cifar10", "binary"), ("cifar100", "python"),
                                       ("cifar100", "binary")])
-def test_cifar_release_archives_lossless(ray_local, tmp_path, kind, fmt):  # noqa: F811
+def test_cifar_release_archives_lossless(ray_local, tmp_path, kind, fmt):
     archive, expected = fx.make_cifar(tmp_path, kind, fmt)
     out = tmp_path / "out"
     prepare(kind, str(archive), str(out), shard_size=8, progress=False)
@@ -87,7 +86,7 @@ def test_cifar_release_archives_lossless(ray_local, tmp_path, kind, fmt):  # noq
             assert np.array_equal(np.asarray(Image.open(io.BytesIO(s.members["png"]))), pixels)
 
 
-def test_interrupted_prep_resumes_without_duplicates_or_losses(ray_local, tmp_path):  # noqa: F811
+def test_interrupted_prep_resumes_without_duplicates_or_losses(ray_local, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     prepare("digits", None, str(first), shard_size=200, progress=False)
     shutil.copytree(first, second)
@@ -119,13 +118,13 @@ def test_interrupted_prep_resumes_without_duplicates_or_losses(ray_local, tmp_pa
         prepare("digits", None, str(second), shard_size=200, image_size=24, progress=False)
 
 
-def test_prep_into_memory_url(ray_local):  # noqa: F811
+def test_prep_into_memory_url(ray_local):
     summary = prepare("digits", None, "memory://prep-test/digits", shard_size=1000, splits=["val"], progress=False)
     assert summary["splits"]["val"]["samples"] == 300
     assert len(read_split("memory://prep-test/digits", "val")) == 300
 
 
-def test_cli_prep(ray_local, tmp_path, capsys):  # noqa: F811
+def test_cli_prep(ray_local, tmp_path, capsys):
     from lipnext_scale.cli import main
 
     assert main(["prep", "digits", "--out", str(tmp_path / "d"), "--splits", "val", "--no-progress", "--json"]) == 0
@@ -134,7 +133,7 @@ def test_cli_prep(ray_local, tmp_path, capsys):  # noqa: F811
     assert "nowhere" in capsys.readouterr().err
 
 
-def test_rerun_rewrites_a_same_size_corrupted_shard(ray_local, tmp_path):  # noqa: F811
+def test_rerun_rewrites_a_same_size_corrupted_shard(ray_local, tmp_path):
     out = tmp_path / "d"
     prepare("digits", None, str(out), shard_size=100, splits=["val"], progress=False)
     shard = out / "val-000001.tar"
@@ -146,7 +145,7 @@ def test_rerun_rewrites_a_same_size_corrupted_shard(ray_local, tmp_path):  # noq
     assert shard.read_bytes() == good
 
 
-def test_dangling_symlinks_are_counted_in_the_summary(ray_local, tmp_path):  # noqa: F811
+def test_dangling_symlinks_are_counted_in_the_summary(ray_local, tmp_path):
     expected = fx.make_imagenet_folders(tmp_path / "src")
     (tmp_path / "src" / "train" / fx.WNIDS[0] / "dangling.JPEG").symlink_to(tmp_path / "gone.JPEG")
     summary = prepare("imagenet", str(tmp_path / "src"), str(tmp_path / "out"), shard_size=4, image_size=16,

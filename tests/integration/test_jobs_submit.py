@@ -132,7 +132,7 @@ def test_ray_job_submit_train_launcher(token_head, digits_data, tmp_path):
         "--set", f'data.train_url="{digits_data}/train-manifest.parquet"',
         "--set", 'data.eval_url=""', "--set", "data.loader_processes=0",
         "--set", f'train.storage="{storage}"', "--set", "train.name=submitted", "--set", "train.num_workers=1",
-        "--set", "train.steps=2", "--set", "--set", "optim.warmup_steps=0",
+        "--set", "train.steps=2", "--set", "optim.warmup_steps=0",
         "--set", "train.progress_bar=false",
     ]  # one worker, no eval: this test is about submission; the 2-worker path is the demo's e2e test
     result = ray_job(["submit", "--address", url, "--working-dir", str(REPO),

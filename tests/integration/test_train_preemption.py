@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve()
 def _worker(run: str, data: str, steps: int) -> None:
     from lipnext_scale.config import load_config
     from lipnext_scale.train.loop import train_worker
-    from lipnext_scale.train.trainer import read_deepspeed_config
+    from lipnext_scale.train.preflight import read_deepspeed_config
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     cfg = load_config(None, [
@@ -75,7 +75,7 @@ def shard(tmp_path_factory):
 
 
 def test_sigterm_on_one_rank_checkpoints_and_stops_all_ranks(tmp_path, shard):
-    from lipnext_scale.train.checkpoint import list_checkpoints, load_train_state
+    from lipnext_scale.ckpt import list_checkpoints, load_train_state
 
     run = tmp_path / "run"
     run.mkdir()

@@ -21,7 +21,7 @@ import torch
 
 from lipnext_scale.config import load_config
 from lipnext_scale.model import orthogonality_error
-from lipnext_scale.train.checkpoint import CheckpointError, load_train_state, validate_checkpoint
+from lipnext_scale.ckpt import CheckpointError, load_manifold_state, load_train_state, validate_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -75,10 +75,17 @@ def _train(digits, storage, name, *extra):
     return run_training(cfg)
 
 
+def _flat_manifold_state(url: str, names: list[str]) -> dict[str, torch.Tensor]:
+    return {f"{k}/{n}": v for n, e in load_manifold_state(url, names).items() for k, v in e.items()}
+
+
 def _assert_same_state(a_url: str, b_url: str) -> None:
     a, b = load_train_state(a_url), load_train_state(b_url)
     assert a.step == b.step
-    for what, x, y in [("weights", a.params, b.params), ("manifold momentum", a.manifold, b.manifold),
+    names = sorted(a.meta["manifold_owners"])  # moments and Lookahead copies, from each owner's file
+    manifold_a, manifold_b = _flat_manifold_state(a_url, names), _flat_manifold_state(b_url, names)
+    assert manifold_a, "the manifold optimizer state must be part of the checkpoint"
+    for what, x, y in [("weights", a.params, b.params), ("manifold optimizer state", manifold_a, manifold_b),
                        *[(f"optimizer {k}", a.optim[k], b.optim[k]) for k in a.optim]]:
         assert x.keys() == y.keys(), what
         diff = {n: float((x[n] - y[n]).abs().max()) for n in x if not torch.equal(x[n], y[n])}

@@ -7,7 +7,7 @@ import torch
 
 from lipnext_scale.config import JobConfig, config_to_dict
 from lipnext_scale.model import create_model
-from lipnext_scale.train.export import ExportError, is_exported, load_exported, save_exported
+from lipnext_scale.ckpt import ExportError, is_exported, load_exported, save_exported
 
 
 @pytest.fixture
@@ -75,3 +75,41 @@ def test_weights_that_do_not_fit_the_config_are_rejected(exported, tmp_path):
 def test_missing_url(tmp_path):
     with pytest.raises(ExportError, match="does not exist"):
         load_exported(str(tmp_path / "nothing"))
+
+
+def test_overwrite_replaces_only_an_existing_export(exported, tmp_path):
+    model, cfg, out = exported
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    with pytest.raises(ExportError, match="is a file, not an exported model"):
+        save_exported(model.state_dict(), cfg, str(a_file), overwrite=True)
+    assert a_file.read_text() == "keep me"
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "table.csv").write_text("a,b")
+    with pytest.raises(ExportError, match="is a folder that is not an exported model"):
+        save_exported(model.state_dict(), cfg, str(folder), overwrite=True)
+    assert [p.name for p in folder.iterdir()] == ["table.csv"]
+    save_exported({k: v * 0 + 1 if k == "head.bias" else v for k, v in model.state_dict().items()}, cfg, str(out),
+                  overwrite=True)
+    assert torch.equal(load_exported(str(out))[0]["head.bias"], torch.ones_like(model.head.bias))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "notes.txt", "results"]  # no .old-*/.tmp-*
+
+
+def test_export_cli_accepts_a_run_directory_as_certify_does(exported, tmp_path, capsys):
+    from lipnext_scale.cli import main
+    from lipnext_scale.ckpt import write_rank_files
+
+    model, cfg, _ = exported
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    run = tmp_path / "run"
+    for step in (3, 5):
+        meta = {"step": step, "world_size": 1, "param_shapes": {n: list(p.shape) for n, p in state.items()},
+                "config": cfg}
+        write_rank_files(str(run / f"step_{step:08d}"), 0, {f"fp32/{n}": p.reshape(-1) for n, p in state.items()},
+                         {}, meta)
+    assert main(["export", str(run), str(tmp_path / "out")]) == 0
+    assert f"exported {run}/step_00000005 -> " in capsys.readouterr().out
+    assert torch.equal(load_exported(str(tmp_path / "out"))[0]["head.direction"], state["head.direction"])
+    assert main(["export", str(run), str(tmp_path / "out")]) == 2  # exists: one line, no traceback
+    assert "already exists" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from lipnext_scale.certify import job
 from lipnext_scale.certify.job import certify_job
 from lipnext_scale.config import JobConfig, config_to_dict
 from lipnext_scale.model import create_model
-from lipnext_scale.train.export import save_exported
+from lipnext_scale.ckpt import save_exported
 
 EPS = "16/255,36/255"
 

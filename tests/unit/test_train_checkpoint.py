@@ -6,10 +6,12 @@ import logging
 import pytest
 import torch
 
-from lipnext_scale.train.checkpoint import (
-    CheckpointError, checkpoint_dir_name, consolidate_checkpoint, find_latest_valid, join_partitions,
-    list_checkpoints, load_manifold_state, load_train_state, partition_of, validate_checkpoint, write_rank_files,
+from lipnext_scale.ckpt import (
+    CheckpointError, CheckpointManager, checkpoint_dir_name, consolidate_checkpoint, find_latest_valid,
+    list_checkpoints, load_manifold_state, load_train_state, resolve_checkpoint, validate_checkpoint,
+    write_rank_files,
 )
+from lipnext_scale.optim.partition import join_partitions, partition_of
 
 SHAPES = {"a.weight": [3, 5], "b.bias": [7]}
 
@@ -131,3 +133,46 @@ def test_manifold_state_file_is_hash_checked_and_names_are_validated(tmp_path):
     path.write_bytes(path.read_bytes()[:-3])
     with pytest.raises(CheckpointError, match="manifold-rank-00001.safetensors is corrupt"):
         load_manifold_state(url, ["a.weight"])
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("content", [b"\0" * 201, b"\x80\xff not utf-8", b"[1, 2]", b'{"rank-00000.json": 5}'],
+                         ids=["zero-filled", "not-utf8", "not-an-object", "bad-entry"])
+def test_unreadable_manifest_falls_back_to_the_previous_checkpoint(tmp_path, caplog, rank, content):
+    _fake_checkpoint(tmp_path, 2, world=2)
+    _fake_checkpoint(tmp_path, 4, world=2)
+    (tmp_path / "step_00000004" / f"manifest-rank-{rank:05d}.json").write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"manifest-rank-{rank:05d}.json.*corrupt"):
+        validate_checkpoint(str(tmp_path / "step_00000004"))
+    with caplog.at_level(logging.WARNING):
+        assert find_latest_valid(str(tmp_path)) == f"{tmp_path}/step_00000002"
+    assert "skipping checkpoint at step 4" in caplog.text
+
+
+def test_a_newer_format_is_refused_in_one_line(tmp_path):
+    d = tmp_path / "step_00000001"
+    write_rank_files(str(d), 0, {}, {}, {"step": 1, "world_size": 1, "param_shapes": {}, "format_version": 3})
+    with pytest.raises(CheckpointError, match="format version 3 is newer than this library supports"):
+        validate_checkpoint(str(d))
+
+
+def test_a_run_directory_resolves_to_its_newest_checkpoint(tmp_path):
+    _fake_checkpoint(tmp_path, 2, world=1)
+    _fake_checkpoint(tmp_path, 4, world=1)
+    assert resolve_checkpoint(str(tmp_path)) == f"{tmp_path}/step_00000004"
+    assert resolve_checkpoint(f"{tmp_path}/step_00000002/") == f"{tmp_path}/step_00000002"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither an exported model .* nor a training checkpoint"):
+        resolve_checkpoint(str(tmp_path / "empty"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_checkpoint(str(tmp_path / "nope"))
+
+
+def test_prune_keeps_the_newest_keep_last(tmp_path):
+    for step in (2, 4, 6, 8):
+        _fake_checkpoint(tmp_path, step, world=1)
+    (tmp_path / "tensorboard").mkdir()
+    manager = CheckpointManager(str(tmp_path), keep_last=2)
+    assert manager.prune() == [f"{tmp_path}/step_00000002", f"{tmp_path}/step_00000004"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000006", "step_00000008", "tensorboard"]
+    assert manager.prune() == []

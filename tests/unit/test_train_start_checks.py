@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from lipnext_scale.config import ConfigError, load_config
+from lipnext_scale.ckpt import CheckpointManager, checkpoint_dir_name, write_rank_files
+from lipnext_scale.config import ConfigError, config_to_dict, load_config
 from lipnext_scale.model import create_model
-from lipnext_scale.train.checkpoint import checkpoint_dir_name, write_rank_files
-from lipnext_scale.train.metrics import deepspeed_config, lipschitz_from_orthogonality_error
-from lipnext_scale.train.trainer import check_job, read_deepspeed_config, run_url_of
+from lipnext_scale.model.lipschitz import lipschitz_from_orthogonality_error
+from lipnext_scale.train.engine import deepspeed_config
+from lipnext_scale.train.preflight import check_job, read_deepspeed_config, run_url_of
 
 DEMO = str(Path(__file__).resolve().parents[2] / "configs" / "train" / "demo.toml")
 
@@ -28,9 +29,9 @@ def job(tmp_path):
 
 
 def test_a_good_job_passes_and_creates_its_run_directory(job, tmp_path):
-    run_url, ds = check_job(job())
-    assert run_url == f"{tmp_path}/runs/demo" and (tmp_path / "runs" / "demo").is_dir()
-    assert ds["zero_optimization"]["stage"] == 3
+    start = check_job(job())
+    assert start.run_url == f"{tmp_path}/runs/demo" and (tmp_path / "runs" / "demo").is_dir()
+    assert start.deepspeed["zero_optimization"]["stage"] == 3 and start.start is None
 
 
 def test_unknown_key_lists_valid_ones():
@@ -82,7 +83,8 @@ def test_engine_config_takes_batch_accumulation_clipping_and_precision_from_the_
     cfg = load_config(DEMO, ["data.batch_size=8", "train.grad_accum=3",
                                                   "optim.grad_clip=2.5", "train.precision=bf16"])
     base = read_deepspeed_config("configs/deepspeed/zero3_fp32.json")
-    out = deepspeed_config({**base, "train_batch_size": 999, "gradient_clipping": 9.0}, cfg, world_size=4)
+    out = deepspeed_config({**base, "train_batch_size": 999, "gradient_clipping": 9.0}, cfg.train, cfg.data,
+                           cfg.optim, world_size=4)
     assert out["train_micro_batch_size_per_gpu"] == 8 and out["gradient_accumulation_steps"] == 3
     assert out["train_batch_size"] == 8 * 3 * 4 and out["gradient_clipping"] == 2.5
     assert out["bf16"]["enabled"] is True and out["zero_optimization"]["stage"] == 3
@@ -116,3 +118,92 @@ def test_recipes_load():
                              device="meta", **cfg.model.overrides())
         assert model.spec.positional and model.spec.shift_mode == "circular", name
     assert load_config(DEMO.replace("demo", "imagenet_2b")).model.name == "lipnext-2b"
+
+
+# --------------------------------------------------------------------------------------------------
+# The start checkpoint (issue 12, items 6 and 10) and the data's classes (item 9).
+
+SMALL = ["model.width=16", "model.depth=1"]
+
+
+def _model_checkpoint(step_dir: Path, cfg, step: int) -> None:
+    """A one-rank checkpoint of the model `cfg` describes (its weights at init), as training writes it."""
+    model = create_model(cfg.model.name, num_classes=cfg.model.num_classes, image_size=cfg.model.image_size,
+                         **cfg.model.overrides())
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    meta = {"step": step, "world_size": 1, "param_shapes": {n: list(p.shape) for n, p in params.items()},
+            "config": config_to_dict(cfg)}
+    write_rank_files(str(step_dir), 0, {f"fp32/{n}": p.reshape(-1) for n, p in params.items()}, {}, meta)
+
+
+def test_an_explicit_resume_wins_over_the_runs_newer_checkpoints(job, tmp_path):
+    cfg = job(*SMALL)
+    run = tmp_path / "runs" / "demo"
+    _model_checkpoint(run / checkpoint_dir_name(10), cfg, 10)  # the run's newest
+    _model_checkpoint(run / checkpoint_dir_name(2), cfg, 2)
+    older = tmp_path / "elsewhere" / checkpoint_dir_name(4)
+    _model_checkpoint(older, cfg, 4)
+    assert check_job(cfg).start.url == f"{run}/step_00000010"  # auto: the run's newest valid one
+    start = check_job(job(*SMALL, f"train.resume={older}")).start
+    assert (start.url, start.step) == (str(older), 4)  # explicit: it wins
+    manager = CheckpointManager(str(run))
+    moved = manager.set_aside_after(start)  # the job keeps one line of checkpoints: step 10 moved, not deleted
+    assert moved == [f"{run}/step_00000010"] and [s for s, _ in manager.checkpoints()] == [2]
+    (aside,) = run.glob("superseded-*")
+    assert (aside / "step_00000010" / "meta.json").is_file()
+    assert manager.resume_point(start.url) == str(older)  # a worker starts from it ...
+    _model_checkpoint(run / checkpoint_dir_name(6), cfg, 6)
+    assert manager.resume_point(start.url) == f"{run}/step_00000006"  # ... and after a fault, from this job's newest
+
+
+def test_resuming_another_models_checkpoint_fails_at_start_before_anything_is_written(job, tmp_path):
+    other = tmp_path / "elsewhere" / checkpoint_dir_name(4)
+    _model_checkpoint(other, job("model.width=32", "model.depth=1"), 4)
+    with pytest.raises(ConfigError, match=r"train.resume: checkpoint .*step_00000004 was trained with another "
+                                          r"model \(.*width: checkpoint 32, this run 16"):
+        check_job(job(*SMALL, f"train.resume={other}"))
+    run = tmp_path / "runs" / "demo"
+    assert not (run / "config.json").exists() and not list(run.glob("step_*"))
+    _model_checkpoint(run / checkpoint_dir_name(4), job("model.width=32", "model.depth=1"), 4)
+    with pytest.raises(ConfigError, match=r"train.resume=auto \(this run's newest checkpoint\).*another model"):
+        check_job(job(*SMALL))
+    shapes_only = tmp_path / "hand-made" / checkpoint_dir_name(1)  # no stored config: the shapes still decide
+    write_rank_files(str(shapes_only), 0, {}, {}, {"step": 1, "world_size": 1, "param_shapes": {"x": [3]}})
+    with pytest.raises(ConfigError, match="do not fit this run's model"):
+        check_job(job(*SMALL, f"train.resume={shapes_only}"))
+
+
+def _prepared(tmp_path: Path, name: str, class_counts: list[list[int]], num_classes: int | None) -> str:
+    """A train split as `lipnext prep` describes it: shards, and a manifest with per-shard class counts."""
+    from lipnext_scale.data.manifest import write_manifest
+
+    out = tmp_path / name
+    out.mkdir()
+    rows = []
+    for i, counts in enumerate(class_counts):
+        (out / f"train-{i:06d}.tar").write_bytes(b"\0" * 1024)
+        rows.append({"split": "train", "index": i, "shard": f"train-{i:06d}.tar", "samples": sum(counts),
+                     "bytes": 1024, "sha256": "0" * 64, "class_counts": counts, "plan_digest": "x"})
+    meta = {"complete": True, "num_shards": len(rows), **({"num_classes": num_classes} if num_classes else {})}
+    write_manifest(str(out / "train-manifest.parquet"), rows, meta)
+    return str(out / "train-manifest.parquet")
+
+
+def test_labels_the_model_has_no_class_for_fail_at_start(job, tmp_path):
+    ten = _prepared(tmp_path, "ten", [[3] * 10, [2] * 10], 10)
+    check_job(job(f"data.train_url={ten}"))  # 10 classes, model.num_classes = 10
+    with pytest.raises(ConfigError, match=r"data.train_url=.*: labels go up to 9 \(.*train-manifest.parquet\) "
+                                          r"but model.num_classes=5; set model.num_classes=10"):
+        check_job(job(f"data.train_url={ten}", "model.num_classes=5"))
+    with pytest.raises(ConfigError, match=r"the data set has 10 classes \(.*\) but model.num_classes=12; "
+                                          r"set model.num_classes=10"):  # as certify: the class counts agree
+        check_job(job(f"data.train_url={ten}", "model.num_classes=12"))
+    undeclared = _prepared(tmp_path, "labels", [[1, 0, 0, 0, 0, 0, 0, 4]], None)  # labels up to 7
+    with pytest.raises(ConfigError, match=r"labels go up to 7 .* model.num_classes=5; set model.num_classes=8"):
+        check_job(job(f"data.train_url={undeclared}", "model.num_classes=5"))
+    shard = tmp_path / "loose" / "train-000000.tar"  # no manifest: classes.json next to the shards decides
+    shard.parent.mkdir()
+    shard.write_bytes(b"\0" * 1024)
+    (shard.parent / "classes.json").write_text(json.dumps({"num_classes": 100, "classes": []}))
+    with pytest.raises(ConfigError, match=r"100 classes \(.*classes.json\) but model.num_classes=10"):
+        check_job(job(f"data.train_url={shard}"))

@@ -1,9 +1,10 @@
 """Move training state between a DeepSpeed ZeRO-3 engine and checkpoint tensors (thin distributed glue).
 
 Saved per rank: the fp32 master partition of every parameter, this rank's partition of every
-per-element optimizer state (AdamW moments of the Euclidean parameters; the manifold group has none),
-the optimizer's scalar state, the RNG state. Restored by re-partitioning the joined tensors for the
-current world size, so the same code resumes at the same or a different world size.
+per-element optimizer state (AdamW/NAdam moments of the Euclidean parameters; the manifold group has
+none), the optimizer's scalar state, the RNG state. Restored from `load_train_state(url, partition=
+(rank, world))`, which re-partitions for the current world size, so the same code resumes at the same
+or a different world size. DeepSpeed is imported inside the functions only.
 
 The ZeRO-3 trap: the fp32 master is what counts. Values written to the module's (bf16) partition are
 overwritten from the master at the next `engine.step()`, and values written to the master reach the
@@ -18,27 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lipnext_scale.train.checkpoint import TrainState
-
-
-def cast_module_partitions(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Cast the ZeRO-3 module partitions of a model built under zero.Init in fp32 to `dtype` (before
-    `deepspeed.initialize`); return the exact fp32 partitions for `set_fp32_masters` afterwards."""
-    exact = {}
-    for name, p in model.named_parameters():
-        exact[name] = p.ds_tensor.detach().float().clone()
-        if dtype != torch.float32:
-            p.ds_tensor.data = p.ds_tensor.data.to(dtype)
-            p.data = p.data.to(dtype)
-    return exact
-
-
-def set_fp32_masters(model: nn.Module, partitions: dict[str, torch.Tensor]) -> None:
-    """Write this rank's fp32 master partitions (the engine created them from the cast module copy)."""
-    from deepspeed.utils import safe_set_local_fp32_param
-
-    for name, p in model.named_parameters():
-        safe_set_local_fp32_param(p, partitions[name])
+from lipnext_scale.ckpt.format import CheckpointError
+from lipnext_scale.ckpt.state import TrainState
 
 
 def _flat_group_of(engine, param) -> torch.Tensor:
@@ -51,8 +33,12 @@ def _inner_optimizer(engine) -> torch.optim.Optimizer:
     return engine.optimizer.optimizer
 
 
+def param_shapes(model: nn.Module) -> dict[str, list[int]]:
+    return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
+
+
 def collect_local_state(engine, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
-    """(tensors, scalars, optimizer state keys) of this rank: its partitions, keyed by parameter name."""
+    """(tensors, scalars, optimizer state keys) of this rank: CPU copies of its partitions, keyed by name."""
     from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
     inner = _inner_optimizer(engine)
@@ -60,20 +46,17 @@ def collect_local_state(engine, model: nn.Module) -> tuple[dict[str, torch.Tenso
     keys: set[str] = set()
     scalars: dict[str, float] = {}
     for name, p in model.named_parameters():
-        tensors[f"fp32/{name}"] = safe_get_local_fp32_param(p).detach().float().reshape(-1).clone()
+        tensors[f"fp32/{name}"] = safe_get_local_fp32_param(p).detach().float().reshape(-1).to("cpu", copy=True)
         state = inner.state.get(_flat_group_of(engine, p), {})
         for key, value in state.items():
             if torch.is_tensor(value) and value.numel() > 1:
-                tensors[f"optim/{key}/{name}"] = safe_get_local_optimizer_state(p, key).detach().reshape(-1).clone()
+                local = safe_get_local_optimizer_state(p, key)
+                tensors[f"optim/{key}/{name}"] = local.detach().reshape(-1).to("cpu", copy=True)
                 keys.add(key)
             else:  # e.g. AdamW's `step`: one value per flat group, equal for all groups that stepped
                 scalars[key] = float(value)
     tensors["rng/torch"] = torch.get_rng_state()
     return tensors, scalars, sorted(keys)
-
-
-def param_shapes(model: nn.Module) -> dict[str, list[int]]:
-    return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
 
 
 def _ensure_optimizer_state(engine, model: nn.Module, state: TrainState) -> None:
@@ -93,8 +76,8 @@ def _ensure_optimizer_state(engine, model: nn.Module, state: TrainState) -> None
 
 
 def restore_local_state(engine, model: nn.Module, state: TrainState) -> None:
-    """Write a checkpoint state cut for this rank (`load_train_state(url, partition=(rank, world))`) into
-    the engine: fp32 masters and module partitions, optimizer state, RNG (same world size only)."""
+    """Write a checkpoint state cut for this rank into the engine: fp32 masters and module partitions,
+    optimizer state, RNG (same world size only)."""
     from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
     rank, world_size = state.partition
@@ -102,13 +85,14 @@ def restore_local_state(engine, model: nn.Module, state: TrainState) -> None:
     missing = sorted(set(named) - set(state.params))
     extra = sorted(set(state.params) - set(named))
     if missing or extra:
-        raise ValueError(f"checkpoint parameters do not match the model: missing {missing[:5]}, unexpected "
-                         f"{extra[:5]}; resume with the model settings the checkpoint was trained with")
+        raise CheckpointError(f"checkpoint parameters do not match the model: missing {missing[:5]}, unexpected "
+                              f"{extra[:5]}; resume with the model settings the checkpoint was trained with")
     shapes = state.meta["param_shapes"]
     for name, p in named.items():
         if list(shapes[name]) != list(p.ds_shape):
-            raise ValueError(f"checkpoint {name} has shape {tuple(shapes[name])}, the model {tuple(p.ds_shape)}")
-        local = state.params[name].float()
+            raise CheckpointError(f"checkpoint {name} has shape {tuple(shapes[name])}, the model "
+                                  f"{tuple(p.ds_shape)}; resume with the model the checkpoint was trained with")
+        local = state.params[name].float().to(p.ds_tensor.device)
         safe_set_local_fp32_param(p, local)
         p.ds_tensor.data.copy_(local.to(p.ds_tensor.dtype))  # the module copy, see the module docstring
     _ensure_optimizer_state(engine, model, state)

@@ -4,7 +4,8 @@ A directory (any fsspec URL) holding
   model.safetensors  fp32 weights (safetensors: no pickle, safe to load from anywhere)
   config.json        the resolved JobConfig dict (at least its `model` section)
   manifest.json      format version, sha256 + size of each file above, library versions
-It is written under a temporary name and renamed into place, so a reader sees all of it or none.
+It is built under a temporary name and moved into place (`storage.atomic_write_tree`), so a reader sees
+all of it or none; overwriting replaces only an existing export, never another file or folder.
 `load_exported` checks the manifest's hashes before it parses anything, and checks the weight names
 and shapes against the model the config describes, so a corrupt or mismatched export fails clearly.
 """
@@ -14,12 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-import uuid
 from typing import Any
 
 import torch
 
-from lipnext_scale.storage import url_to_fs
+from lipnext_scale.storage import atomic_write_tree, url_to_fs, versions
 
 FORMAT = "lipnext-exported"
 FORMAT_VERSION = 1
@@ -30,15 +30,6 @@ MANIFEST_FILE = "manifest.json"
 
 class ExportError(ValueError):
     """An exported model is missing, corrupt or does not match its config; the message names the file."""
-
-
-def _versions() -> dict[str, str]:
-    import safetensors
-
-    import lipnext_scale
-
-    return {"lipnext_scale": getattr(lipnext_scale, "__version__", "unknown"), "torch": torch.__version__,
-            "safetensors": safetensors.__version__}
 
 
 def _file_entry(data: bytes) -> dict[str, Any]:
@@ -100,38 +91,59 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], config: dict, where: s
                           "trained with")
 
 
+def _read_manifest(fs, path: str, url: str) -> dict:
+    manifest_path = posixpath.join(path, MANIFEST_FILE)
+    if not fs.isfile(manifest_path):
+        raise ExportError(f"{url!r} has no manifest.json: it is not an exported model (write one with "
+                          "`lipnext export`)")
+    try:
+        with fs.open(manifest_path, "rb") as f:
+            manifest = json.loads(f.read().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{url!r}: manifest.json is not valid JSON ({e}); export the model again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(
+            manifest.get("files"), dict):
+        raise ExportError(f"{url!r}: manifest.json is not a {FORMAT} manifest; export the model again")
+    return manifest
+
+
 def save_exported(state_dict: dict[str, torch.Tensor], config: dict, out_url: str, *,
                   overwrite: bool = False) -> None:
-    """Write an exported model directory at `out_url` atomically (temp directory, then rename)."""
+    """Write an exported model directory at `out_url` in one step. With `overwrite`, an existing export
+    there is replaced (the old one is removed only once the new one is in place); anything else at
+    `out_url` (a file, a folder that is not an export) is refused, never deleted."""
     from safetensors.torch import save
 
     check_state_dict(state_dict, config, f"export to {out_url!r}")
+    fs, path = url_to_fs(out_url, ExportError)
+    path = path.rstrip("/")
+    if fs.exists(path):
+        if not overwrite:
+            raise ExportError(f"{out_url!r} already exists; choose a new output URL or pass overwrite=True "
+                              "(--overwrite) to replace the export there")
+        if not fs.isdir(path):
+            raise ExportError(f"{out_url!r} is a file, not an exported model: --overwrite replaces only an "
+                              "existing export; choose another output URL")
+        try:
+            _read_manifest(fs, path, out_url)
+        except ExportError as e:
+            raise ExportError(f"{out_url!r} is a folder that is not an exported model ({e}); --overwrite "
+                              "replaces only an existing export: choose another output URL") from None
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     files = {
         WEIGHTS_FILE: save(tensors, metadata={"format": FORMAT}),
         CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True).encode(),
     }
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": _versions(),
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(),
                 "files": {name: _file_entry(data) for name, data in files.items()}}
     files[MANIFEST_FILE] = json.dumps(manifest, indent=2, sort_keys=True).encode()
 
-    fs, path = url_to_fs(out_url, ExportError)
-    path = path.rstrip("/")
-    if fs.exists(path):
-        if not overwrite:
-            raise ExportError(f"{out_url!r} already exists; choose a new output URL or pass overwrite=True")
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    fs.makedirs(tmp, exist_ok=True)
-    try:
+    def write(tree_fs, tmp: str) -> None:
         for name, data in files.items():
-            with fs.open(posixpath.join(tmp, name), "wb") as f:
+            with tree_fs.open(posixpath.join(tmp, name), "wb") as f:
                 f.write(data)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-        fs.mv(tmp, path, recursive=True)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp, recursive=True)
+
+    atomic_write_tree(out_url, write, replace=overwrite, error=ExportError)
 
 
 def is_exported(url: str) -> bool:
@@ -160,20 +172,9 @@ def load_exported(url: str) -> tuple[dict[str, torch.Tensor], dict]:
 
     fs, path = url_to_fs(url, ExportError)
     path = path.rstrip("/")
-    manifest_path = posixpath.join(path, MANIFEST_FILE)
     if not fs.exists(path):
         raise ExportError(f"exported model {url!r} does not exist; check the URL")
-    if not fs.isfile(manifest_path):
-        raise ExportError(f"{url!r} has no manifest.json: it is not an exported model (write one with "
-                          "`lipnext export`)")
-    try:
-        with fs.open(manifest_path, "rb") as f:
-            manifest = json.loads(f.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{url!r}: manifest.json is not valid JSON ({e}); export the model again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(
-            manifest.get("files"), dict):
-        raise ExportError(f"{url!r}: manifest.json is not a {FORMAT} manifest; export the model again")
+    manifest = _read_manifest(fs, path, url)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"{url!r}: format_version {manifest.get('format_version')!r} is not supported "
                           f"(this code reads {FORMAT_VERSION}); upgrade lipnext_scale or export again")
@@ -186,3 +187,16 @@ def load_exported(url: str) -> tuple[dict[str, torch.Tensor], dict]:
         raise ExportError(f"{url!r}: cannot parse config.json/model.safetensors ({e}); export again") from None
     check_state_dict(state_dict, config, repr(url))
     return state_dict, config
+
+
+def export_checkpoint(ckpt_url: str, out_url: str, *, overwrite: bool = False) -> tuple[str, dict, dict]:
+    """`lipnext export`: consolidate a training checkpoint (or a run directory's newest one, any world size)
+    and write it in the exported format. Returns (checkpoint read, state_dict, config)."""
+    from lipnext_scale.ckpt.format import resolve_checkpoint
+    from lipnext_scale.ckpt.state import consolidate_checkpoint
+
+    url = resolve_checkpoint(ckpt_url)
+    state_dict, config = consolidate_checkpoint(url)
+    save_exported(state_dict, config, out_url, overwrite=overwrite)
+    return url, state_dict, config
+

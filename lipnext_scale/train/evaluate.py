@@ -1,0 +1,58 @@
+"""Held-out clean and certified accuracy during training: an estimate, never a certificate.
+
+Radii are divided by the monitoring bound from the fp32 masters' orthogonality error (with bf16 the logits
+themselves are bf16); `lipnext certify` on the exported weights gives the certificate. Every rank runs the
+same number of forwards (ZeRO-3 gathers parameters collectively); a rank out of data feeds a dummy batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from lipnext_scale.certify.certify import certified_mask, certified_radius, model_pair_distances
+from lipnext_scale.config import DataConfig
+from lipnext_scale.eps import format_eps
+from lipnext_scale.model.lipschitz import lipschitz_from_orthogonality_error
+
+
+@torch.no_grad()
+def evaluate(built, data: DataConfig, *, image_size: int, radii: list[float], batches: int, loss_eps: float,
+             rank: int, world: int, device: str) -> dict[str, float]:
+    """Up to `batches` batches of `data.eval_url` per rank: eval/clean_acc, eval/cra_<eps> per radius."""
+    import deepspeed
+
+    from lipnext_scale.data.shards import make_eval_loader
+
+    if not data.eval_url:
+        return {}
+    engine, model = built.engine, built.model
+    lipschitz = lipschitz_from_orthogonality_error(built.manifold.max_orthogonality_error(), built.lipschitz_shapes)
+    with deepspeed.zero.GatheredParameters([model.head.direction]):
+        pair = model_pair_distances(model)
+    engine.eval()
+    it = iter(make_eval_loader(data.eval_url, image_size=image_size, batch_size=data.batch_size,
+                               dataset=data.dataset, rank=rank, world_size=world, num_workers=0))
+    counts = torch.zeros(2 + len(radii), dtype=torch.float64, device=device)  # seen, correct, certified per eps
+    for _ in range(batches):
+        batch = next(it, None)
+        have = torch.tensor([float(batch is not None)], device=device)
+        dist.all_reduce(have)
+        if have[0] == 0:
+            break
+        images, labels = ((batch[0], batch[1]) if batch is not None else
+                          (torch.zeros(1, 3, image_size, image_size), torch.zeros(1, dtype=torch.long)))
+        _, logits = engine(images.to(device, built.dtype), labels.to(device), loss_eps)
+        if batch is None:
+            continue
+        pred, _, radius = certified_radius(logits.float().cpu(), pair, lipschitz)
+        counts[0] += labels.numel()
+        counts[1] += float((pred == labels).sum())
+        counts[2:] += certified_mask(pred, radius, labels, radii).double().sum(0).to(device)
+    dist.all_reduce(counts)
+    engine.train()
+    n = max(float(counts[0]), 1.0)
+    out = {"eval/clean_acc": float(counts[1]) / n, "eval/samples": float(counts[0]), "eval/lipschitz_bound": lipschitz}
+    for i, e in enumerate(radii):
+        out[f"eval/cra_{format_eps(e).replace('/', '_')}"] = float(counts[2 + i]) / n
+    return out
