@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lipnext_scale.train.cli import (add_set_argument, dataset_overrides, default_num_workers, run_train_config,
-                                    toml_string)
+from lipnext_scale.config import ConfigError
+from lipnext_scale.train.cli import (add_set_argument, build_train_config, cluster_gpus_per_node, dataset_overrides,
+                                    deepspeed_for_cluster, default_num_workers, run_train_config, toml_string)
 
 CONFIG = "configs/train/imagenet_2b.toml"
 
@@ -32,7 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     if num_workers is None:
         return 2
     overrides = [*dataset_overrides(args.data), f"train.storage={toml_string(args.storage)}",
-                 f"train.num_workers={num_workers}", *args.overrides]
+                 f"train.num_workers={num_workers}"]
+    try:
+        build_train_config(CONFIG, overrides + args.overrides)  # a bad --set fails before Ray is asked
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # The ZeRO config follows the cluster's shape (recorded in the run's config.json); --set wins.
+    zero = deepspeed_for_cluster(cluster_gpus_per_node(args.ray_address))
+    overrides += [f"train.deepspeed={toml_string(zero)}", *args.overrides]
     return run_train_config(CONFIG, overrides, resume=args.resume, ray_address=args.ray_address)
 
 

@@ -141,7 +141,7 @@ def _one_line(message: str) -> str:
     return last[-1][len(prefix):] if last else message
 
 
-def _loader(dataset, num_workers: int):
+def _loader(dataset, num_workers: int, pin_memory: bool = False):
     from torch.utils.data import DataLoader
 
     class Loader(DataLoader):
@@ -162,7 +162,7 @@ def _loader(dataset, num_workers: int):
     if num_workers < 0:
         raise ValueError(f"num_workers={num_workers}: must be >= 0")
     return Loader(dataset, batch_size=None, num_workers=num_workers, worker_init_fn=_init_worker,
-                  prefetch_factor=4 if num_workers else None)
+                  prefetch_factor=4 if num_workers else None, pin_memory=pin_memory)
 
 
 def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
@@ -174,8 +174,11 @@ def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
 
 def make_train_loader(url: str | list[str], *, image_size: int, batch_size: int, dataset: str, rank: int = 0,
                       world_size: int = 1, num_workers: int = 2, seed: int = 0, epoch: int = 0,
-                      start_batch: int = 0, shuffle_buffer: int = 1000, deterministic: bool = False):
+                      start_batch: int = 0, shuffle_buffer: int = 1000, deterministic: bool = False,
+                      uint8: bool = False, pin_memory: bool = False):
     """Infinite iterable of (images float32 (B,3,H,W) in [0,1], labels int64 (B,)) with augmentation.
+    `uint8=True`: images stay uint8 (0..255) for the consumer to normalise on its device; `pin_memory`:
+    batches in page-locked memory, so a `.to("cuda", non_blocking=True)` copy overlaps compute.
 
     Shards are drawn with replacement, per (rank, worker) stream, then pass a shuffle buffer. With
     `deterministic=True` the batch sequence is a pure function of (seed, epoch, rank, world_size,
@@ -191,8 +194,9 @@ def make_train_loader(url: str | list[str], *, image_size: int, batch_size: int,
     urls = resolve_shards(url, split="train")
     stream = TrainStream(urls, shard_digests(urls), image_size=image_size, batch_size=batch_size,
                          dataset=dataset, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
-                         start_batch=start_batch, shuffle_buffer=shuffle_buffer, deterministic=deterministic)
-    return _loader(stream, num_workers)
+                         start_batch=start_batch, shuffle_buffer=shuffle_buffer, deterministic=deterministic,
+                         uint8=uint8)
+    return _loader(stream, num_workers, pin_memory)
 
 
 def make_eval_loader(url: str | list[str], *, image_size: int, batch_size: int, dataset: str, rank: int = 0,

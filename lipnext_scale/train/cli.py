@@ -84,6 +84,25 @@ def default_num_workers(ray_address: str | None) -> int | None:
     return gpus
 
 
+DEEPSPEED_ONE_NODE = "configs/deepspeed/zero3_bf16.json"
+DEEPSPEED_MANY_NODES = "configs/deepspeed/zero3_bf16_multinode.json"
+
+
+def deepspeed_for_cluster(gpus_per_node: list[int]) -> str:
+    """The ZeRO config for the cluster's shape: plain ZeRO-3 on one GPU node; ZeRO++ hierarchical
+    partitioning across several (the engine sizes its partition from the ranks per node)."""
+    return DEEPSPEED_MANY_NODES if sum(1 for g in gpus_per_node if g > 0) > 1 else DEEPSPEED_ONE_NODE
+
+
+def cluster_gpus_per_node(ray_address: str | None) -> list[int]:
+    """GPUs of each live node of the Ray cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address)
+    return [int(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+
+
 def print_summary(result: dict[str, Any], out=sys.stdout) -> None:
     """run_training's result: checkpoint, run directory, then the final metrics, one per line."""
     print(f"  run_dir: {result.get('run_dir')}\n  checkpoint: {result.get('checkpoint')}", file=out)

@@ -24,14 +24,18 @@ from lipnext_scale.train.loss import certified_loss
 
 
 def deepspeed_config(base: dict[str, Any], train: TrainConfig, data: DataConfig, optim: OptimConfig,
-                     world_size: int) -> dict[str, Any]:
+                     world_size: int, ranks_per_node: int | None = None) -> dict[str, Any]:
     """The engine config: ZeRO settings from the JSON file, everything the job config owns set from it
-    (so batch, accumulation, clipping and precision have one source of truth)."""
+    (so batch, accumulation, clipping and precision have one source of truth), and ZeRO++'s hierarchical
+    partition resolved for the cluster's shape (`ranks_per_node`: ranks on one node; None: one node)."""
     out = copy.deepcopy(base)
     zero = out.get("zero_optimization", {})
     if int(zero.get("stage", 0)) != 3:
         raise ConfigError(f"train.deepspeed={train.deepspeed!r}: zero_optimization.stage must be 3 "
                           f"(got {zero.get('stage')!r}); the manifold step works on ZeRO-3 partitions")
+    if "zero_hpz_partition_size" in zero:
+        zero["zero_hpz_partition_size"] = hpz_partition_size(zero["zero_hpz_partition_size"], world_size,
+                                                             ranks_per_node, train.deepspeed)
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                 "gradient_clipping", "optimizer", "scheduler", "fp16"):
         out.pop(key, None)
@@ -58,6 +62,24 @@ class Objective(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor, eps: float):
         logits = self.model(images)
         return certified_loss(logits, labels, self.model.head.rows(), eps, self.loss_cfg), logits
+
+
+def hpz_partition_size(setting: int | str, world_size: int, ranks_per_node: int | None, where: str) -> int:
+    """ZeRO++ hierarchical partitioning (hpZ) keeps a secondary copy of the bf16 weights inside each node, so
+    the per-layer all-gathers stay on the node's links. "auto" = the ranks of one node, and 1 (off) on a
+    single node, where the primary partition is already node-local. DeepSpeed groups consecutive ranks,
+    which Ray Train places node by node."""
+    node = ranks_per_node or world_size
+    size = node if setting == "auto" else setting
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ConfigError(f"train.deepspeed={where!r}: zero_hpz_partition_size={setting!r}; use \"auto\" "
+                          "(the GPUs of one node) or a positive integer")
+    if node >= world_size:
+        return 1
+    if world_size % size or node % size:
+        raise ConfigError(f"train.deepspeed={where!r}: zero_hpz_partition_size={size} does not divide the "
+                          f"{world_size} ranks ({node} per node); use \"auto\" or a divisor of {node}")
+    return size
 
 
 @dataclass
@@ -113,6 +135,13 @@ def build_engine(model_cfg: ModelConfig, optim_cfg: OptimConfig, loss_cfg: LossC
     with deepspeed.zero.Init(config_dict_or_path={**ds_config, "bf16": {"enabled": False}}):
         model = create_model(model_cfg.name, num_classes=model_cfg.num_classes, image_size=model_cfg.image_size,
                              **model_cfg.overrides())
+    # Each block is one ZeRO-3 leaf: its parameters are fetched once at the block's entry, and no hooks
+    # run on its parameterless sub-modules (shift, beta-Abs).
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from lipnext_scale.model.layers import LipNeXtBlock
+
+    set_z3_leaf_modules(model, [LipNeXtBlock])
     exact_init = _cast_module_partitions(model, dtype)
     objective = Objective(model, loss_cfg)
     deepspeed.zero.register_external_parameter(objective, model.head.direction)

@@ -50,15 +50,16 @@ class StopRequest:
 
 def train_worker(cfg: JobConfig, ds_base: dict, run_url: str, rank: int, world: int, *, report: Report,
                  preempted: Callable[[], bool] = lambda: False, device: str = "cpu",
-                 start: str | None = None) -> dict[str, Any]:
+                 start: str | None = None, ranks_per_node: int | None = None) -> dict[str, Any]:
     """Train this rank from `start` (the job's start checkpoint, chosen at job start; None: this run's
-    newest valid checkpoint, if any) to `train.steps`; returns the last metrics."""
+    newest valid checkpoint, if any) to `train.steps`; returns the last metrics. `ranks_per_node` sizes
+    ZeRO++'s hierarchical partition (configs/deepspeed/zero3_bf16_multinode.json)."""
     from lipnext_scale.data.shards import make_train_loader
 
     tc = cfg.train
     init_distributed(device)
-    built = build_engine(cfg.model, cfg.optim, cfg.loss, deepspeed_config(ds_base, tc, cfg.data, cfg.optim, world),
-                         seed=tc.seed)
+    ds_config = deepspeed_config(ds_base, tc, cfg.data, cfg.optim, world, ranks_per_node)
+    built = build_engine(cfg.model, cfg.optim, cfg.loss, ds_config, seed=tc.seed)
     manager = CheckpointManager(run_url, keep_last=cfg.ckpt.keep_last, rank=rank, world=world, report=report,
                                 device=device)
     position = resume(manager, built, start, grad_accum=tc.grad_accum, batch_size=cfg.data.batch_size)
@@ -66,7 +67,8 @@ def train_worker(cfg: JobConfig, ds_base: dict, run_url: str, rank: int, world: 
                                dataset=cfg.data.dataset, rank=rank, world_size=world,
                                num_workers=cfg.data.loader_processes, seed=cfg.data.seed + tc.seed,
                                start_batch=position.batches_done, shuffle_buffer=cfg.data.shuffle_buffer,
-                               deterministic=tc.deterministic_data)
+                               deterministic=tc.deterministic_data, uint8=True,
+                               pin_memory=device.startswith("cuda"))
     return train(cfg, built, manager, position, iter(loader), report=report, stop=StopRequest(preempted),
                  device=device)
 
@@ -136,8 +138,9 @@ def _train_step(built: Built, batches, window: Window, timer: PhaseTimer, eps: f
     engine = built.engine
     for _ in range(grad_accum):
         with timer.phase("data"):
-            images, labels = next(batches)
-            images, labels = images.to(device, built.dtype), labels.to(device)
+            images, labels = next(batches)  # uint8, pinned on a GPU host: the copy overlaps compute
+            images = images.to(device, non_blocking=True).float().div_(255.0).to(built.dtype)
+            labels = labels.to(device, non_blocking=True)
         with timer.phase("forward"):
             loss, logits = engine(images, labels, eps)
         with timer.phase("backward"):

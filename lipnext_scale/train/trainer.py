@@ -47,7 +47,8 @@ def _worker_entry(config: dict[str, Any]) -> None:
         return ray.train.get_preemption_info() is not None
 
     train_worker(cfg, config["deepspeed"], config["run_url"], ctx.get_world_rank(), ctx.get_world_size(),
-                 report=report, preempted=preempted, device=device, start=config["start"])
+                 report=report, preempted=preempted, device=device, start=config["start"],
+                 ranks_per_node=ctx.get_local_world_size())
 
 
 def _quiet_ray_train_reports() -> None:

@@ -57,6 +57,19 @@ def test_deterministic_resume_is_exact(digits, start):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_uint8_batches_normalise_to_the_float_batches(digits):
+    """Issue 14: the training loop takes uint8 batches (pinned on a GPU host) and normalises on the device;
+    the values it trains on are bit-identical to the float loader's."""
+    url = str(digits / "train-manifest.parquet")
+    kw = dict(image_size=32, batch_size=16, dataset="digits", rank=0, world_size=1, num_workers=0, seed=3,
+              shuffle_buffer=64, deterministic=True)
+    floats, raw = iter(make_train_loader(url, **kw)), iter(make_train_loader(url, uint8=True, **kw))
+    for _ in range(3):
+        (want, want_labels), (got, got_labels) = next(floats), next(raw)
+        assert got.dtype == torch.uint8 and torch.equal(got_labels, want_labels)
+        assert torch.equal(got.float().div_(255.0), want)
+
+
 def test_seed_and_rank_change_the_stream(digits):
     url = str(digits / "train-manifest.parquet")
     kw = dict(image_size=32, batch_size=16, dataset="digits", world_size=2, num_workers=0, deterministic=True)
