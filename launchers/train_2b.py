@@ -4,7 +4,9 @@
         python launchers/train_2b.py --data s3://bucket/imagenet-shards --storage s3://bucket/runs
 
 --data is the directory the ImageNet data prep wrote (train and val shards with their manifests).
-Without --num-workers it runs one worker per GPU the Ray cluster offers. See docs/multinode.md.
+Without --num-workers it runs one worker per GPU the Ray cluster offers; `--num-workers 8-16` is elastic
+(Ray Train runs 8 to 16 workers, as many as the cluster holds, and resizes when nodes leave or return).
+See docs/multinode.md.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launchers/train_2b.py", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="prepared ImageNet shard directory (path or URL)")
     parser.add_argument("--storage", required=True, help="where runs live: shared path, s3://, gs://")
-    parser.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (default: all GPUs)")
+    parser.add_argument("--num-workers", default=None, metavar="N|MIN-MAX",
+                        help="Ray Train workers, or an elastic range such as 8-16 (default: all GPUs)")
     parser.add_argument("--resume", default=None, metavar="PATH", help="resume from this checkpoint")
     parser.add_argument("--ray-address", default=None, help="default: RAY_ADDRESS (set by `ray job submit`)")
     add_set_argument(parser)
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if num_workers is None:
         return 2
     overrides = [*dataset_overrides(args.data), f"train.storage={toml_string(args.storage)}",
-                 f"train.num_workers={num_workers}"]
+                 f"train.num_workers={toml_string(num_workers) if '-' in str(num_workers) else num_workers}"]
     try:
         build_train_config(CONFIG, overrides + args.overrides)  # a bad --set fails before Ray is asked
     except ConfigError as e:

@@ -20,6 +20,8 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("certify", "lipnext_scale.certify.cli:run_certify",
      "certify a checkpoint on evaluation shards with Ray workers: CRA report, optional PGD check"),
     ("demo", "lipnext_scale.demo:run_demo", "prepare digits, train lipnext-tiny on 2 CPU workers, certify it"),
+    ("plan", "lipnext_scale.plan:run_plan",
+     "per-GPU memory of a model under ZeRO-3 (manifold state by owner), the smallest GPU count that fits"),
     ("prep", "lipnext_scale.data.cli:run_prep",
      "preprocess imagenet / cifar10 / cifar100 / tiny-imagenet / digits into WebDataset shards (Ray tasks)"),
 ]

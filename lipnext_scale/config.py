@@ -212,6 +212,20 @@ class CertifyConfig:
     actors: int = 2  # Ray actors, one model copy each; 0 runs in the calling process
     attack: Attack = ""  # an attack on certified points, a soundness check (fmn: Foolbox extra); "": none
     attack_steps: int = 10
+    # While training runs (lipnext_scale/train/validation.py): every checkpoint is certified by this same job
+    # in a Ray task of its own, on its own resources; training never waits for it.
+    during_training: bool = True  # needs certify.data_url or data.eval_url
+    data_url: str = ""  # held-out shards certified during training (e.g. a few shards); "": data.eval_url
+    # Per certifying process (each actor; with actors = 0 the task itself): {CPU = n} or {GPU = 1} (a GPU of
+    # its own, plus 1 CPU unless CPU is given). The task that drives the actors takes no CPU of its own.
+    resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1})
+    # One checkpoint's certification, from its launch (start-up and retries included); then it is cancelled
+    # (logged; training goes on).
+    timeout_s: float = 3600.0
+    retries: int = 1  # a certification that failed runs again this many times (logged each time)
+    # After the last step the run waits for the certifications still queued; those not started within this
+    # many seconds are skipped (logged), except the final checkpoint's, which always runs (under timeout_s).
+    final_wait_s: float = 600.0
 
     def validate(self) -> None:
         check_choices(self, "certify")
@@ -224,9 +238,27 @@ class CertifyConfig:
         if self.actors < 0 or self.batch_size < 1 or self.attack_steps < 1:
             raise ConfigError(f"certify.actors={self.actors}, certify.batch_size={self.batch_size}, "
                               f"certify.attack_steps={self.attack_steps}: need actors >= 0, the others >= 1")
+        if not self.timeout_s > 0 or self.retries < 0 or self.final_wait_s < 0:
+            raise ConfigError(f"certify.timeout_s={self.timeout_s}, certify.retries={self.retries}, "
+                              f"certify.final_wait_s={self.final_wait_s}: need timeout_s > 0, retries >= 0 and "
+                              "final_wait_s >= 0")
+        self.cpus_and_gpus()
+
+    def cpus_and_gpus(self) -> tuple[int, int]:
+        """(CPUs, GPUs) of each certifying process from certify.resources; raises ConfigError."""
+        how = "use {CPU = 2} (CPU threads) or {GPU = 1} (a GPU of its own), e.g. --set 'certify.resources={GPU=1}'"
+        unknown = sorted(set(self.resources) - {"CPU", "GPU"})
+        values = [self.resources.get(k, d) for k, d in (("CPU", 1), ("GPU", 0))]
+        if unknown or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == int(v) for v in values):
+            raise ConfigError(f"certify.resources={self.resources!r}: {how}")
+        cpus, gpus = (int(v) for v in values)
+        if cpus < 1 or gpus not in (0, 1):
+            raise ConfigError(f"certify.resources={self.resources!r}: need CPU >= 1 and GPU 0 or 1; {how}")
+        return cpus, gpus
 
 
 _RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_WORKER_RANGE = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
 
 
 @dataclass
@@ -237,7 +269,15 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps (each = grad_accum micro-batches per worker)
     grad_accum: int = 1
     precision: Precision = "bf16"  # fp32 gives bit-exact resume checks
-    num_workers: int = 2  # Ray Train workers = data-parallel ranks
+    # Ray Train workers = data-parallel ranks. A range ("2-4" or [2, 4]) is elastic: Ray Train starts with as
+    # many as the cluster holds (at least the minimum), restarts at the size left when a node goes and grows
+    # back when nodes return; each (re)start resumes from the newest checkpoint.
+    num_workers: int | str | list[int] = 2
+    # Images per optimizer step over all workers, the same at every world size (the schedule counts steps).
+    # 0: data.batch_size x grad_accum x the most workers. At W workers each takes global_batch / W images per
+    # step, as micro-batches of at most data.batch_size (`batch_split`); it must divide by every allowed W.
+    global_batch: int = 0
+    resize_check_s: float = 60.0  # elastic runs: how often Ray Train re-counts the workers it could run
     cpus_per_worker: int = 1
     use_gpu: bool | str = "auto"  # "auto" uses GPUs when the Ray cluster has them
     log_every: int = 10
@@ -257,9 +297,16 @@ class TrainConfig:
                               "(it names a directory under train.storage), e.g. train.name=cifar10-run1")
         if not self.storage:
             raise ConfigError("train.storage is empty: set a directory or URL, e.g. --set train.storage=./runs")
-        for key in ("steps", "grad_accum", "num_workers", "cpus_per_worker", "log_every", "eval_batches"):
+        for key in ("steps", "grad_accum", "cpus_per_worker", "log_every", "eval_batches"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self, key)}: must be >= 1")
+        _ = self.worker_range  # parses train.num_workers (raises ConfigError)
+        if self.global_batch < 0 or self.resize_check_s <= 0:
+            raise ConfigError(f"train.global_batch={self.global_batch}, train.resize_check_s={self.resize_check_s}: "
+                              "need global_batch >= 0 (0: data.batch_size x grad_accum x the most workers) and "
+                              "resize_check_s > 0")
+        if self.global_batch:
+            self.check_global_batch(1)
         if self.eval_every < 0 or self.max_failures < 0:
             raise ConfigError("train.eval_every and train.max_failures must be >= 0")
         if self.use_gpu not in ("auto", True, False):
@@ -267,17 +314,89 @@ class TrainConfig:
         if not self.resume:
             raise ConfigError("train.resume is empty: use \"auto\", \"none\" or a checkpoint path")
 
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(fewest, most) workers: (n, n) for a fixed count, else the elastic range of train.num_workers."""
+        value, how = self.num_workers, 'use a count such as 4 or a range such as "2-4" or [2, 4]'
+        if isinstance(value, int):
+            low = high = value
+        elif isinstance(value, str) and _WORKER_RANGE.fullmatch(value):
+            found = _WORKER_RANGE.fullmatch(value)
+            low = int(found[1])
+            high = int(found[2]) if found[2] else low
+        elif isinstance(value, list) and len(value) == 2:
+            low, high = value
+        else:
+            raise ConfigError(f"train.num_workers={value!r}: {how}")
+        if not 1 <= low <= high:
+            raise ConfigError(f"train.num_workers={value!r}: need 1 <= fewest <= most workers; {how}")
+        return low, high
+
+    @property
+    def elastic(self) -> bool:
+        return self.worker_range[0] < self.worker_range[1]
+
+    def global_batch_for(self, max_micro_batch: int) -> int:
+        """train.global_batch, or its default: data.batch_size (`max_micro_batch`) x grad_accum x most workers."""
+        return self.global_batch or max_micro_batch * self.grad_accum * self.worker_range[1]
+
+    def check_global_batch(self, max_micro_batch: int, world: int | None = None) -> int:
+        """The global batch, checked to split evenly over every allowed world size (and `world`, if given);
+        raises ConfigError naming the fix."""
+        global_batch, (low, high) = self.global_batch_for(max_micro_batch), self.worker_range
+        bad = [w for w in (*range(low, high + 1), *([world] if world else [])) if global_batch % w]
+        if bad:
+            step = math.lcm(*range(low, high + 1))
+            what = (f"train.global_batch={global_batch}" if self.global_batch else f"the global batch {global_batch} "
+                    f"(data.batch_size={max_micro_batch} x train.grad_accum={self.grad_accum} x {high} workers)")
+            raise ConfigError(f"{what} does not split evenly over {bad[0]} workers (train.num_workers="
+                              f"{self.num_workers!r}); set train.global_batch to a multiple of {step}, e.g. "
+                              f"--set train.global_batch={max(step, global_batch // step * step)}")
+        return global_batch
+
+    def batch_split(self, world: int, max_micro_batch: int) -> tuple[int, int]:
+        """(micro-batch per worker, accumulation steps) at `world` workers: the global batch stays what the
+        config says; the micro-batch is the largest divisor of the worker's share within data.batch_size
+        (`max_micro_batch`), which makes the fewest accumulation steps. Raises ConfigError."""
+        share = self.check_global_batch(max_micro_batch, world) // world
+        accum = next(a for a in range(-(-share // max_micro_batch), share + 1) if share % a == 0)
+        return share // accum, accum
+
+
+CheckpointUpload = Literal["async", "sync"]
+
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = 100  # also written at the end of the run and on SIGTERM
-    keep_last: int = 3  # older complete checkpoints are deleted
+    # Retention (lipnext_scale/ckpt/manager.py): the newest keep_last complete checkpoints (resume points),
+    # plus the keep_best certified best by best_metric; one still being certified or uploaded is never deleted.
+    keep_last: int = 3
+    keep_best: int = 2  # needs certify.during_training; 0: by age only
+    best_metric: str = "cra@36/255"  # "clean" (clean accuracy) or "cra@<eps>" (one of certify.eps)
+    # async: the step goes on while Ray Train uploads the checkpoint (only writing it to local disk stalls it);
+    # sync: the step waits for the upload.
+    upload: CheckpointUpload = "async"
 
     def validate(self) -> None:
-        if self.every_steps < 1 or self.keep_last < 1:
-            raise ConfigError(
-                f"ckpt.every_steps={self.every_steps}, ckpt.keep_last={self.keep_last}: both must be >= 1"
-            )
+        check_choices(self, "ckpt")
+        if self.every_steps < 1 or self.keep_last < 1 or self.keep_best < 0:
+            raise ConfigError(f"ckpt.every_steps={self.every_steps}, ckpt.keep_last={self.keep_last}, "
+                              f"ckpt.keep_best={self.keep_best}: need every_steps, keep_last >= 1, keep_best >= 0")
+        self.best_eps()
+
+    def best_eps(self) -> float | None:
+        """The radius of ckpt.best_metric ("cra@36/255" -> 36/255), None for "clean"; raises ConfigError."""
+        kind, _, eps = self.best_metric.partition("@")
+        if self.best_metric == "clean":
+            return None
+        if kind == "cra" and eps and "," not in eps:
+            try:
+                return parse_eps_list(eps)[0]
+            except ValueError:
+                pass
+        raise ConfigError(f"ckpt.best_metric={self.best_metric!r}: use \"clean\" or \"cra@<eps>\" with one eps of "
+                          "certify.eps, e.g. \"cra@36/255\"")
 
 
 @dataclass

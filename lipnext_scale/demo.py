@@ -3,11 +3,14 @@
 1. prepare the digits data set (real 8x8 handwritten digits, upsampled to 32x32) into shards under
    `{out}/data/digits`, on the first run only;
 2. start a local Ray instance (CPU, dashboard on 127.0.0.1);
-3. train lipnext-tiny with 2 CPU workers under DeepSpeed ZeRO-3 (configs/train/demo.toml);
-4. certify the final checkpoint on the held-out split and print clean accuracy and CRA;
-5. leave checkpoints, TensorBoard logs and the certification report in `{out}/{name}`.
+3. train lipnext-tiny with 2 CPU workers under DeepSpeed ZeRO-3 (configs/train/demo.toml); every
+   checkpoint is certified on the held-out split by `lipnext certify`'s job in a Ray task of its own while
+   training goes on (`lipnext_scale.train.validation`; one extra CPU slot is given to Ray for it);
+4. print clean accuracy and CRA from the last certified checkpoint's report (the final one's, normally):
+   no separate certification pass;
+5. leave checkpoints, TensorBoard logs and the certification reports in `{out}/{name}`.
 
-It is the same library code path as `lipnext train` + `lipnext certify`; only the defaults are local.
+It is the same library code path as `lipnext train`; only the defaults are local.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 from lipnext_scale.train.cli import add_set_argument, build_train_config, dataset_overrides, toml_string
 
 DEMO_CONFIG = "configs/train/demo.toml"
-CERTIFY_ACTORS = 2
+CERTIFY_ACTORS = 1  # beside 2 training workers on a small machine, one actor certifies as fast as more
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,7 +66,7 @@ def demo_config(out: Path, name: str, steps: int | None, user_overrides: list[st
     """The demo's JobConfig: demo.toml, local data and storage, the user's --set values, then --steps
     (which sets the run length and the schedule length together, warmup clipped to fit)."""
     base = [*dataset_overrides(str(digits_dir(out))), f"train.storage={toml_string(str(out))}",
-            f"train.name={toml_string(name)}"]
+            f"train.name={toml_string(name)}", f"certify.actors={CERTIFY_ACTORS}"]
     cfg = build_train_config(DEMO_CONFIG, base + list(user_overrides))
     if steps is not None:
         cfg.train.steps = steps  # the schedule length follows (JobConfig.validate)
@@ -121,11 +124,11 @@ def run_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
     import ray
 
-    from lipnext_scale.certify.job import certify_job
     from lipnext_scale.certify.report import format_table
     from lipnext_scale.train.trainer import TrainingDiverged, run_training
 
-    dashboard = start_local_ray(num_cpus=max(2, os.cpu_count() or 2))
+    # One CPU slot more than the machine's cores: the certification of each checkpoint runs beside training.
+    dashboard = start_local_ray(num_cpus=max(2, os.cpu_count() or 2) + cfg.certify.cpus_and_gpus()[0])
     seconds: dict[str, float] = {}
     try:
         print(f"[demo] Ray dashboard: http://{dashboard}", flush=True)
@@ -137,12 +140,7 @@ def run_demo(args: argparse.Namespace) -> int:
               f"CPU workers (DeepSpeed ZeRO-3) into {run_dir}", flush=True)
         t0 = time.perf_counter()
         result = run_training(cfg)
-        seconds["train"] = time.perf_counter() - t0
-        print(f"[demo] certifying {result['checkpoint']}", flush=True)
-        t0 = time.perf_counter()
-        report = certify_job(result["checkpoint"], cfg.data.eval_url, str(run_dir / "certify"),
-                             eps=cfg.certify.eps, actors=CERTIFY_ACTORS, batch_size=cfg.certify.batch_size)
-        seconds["certify"] = time.perf_counter() - t0
+        seconds["train_and_certify"] = time.perf_counter() - t0
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -150,14 +148,28 @@ def run_demo(args: argparse.Namespace) -> int:
         ray.shutdown()
     seconds["total"] = time.perf_counter() - started
 
+    certified = last_certified(result)
+    if certified is None:
+        print(f"error: no checkpoint of {run_dir} was certified (see {run_dir / 'certify'} for why)", file=sys.stderr)
+        return 1
+    step, report_path = certified
+    report = json.loads(Path(report_path).read_text())
     summary = {"run_dir": str(run_dir), "checkpoint": result["checkpoint"], "steps": cfg.train.steps,
+               "certified_step": step, "report": report_path,
                "seconds": {k: round(v, 1) for k, v in seconds.items()},
                "clean_accuracy": report["clean_accuracy"], "certified_accuracy": report["certified_accuracy"]}
     write_json_atomic(run_dir / "demo-summary.json", summary)
+    print(f"[demo] certificate of the checkpoint at step {step} (certified while training ran):")
     print(format_table(report))
-    print(f"[demo] done in {seconds['total']:.0f} s (prepare {seconds['prepare']:.0f} s, train "
-          f"{seconds['train']:.0f} s, certify {seconds['certify']:.0f} s). Everything is in {run_dir}")
+    print(f"[demo] done in {seconds['total']:.0f} s (prepare {seconds['prepare']:.0f} s, train + certify "
+          f"{seconds['train_and_certify']:.0f} s). Everything is in {run_dir}")
     print(f"[demo]   checkpoints:  {result['checkpoint']}")
-    print(f"[demo]   report:       {run_dir / 'certify'}")
+    print(f"[demo]   report:       {report_path}")
     print(f"[demo]   TensorBoard:  tensorboard --logdir {run_dir} --host 127.0.0.1")
     return 0
+
+
+def last_certified(result: dict) -> tuple[int, str] | None:
+    """(step, report.json path) of the newest checkpoint certified during the run, if any."""
+    latest = (result.get("certified") or {}).get("latest")
+    return (latest["step"], latest["report"]) if latest else None

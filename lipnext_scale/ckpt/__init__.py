@@ -5,7 +5,9 @@
   state.py    reading a checkpoint at any world size: full tensors, one new rank's ZeRO-3 partitions,
               the manifold state per owner
   zero.py     DeepSpeed ZeRO-3 engine <-> checkpoint tensors (DeepSpeed imported inside functions)
-  manager.py  CheckpointManager: the start point of a job, save, load, prune
+  manager.py  CheckpointManager: the start point of a job, save (synchronous or in the background), load, prune
+  retention.py which checkpoints prune keeps (newest, best certified, under certification) and the
+              certification records `{run}/certify/step_X/status.json` it reads
   export.py   the exported-model format (`lipnext export` writes it, `lipnext certify` reads it)
 The ZeRO-3 partition arithmetic is `lipnext_scale.optim.partition`, shared with the optimizer.
 """

@@ -4,7 +4,7 @@
     start = manager.start_point(cfg.train.resume)                  # explicit > newest valid > none
     manager.set_aside_after(start)                                  # the run keeps one line of checkpoints
     # each rank of the job:
-    manager = CheckpointManager(run_url, keep_last=3, rank=r, world=n, report=report, device=device)
+    manager = CheckpointManager(run_url, retention=Retention(...), rank=r, world=n, report=report, device=device)
     url = manager.resume_point(start.url if start else None)       # a restart after a fault: this job's newest
     info = manager.load(url, engine, model, manifold)
     manager.save(step, engine, model, manifold, data=..., config=..., metrics=...)   # then prunes
@@ -12,33 +12,65 @@
 One line of checkpoints: a job that starts from checkpoint S moves the run's checkpoints that would come
 after S (an abandoned continuation, or corrupt ones) to `{run}/superseded-<time>/`, logged, never deleted.
 From then on "the newest valid checkpoint of the run" is always this job's latest, which is what a restart
-after a fault resumes and what pruning keeps. Ray Train uploads what `save` writes (`report`), so Ray's own
-checkpoint bookkeeping is not used to find, keep or delete anything.
+after a fault resumes and what pruning keeps. Ray Train uploads what `save` writes (`report`), possibly
+while training goes on; Ray's own checkpoint bookkeeping is not used to find, keep or delete anything: its
+`CheckpointConfig` keeps the best K by a metric plus only the single latest, and knows neither our manifests
+(a half-uploaded checkpoint) nor our certification records.
+
+Retention (`prune`, rank 0 after each save, and the driver once the run is over; the rule is
+`ckpt/retention.py`): the newest `keep_last` complete checkpoints (resume points), plus the `keep_best` best by
+certified accuracy (their certification reports, `{run}/certify/step_XXXXXXXX/report.json`), plus every
+checkpoint whose certification has not finished, plus every incomplete one (an upload in progress, or one
+left by a crash: resume skips it and the next start sets it aside).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import posixpath
+import shutil
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from lipnext_scale.ckpt.format import (
-    CheckpointError, checkpoint_dir_name, find_latest_valid, list_checkpoints, read_meta, validate_checkpoint,
-    write_rank_files,
+    CheckpointError, VerifiedReader, checkpoint_dir_name, find_latest_valid, list_checkpoints, read_meta,
+    validate_checkpoint, write_rank_files,
 )
+from lipnext_scale.ckpt.retention import Retention, certified_score, read_certification, retained
 from lipnext_scale.ckpt.state import load_manifold_state, load_train_state, manifold_tensors
 from lipnext_scale.ckpt.zero import collect_local_state, param_shapes, restore_local_state
 from lipnext_scale.storage import join_url, url_to_fs, versions
 
 log = logging.getLogger(__name__)
 
-# report(metrics, local checkpoint directory or None, checkpoint directory name or None): Ray Train's
-# `ray.train.report`, or any callable that copies the directory to `{run}/{name}`.
-Report = Callable[[dict[str, Any], "str | None", "str | None"], None]
+# report(metrics, local checkpoint directory or None, checkpoint directory name or None) -> owned: Ray Train's
+# `ray.train.report`, or any callable that copies the directory to `{run}/{name}`. It returns True when it
+# took the directory over (an asynchronous upload deletes it once stored); otherwise `save` deletes it.
+# A report with the attribute `waits_for_staging = True` takes every directory over and uploads it only once
+# `wait_until_staged` says its files are all written: `save` then writes them in a background thread, and
+# the training step pays only for copying its state in memory (the asynchronous checkpoint).
+Report = Callable[[dict[str, Any], "str | None", "str | None"], "bool | None"]
+STAGING_FAILED = "staging-failed.txt"  # written into a staging directory whose background write failed
+
+
+def wait_until_staged(local: str, poll_s: float = 0.05) -> None:
+    """Block until a staging directory `save` writes in the background is complete (its manifest, written
+    last, is there); raise CheckpointError when the write failed."""
+    while True:
+        names = os.listdir(local)
+        if STAGING_FAILED in names:
+            with open(os.path.join(local, STAGING_FAILED)) as f:
+                raise CheckpointError(f"writing checkpoint files to {local} failed: {f.read()}")
+        if any(n.startswith("manifest-rank-") and n.endswith(".json") for n in names):
+            return
+        time.sleep(poll_s)
 
 
 def _path(url: str) -> str:
@@ -69,10 +101,16 @@ class Restored:
 
 
 class CheckpointManager:
-    def __init__(self, run_url: str, *, keep_last: int = 3, rank: int = 0, world: int = 1,
-                 report: Report | None = None, device: str | torch.device = "cpu"):
-        self.run_url, self.keep_last = run_url.rstrip("/"), keep_last
+    def __init__(self, run_url: str, *, keep_last: int = 3, retention: Retention | None = None, rank: int = 0,
+                 world: int = 1, report: Report | None = None, device: str | torch.device = "cpu"):
+        self.run_url = run_url.rstrip("/")
+        self.retention = retention or Retention(keep_last=keep_last)
+        self.keep_last = self.retention.keep_last
         self.rank, self.world, self.report, self.device = rank, world, report, device
+        self._complete: set[str] = set()  # checkpoints seen complete (they never change afterwards)
+        self._uploading: tuple[str, str] | None = None  # (staging directory, checkpoint URL) of the last save
+        self._writer: ThreadPoolExecutor | None = None  # the background write of asynchronous saves
+        self._writing: Future | None = None
 
     # ------------------------------------------------------------------ which checkpoint
 
@@ -125,27 +163,75 @@ class CheckpointManager:
     def save(self, step: int, engine, model, manifold, *, data: dict[str, Any], config: dict[str, Any],
              metrics: dict[str, Any]) -> None:
         """Every rank: write its part of checkpoint `step` to a local staging directory and `report` it
-        (Ray Train uploads it to `{run}/step_XXXXXXXX`); then rank 0 prunes. A state holding NaN/Inf on any
-        rank is refused on every rank (NonFiniteState) before anything is written."""
-        tensors, scalars, keys = collect_local_state(engine, model)
+        (Ray Train uploads it to `{run}/step_XXXXXXXX`, now or in the background); then rank 0 prunes. A
+        state holding NaN/Inf on any rank is refused on every rank (NonFiniteState) before anything is
+        written. With a report that `waits_for_staging`, the files are written in a background thread from
+        copies of the state. At most one checkpoint per rank is being written or uploaded: a save waits
+        for the previous one."""
+        tensors, scalars, keys = collect_local_state(engine, model)  # CPU copies of this rank's partitions
         manifold_state = manifold.state_dict()  # this rank's owned matrices only
         owned = manifold_tensors(manifold_state.pop("manifold"))
+        owned = {k: v.detach().to("cpu", copy=True) for k, v in owned.items()}  # training goes on changing them
         self._check_finite(step, {**tensors, **owned})
         extra = {"optim_scalars": scalars, "manifold": manifold_state, "data": data}
         meta = None
         if self.rank == 0:
             meta = {"step": step, "world_size": self.world, "param_shapes": param_shapes(model),
                     "optim_state_keys": keys, "manifold_owners": manifold.owner_map(), "config": config,
-                    "time": time.time(), "versions": versions()}
-        with tempfile.TemporaryDirectory(prefix="lipnext-ckpt-") as local:
-            write_rank_files(local, self.rank, tensors, extra, meta, manifold=owned)
-            self.report(metrics, local, checkpoint_dir_name(step))
-        if self.world > 1:
-            import torch.distributed as dist
+                    "time": time.time(), "versions": _versions()}
+        self._wait_for_upload()
+        local = tempfile.mkdtemp(prefix="lipnext-ckpt-")
+        try:
+            if getattr(self.report, "waits_for_staging", False):
+                self._writer = self._writer or ThreadPoolExecutor(1, thread_name_prefix="lipnext-ckpt-write")
+                self._writing = self._writer.submit(self._write_in_background, local, tensors, extra, meta, owned)
+            else:
+                write_rank_files(local, self.rank, tensors, extra, meta, manifold=owned)
+            taken = self.report(metrics, local, checkpoint_dir_name(step))
+        except BaseException:
+            if self._writing is None or self._writing.done():
+                shutil.rmtree(local, ignore_errors=True)
+            raise
+        if taken:
+            self._uploading = (local, join_url(self.run_url, checkpoint_dir_name(step)))
+        else:
+            shutil.rmtree(local, ignore_errors=True)
+        if self.rank == 0 and self._writing is None:
+            self.prune()  # only complete checkpoints are candidates: no need to wait for the other ranks
 
-            dist.barrier()  # every rank's files are in storage before an older checkpoint is deleted
+    def _write_in_background(self, local: str, tensors, extra, meta, owned) -> None:
+        _write_staging(local, self.rank, tensors, extra, meta, owned)
         if self.rank == 0:
-            self.prune()
+            self.prune()  # here too, off the training step
+
+    def _wait_for_upload(self) -> None:
+        """Back-pressure for asynchronous saves slower than ckpt.every_steps: rather than holding one more
+        copy of the state per save, wait until the previous one is written and stored (its staging
+        directory deleted by the uploader, or its files all in storage)."""
+        if self._writing is not None:
+            self._writing.result()  # a background write that failed raises here (and in the uploader)
+            self._writing = None
+        if self._uploading is None:
+            return
+        local, url = self._uploading
+        started, warned = time.monotonic(), False
+        while os.path.isdir(local) and not self._stored(local, url):
+            if not warned and time.monotonic() - started > 10:
+                log.warning("rank %d: the upload of %s is slower than ckpt.every_steps; this save waits for it",
+                            self.rank, url)
+                warned = True
+            time.sleep(0.1)
+        self._uploading = None
+
+    @staticmethod
+    def _stored(local: str, url: str) -> bool:
+        """Every file of a staging directory is in storage at `url` with its size."""
+        try:
+            fs, path = url_to_fs(url, CheckpointError)
+            stored = {posixpath.basename(e["name"].rstrip("/")): e.get("size") for e in fs.ls(path, detail=True)}
+            return all(stored.get(name) == os.path.getsize(os.path.join(local, name)) for name in os.listdir(local))
+        except (OSError, CheckpointError):
+            return False
 
     def _check_finite(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
         bad = sorted(n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
@@ -167,10 +253,61 @@ class CheckpointManager:
         manifold.load_state_dict({**state.manifold_extra, "format": manifold.scalars()["format"], "manifold": owned})
         return Restored(url, state.step, state.world_size, state.data)
 
-    def prune(self) -> list[str]:
-        """Delete all but the newest `keep_last` checkpoints of the run (rank 0, after a complete save)."""
-        doomed = [url for _, url in self.checkpoints()[:-self.keep_last]]
+    def is_complete(self, url: str) -> bool:
+        """Every rank's manifest is there and every file it lists has its size: the upload has finished.
+        (Sizes, not hashes: this runs after every save; resume checks the hashes.)"""
+        if url in self._complete:
+            return True
+        try:
+            expected = VerifiedReader(url).expected  # every rank's manifest, and meta.json checked against its hash
+            fs, path = url_to_fs(url, CheckpointError)
+            sizes = {posixpath.basename(e["name"].rstrip("/")): e.get("size") for e in fs.ls(path, detail=True)}
+        except (CheckpointError, OSError):
+            return False
+        if all(sizes.get(name) == entry["bytes"] for name, entry in expected.items()):
+            self._complete.add(url)
+            return True
+        return False
+
+    def prune(self, *, settled: bool = False) -> list[str]:
+        """Delete the complete checkpoints `retention` does not keep (rank 0 after a save; the driver with
+        `settled=True` once the run is over and every certification has finished or been given up)."""
+        r, now = self.retention, time.time()
+        found = self.checkpoints()
+        complete = [step for step, url in found if self.is_complete(url)]
+        unfinished, scores = set(), {}
+        if r.certified:
+            for step in complete:
+                if not settled and not read_certification(self.run_url, step).finished(now):
+                    unfinished.add(step)
+                elif r.keep_best:
+                    scores[step] = certified_score(self.run_url, step, r.best_eps)
+        keep = retained(complete, scores, unfinished, r.keep_last, r.keep_best)
+        doomed = [url for step, url in found if step in complete and step not in keep]
         fs, _ = url_to_fs(self.run_url, CheckpointError)
         for url in doomed:
-            fs.rm(_path(url), recursive=True)
+            try:
+                fs.rm(_path(url), recursive=True)
+            except FileNotFoundError:
+                pass  # another pruner (the driver's final one) got there first
+            self._complete.discard(url)
+        if doomed:
+            log.info("pruned %s (kept %s)", [u.rsplit("/", 1)[1] for u in doomed],
+                     [checkpoint_dir_name(s) for s in sorted(keep)])
         return doomed
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
+    return versions()  # importlib.metadata lookups: tens of ms, the same for every checkpoint of a process
+
+
+def _write_staging(local: str, rank: int, tensors: dict[str, torch.Tensor], extra: dict[str, Any],
+                   meta: dict[str, Any] | None, manifold: dict[str, torch.Tensor]) -> None:
+    """The background half of an asynchronous save: this rank's files (manifest last), or a marker saying why not."""
+    try:
+        write_rank_files(local, rank, tensors, extra, meta, manifold=manifold)
+    except BaseException as e:
+        with open(os.path.join(local, STAGING_FAILED), "w") as f:
+            f.write(" ".join(f"{type(e).__name__}: {e}".split()))
+        raise

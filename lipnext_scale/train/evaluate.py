@@ -1,8 +1,11 @@
 """Held-out clean and certified accuracy during training: an estimate, never a certificate.
 
-Radii are divided by the monitoring bound from the fp32 masters' orthogonality error (with bf16 the logits
-themselves are bf16); `lipnext certify` on the exported weights gives the certificate. Every rank runs the
-same number of forwards (ZeRO-3 gathers parameters collectively); a rank out of data feeds a dummy batch.
+Cheap and in the loop (every train.eval_every steps, train.eval_batches batches per rank), hence labelled
+`estimate/*` in TensorBoard and the metrics: radii are divided by the monitoring bound from the fp32 masters'
+orthogonality error (with bf16 the logits themselves are bf16). The certificate of each checkpoint is
+`certify/*`: the certification job run on it while training goes on (`lipnext_scale.train.validation`).
+Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively); a rank out of data
+feeds a dummy batch.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from lipnext_scale.config import DataConfig
 from lipnext_scale.eps import format_eps
 from lipnext_scale.model.lipschitz import lipschitz_from_orthogonality_error
 
+ESTIMATE = "estimate"  # the prefix of these metrics: not a certificate (those are `certify/*`)
+
 
 @torch.no_grad()
 def evaluate(built, data: DataConfig, *, image_size: int, radii: list[float], batches: int, loss_eps: float,
              rank: int, world: int, device: str) -> dict[str, float]:
-    """Up to `batches` batches of `data.eval_url` per rank: eval/clean_acc, eval/cra_<eps> per radius."""
+    """Up to `batches` batches of `data.eval_url` per rank: estimate/clean_acc, estimate/cra_<eps> per radius."""
     import deepspeed
 
     from lipnext_scale.data.shards import make_eval_loader
@@ -52,7 +57,13 @@ def evaluate(built, data: DataConfig, *, image_size: int, radii: list[float], ba
     dist.all_reduce(counts)
     engine.train()
     n = max(float(counts[0]), 1.0)
-    out = {"eval/clean_acc": float(counts[1]) / n, "eval/samples": float(counts[0]), "eval/lipschitz_bound": lipschitz}
+    out = {f"{ESTIMATE}/clean_acc": float(counts[1]) / n, f"{ESTIMATE}/samples": float(counts[0]),
+           f"{ESTIMATE}/lipschitz_bound": lipschitz}
     for i, e in enumerate(radii):
-        out[f"eval/cra_{format_eps(e).replace('/', '_')}"] = float(counts[2 + i]) / n
+        out[f"{ESTIMATE}/{cra_key(e)}"] = float(counts[2 + i]) / n
     return out
+
+
+def cra_key(eps: float) -> str:
+    """The metric name of certified accuracy at `eps` ("cra_36_255"), in estimates and certificates alike."""
+    return f"cra_{format_eps(eps).replace('/', '_')}"

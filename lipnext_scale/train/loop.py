@@ -26,26 +26,36 @@ from lipnext_scale.train.engine import Built, build_engine, deepspeed_config, in
 from lipnext_scale.train.evaluate import evaluate
 from lipnext_scale.train.loss import training_eps
 from lipnext_scale.train.metrics import PhaseTimer, Window
-from lipnext_scale.train.resume import Position, resume
+from lipnext_scale.train.resume import Position, restart_scalars, resume, sized_for_world
 from lipnext_scale.train.tb import ScalarLog
+from lipnext_scale.train.validation import retention
 
 log = logging.getLogger(__name__)
 
 
 class StopRequest:
-    """This rank's wish to stop: SIGTERM (preemption) when the loop runs in the main thread; Ray Train runs
-    it in a thread, where the platform's preemption notice (`preempted()`) is asked on log steps instead."""
+    """This rank's wish to checkpoint now, and whether the run then stops (`ends_run`).
+
+    In a process's main thread (torchrun, a plain launch) it is SIGTERM: the process is about to end, so
+    checkpoint and stop. Ray Train runs the loop in a thread; there it is the platform's preemption notice
+    (`preempted()`, asked on log steps): checkpoint once per notice and keep training, as Ray Train advises.
+    For Ray a train function that returns has finished the run, so stopping would end it early; when the
+    node goes, Ray Train restarts the workers (elastic: at the size left) and they resume from that checkpoint.
+    """
 
     def __init__(self, preempted: Callable[[], bool]):
-        self.signalled, self.preempted = False, preempted
-        if threading.current_thread() is threading.main_thread():
+        self.signalled, self.preempted, self.noticed = False, preempted, False
+        self.ends_run = threading.current_thread() is threading.main_thread()
+        if self.ends_run:
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, *_):
         self.signalled = True
 
     def __call__(self) -> bool:
-        return self.signalled or self.preempted()
+        notice = bool(self.preempted())
+        new_notice, self.noticed = notice and not self.noticed, notice
+        return self.signalled or new_notice
 
 
 def train_worker(cfg: JobConfig, ds_base: dict, run_url: str, rank: int, world: int, *, report: Report,
@@ -56,11 +66,12 @@ def train_worker(cfg: JobConfig, ds_base: dict, run_url: str, rank: int, world: 
     ZeRO++'s hierarchical partition (configs/deepspeed/zero3_bf16_multinode.json)."""
     from lipnext_scale.data.shards import make_train_loader
 
+    cfg = sized_for_world(cfg, world, rank)  # the config's global batch split over this world size (logged)
     tc = cfg.train
     init_distributed(device)
     ds_config = deepspeed_config(ds_base, tc, cfg.data, cfg.optim, world, ranks_per_node)
     built = build_engine(cfg.model, cfg.optim, cfg.loss, ds_config, seed=tc.seed)
-    manager = CheckpointManager(run_url, keep_last=cfg.ckpt.keep_last, rank=rank, world=world, report=report,
+    manager = CheckpointManager(run_url, retention=retention(cfg), rank=rank, world=world, report=report,
                                 device=device)
     position = resume(manager, built, start, grad_accum=tc.grad_accum, batch_size=cfg.data.batch_size)
     loader = make_train_loader(cfg.data.train_url, image_size=cfg.model.image_size, batch_size=cfg.data.batch_size,
@@ -74,13 +85,14 @@ def train_worker(cfg: JobConfig, ds_base: dict, run_url: str, rank: int, world: 
 
 
 def train(cfg: JobConfig, built: Built, manager: CheckpointManager, position: Position, batches, *,
-          report: Report, stop: Callable[[], bool], device: str) -> dict[str, Any]:
+          report: Report, stop: StopRequest, device: str) -> dict[str, Any]:
     tc, rank, world = cfg.train, manager.rank, manager.world
     tb = ScalarLog(f"{manager.run_url}/tensorboard", enabled=rank == 0)
     timer, window = PhaseTimer(device), Window(device)
     step, batches_done, skipped = position.step, position.batches_done, built.manifold.skipped_steps
     last: dict[str, Any] = {"resumed_from": position.resumed_from or "", "start_step": step}
     bar = _progress(rank, tc, step)
+    tb.scalars(restart_scalars(position, world, cfg), step)  # each (re)start and its world size
 
     def save(metrics: dict[str, Any]) -> None:
         data = {"batches_per_rank": batches_done, "world_size": world, "seed": cfg.data.seed + tc.seed, "epoch": 0}
@@ -123,9 +135,12 @@ def train(cfg: JobConfig, built: Built, manager: CheckpointManager, position: Po
             log.error("rank %d: %s", rank, last["diverged"])
             report({**last, "step": step}, None, None)
             break
-        if agreed.stop:
-            log.warning("rank %d: stopping at step %d after a preemption notice; checkpoint written", rank, step)
+        if agreed.stop and stop.ends_run:
+            log.warning("rank %d: stopping at step %d after SIGTERM; checkpoint written", rank, step)
             break
+        if agreed.stop:
+            log.warning("rank %d: preemption notice: checkpoint written at step %d; training goes on until Ray "
+                        "Train restarts the workers without the node", rank, step)
     tb.close()
     if bar is not None:
         bar.close()

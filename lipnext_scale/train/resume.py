@@ -1,18 +1,25 @@
 """Resume: rank 0 picks the checkpoint, every rank loads its part of it, the engine and data position follow.
 
 The job's start point (an explicit `train.resume`, else the run's newest valid checkpoint, else none) is
-chosen and validated once, at job start (`preflight.check_job`); a worker restarted after a fault resumes
-from the newest checkpoint this job wrote since (`CheckpointManager.resume_point`).
+chosen and validated once, at job start (`preflight.check_job`); a worker restarted after a fault, an
+elastic resize or a preemption resumes from the newest checkpoint this job wrote since
+(`CheckpointManager.resume_point`), at whatever world size Ray Train restarted it with.
+
+Every (re)start first fits the batch to its world size (`sized_for_world`): the global batch (and with it
+the schedule, which counts optimizer steps) is the config's at every size; only the per-rank micro-batch
+and gradient accumulation change, and the split is logged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from lipnext_scale.ckpt import CheckpointManager
+from lipnext_scale.ckpt import CheckpointManager, StartPoint
+from lipnext_scale.config import JobConfig
 
 log = logging.getLogger(__name__)
 
@@ -22,20 +29,42 @@ class Position:
     step: int  # optimizer steps done
     batches_done: int  # this rank's position in its data stream
     resumed_from: str | None
+    written_at_world: int | None = None  # the world size the checkpoint was written at (None: fresh start)
+
+
+def sized_for_world(cfg: JobConfig, world: int, rank: int = 0) -> JobConfig:
+    """The config this rank trains with at `world` ranks: data.batch_size and train.grad_accum are the split of
+    the global batch at this size (`TrainConfig.batch_split`), train.global_batch is made explicit. Checkpoints
+    store this config, so each says how its steps were batched. Raises ConfigError."""
+    tc, data = cfg.train, cfg.data
+    global_batch = tc.global_batch_for(data.batch_size)
+    micro, accum = tc.batch_split(world, data.batch_size)
+    if rank == 0:
+        low, high = tc.worker_range
+        log.warning("world size %d (train.num_workers %s): global batch %d = %d ranks x micro-batch %d x %d "
+                    "accumulation steps", world, f"{low}-{high}" if low < high else low, global_batch, world,
+                    micro, accum)
+    return dataclasses.replace(cfg, data=dataclasses.replace(data, batch_size=micro),
+                               train=dataclasses.replace(tc, grad_accum=accum, global_batch=global_batch))
 
 
 def resume(manager: CheckpointManager, built, start_url: str | None, *, grad_accum: int, batch_size: int) -> Position:
-    """Load the checkpoint to continue from into `built` (every rank); Position(0, 0, None) for a fresh start."""
+    """Load the checkpoint to continue from into `built` (every rank); Position(0, 0, None) for a fresh start.
+    `grad_accum` and `batch_size` are this world size's split (`sized_for_world`)."""
     choice = [manager.resume_point(start_url) if manager.rank == 0 else None]
     dist.broadcast_object_list(choice, src=0)
     url = choice[0]
     if url is None:
+        _set_aside_unfinished(manager, None)
         return Position(0, 0, None)
     restored = manager.load(url, built.engine, built.model, built.manifold)
     world, step = manager.world, restored.step
-    # Same world size: exactly where this rank stopped. Otherwise: the same number of samples seen.
-    per_rank = restored.data.get("batches_per_rank", step * grad_accum)
-    batches = per_rank if restored.world_size == world else round(per_rank * restored.world_size / world)
+    _set_aside_unfinished(manager, StartPoint(url, step, {}))
+    # Same world size: exactly where this rank stopped. Another size: every rank's stream is another one
+    # (streams are seeded by rank and world size), entered where a run at this size would be after `step`
+    # steps; samples seen stay step x global batch either way.
+    same = restored.world_size == world
+    batches = restored.data.get("batches_per_rank", step * grad_accum) if same else step * grad_accum
     engine = built.engine
     engine.global_steps = step
     engine.micro_steps = step * grad_accum
@@ -43,4 +72,22 @@ def resume(manager: CheckpointManager, built, start_url: str | None, *, grad_acc
     if manager.rank == 0:
         log.warning("resumed from %s (step %d, written at world size %d, now %d)", url, step,
                     restored.world_size, world)
-    return Position(step, batches, url)
+    return Position(step, batches, url, restored.world_size)
+
+
+def _set_aside_unfinished(manager: CheckpointManager, start: StartPoint | None) -> None:
+    """Rank 0: checkpoints of this run after the resume point can only be unfinished ones (a restart resumes
+    from the newest valid one), left by workers killed mid-write; they move to `{run}/superseded-*/` (logged,
+    not deleted) before this attempt writes the same steps again, possibly at another world size."""
+    if manager.rank == 0:
+        manager.set_aside_after(start)
+
+
+def restart_scalars(position: Position, world: int, cfg: JobConfig) -> dict[str, float]:
+    """TensorBoard scalars written at the step every (re)start begins from: a run's restarts and resizes are
+    the points of `run/world_size`; `run/resumed` tells a continuation (1) from a fresh start (0), and
+    `run/checkpoint_world_size` is the size the checkpoint it continues was written at (0: none)."""
+    return {"run/world_size": world, "run/resumed": float(position.resumed_from is not None),
+            "run/checkpoint_world_size": position.written_at_world or 0,
+            "run/micro_batch": cfg.data.batch_size, "run/grad_accum": cfg.train.grad_accum,
+            "run/global_batch": cfg.train.global_batch_for(cfg.data.batch_size)}

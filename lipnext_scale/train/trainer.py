@@ -3,7 +3,8 @@
 `run_training(cfg)` is what every entry point calls (`lipnext train`, `lipnext demo`, the launchers).
 Everything that can be checked before workers start is checked first (`preflight.check_job`); then the
 run directory gets its resolved `config.json`, and Ray Train runs `loop.train_worker` on every rank.
-Checkpoints are found, kept and pruned by `lipnext_scale.ckpt.CheckpointManager`, not by Ray Train.
+Checkpoints are found, kept and pruned by `lipnext_scale.ckpt.CheckpointManager`, not by Ray Train; each is
+certified while training runs by Ray Train's validation task (`train/validation.py`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from lipnext_scale.ckpt import CheckpointManager
 from lipnext_scale.config import JobConfig, config_from_dict, config_to_dict
+from lipnext_scale.train import validation
 from lipnext_scale.train.preflight import check_job, write_run_config
 
 log = logging.getLogger(__name__)
@@ -39,9 +41,7 @@ def _worker_entry(config: dict[str, Any]) -> None:
         device = f"cuda:{ray.train.torch.get_device().index or 0}"
         torch.cuda.set_device(device)
 
-    def report(metrics: dict[str, Any], local_dir: str | None, name: str | None) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(local_dir) if local_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    report = validation.ray_report(cfg)  # ckpt.upload's mode; each checkpoint certified while training runs
 
     def preempted() -> bool:
         return ray.train.get_preemption_info() is not None
@@ -60,6 +60,15 @@ def _quiet_ray_train_reports() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def ray_train_workers(tc) -> int | tuple[int, int]:
+    """ScalingConfig's num_workers: a count, or (fewest, most), which selects Ray Train's elastic policy: it
+    starts with as many workers as the cluster holds, restarts at the size left after a node loss (a failure:
+    train.max_failures must allow it) and resizes when the count it could run changes (every
+    train.resize_check_s); each start resumes from the newest checkpoint (train/resume.py)."""
+    low, high = tc.worker_range
+    return low if low == high else (low, high)
+
+
 def _use_gpu(setting, ray_module) -> bool:
     if setting == "auto":
         return ray_module.cluster_resources().get("GPU", 0) >= 1
@@ -70,11 +79,14 @@ def run_training(cfg: JobConfig, *, ray_address: str | None = None) -> dict[str,
     """Train with Ray Train + DeepSpeed ZeRO-3; returns {"metrics", "checkpoint", "run_dir"}. Raises
     ConfigError at start for a bad job, TrainingDiverged when the run stopped on NaN/Inf."""
     job = check_job(cfg)
+    validation.check_validation(cfg)
+    cfg.train.check_global_batch(cfg.data.batch_size)  # every allowed world size splits it evenly
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     CheckpointManager(job.run_url).set_aside_after(job.start)
+    _forget_ray_checkpoint_list(job.run_url)
     write_run_config(cfg, job.run_url)
     if not ray.is_initialized():
         ray.init(address=ray_address, dashboard_host="127.0.0.1")
@@ -84,14 +96,17 @@ def run_training(cfg: JobConfig, *, ray_address: str | None = None) -> dict[str,
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator + gloo: tests, demo, CPU clusters
     storage, name = job.run_url.rsplit("/", 1)
+    certify = validation.validation_config(cfg, job.run_url)  # a Ray task per checkpoint, beside training
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={"job": config_to_dict(cfg), "deepspeed": job.deepspeed, "run_url": job.run_url,
                            "use_gpu": use_gpu, "start": job.start.url if job.start else None},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,  # use_gpu: one GPU per worker
-                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
-        # No Ray checkpoint retention: the CheckpointManager prunes (ckpt.keep_last) after each save.
+        scaling_config=ScalingConfig(num_workers=ray_train_workers(tc), use_gpu=use_gpu,  # one GPU per worker
+                                     resources_per_worker={"CPU": tc.cpus_per_worker},
+                                     elastic_resize_monitor_interval_s=tc.resize_check_s),
+        # No Ray checkpoint retention: the CheckpointManager prunes (ckpt.keep_last, keep_best) after each save.
+        validation_config=certify,
         run_config=RunConfig(name=name, storage_path=storage, worker_runtime_env={"env_vars": env},
                              failure_config=FailureConfig(max_failures=tc.max_failures)),
     )
@@ -100,4 +115,18 @@ def run_training(cfg: JobConfig, *, ray_address: str | None = None) -> dict[str,
     if metrics.get("diverged"):
         raise TrainingDiverged(metrics["diverged"])
     checkpoint = f"{job.run_url}/{result.checkpoint.path.rstrip('/').rsplit('/', 1)[-1]}" if result.checkpoint else None
-    return {"metrics": metrics, "checkpoint": checkpoint, "run_dir": job.run_url}
+    certified = validation.finish(cfg, job.run_url)  # what Ray missed certified, final prune, summary.json
+    metrics.update(validation.summary_metrics(certified))
+    return {"metrics": metrics, "checkpoint": checkpoint, "run_dir": job.run_url, "certified": certified}
+
+
+def _forget_ray_checkpoint_list(run_url: str) -> None:
+    """Ray Train lists every checkpoint it was reported in `{run}/checkpoint_manager_snapshot.json` and, on
+    the next `fit` of the run, refuses to start when one of them is gone; the CheckpointManager prunes them
+    (and chose this job's start point already), so Ray's list of an earlier job is dropped."""
+    from lipnext_scale.storage import exists, join_url, url_to_fs
+
+    snapshot = join_url(run_url, "checkpoint_manager_snapshot.json")
+    if exists(snapshot):
+        fs, path = url_to_fs(snapshot)
+        fs.rm(path)

@@ -46,8 +46,14 @@ def test_demo_trains_certifies_and_leaves_its_outputs(demo_run):
 
     assert (run_dir / "step_00000004" / "meta.json").is_file()
     assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    report = json.loads((run_dir / "certify" / "report.json").read_text())
+    # the final certification is the certificate of the last checkpoint, made while the run went on (by Ray
+    # Train's validation task, with a Ray actor), not a separate pass after training
+    assert "certificate of the checkpoint at step 4" in proc.stdout
+    report = json.loads((run_dir / "certify" / "step_00000004" / "report.json").read_text())
+    assert report["checkpoint"]["url"] == str(run_dir / "step_00000004") and report["timing"]["actors"] == 1
+    assert any((run_dir / "tensorboard" / "certify").glob("events.out.tfevents.*"))
     summary = json.loads((run_dir / "demo-summary.json").read_text())
+    assert summary["certified_step"] == 4 and summary["report"] == str(run_dir / "certify" / "step_00000004" / "report.json")
     assert summary["clean_accuracy"] == report["clean_accuracy"]
     assert set(summary["certified_accuracy"]) == {"36/255", "72/255", "108/255"}
     # Certified accuracy can never exceed clean accuracy, and shrinks with the radius.

@@ -32,6 +32,7 @@ TINY = [
     "train.progress_bar=false", "train.num_workers=2", "train.log_every=3", "train.eval_batches=2",
     f"train.steps={STEPS}", "optim.warmup_steps=2", "optim.grad_clip=5.0",
     "ckpt.every_steps=6", "ckpt.keep_last=3",
+    "certify.during_training=false",  # certification during training: test_validation_training.py
 ]
 
 
@@ -113,11 +114,11 @@ def test_short_run_writes_checkpoints_and_tensorboard_scalars(ref, storage):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in ["train/loss", "train/lr", "train/acc", "train/images_per_s", "train/max_orthogonality_error",
-                "eval/clean_acc", "eval/cra_36_255", "eval/cra_108_255", "time/data", "time/forward",
+                "estimate/clean_acc", "estimate/cra_36_255", "estimate/cra_108_255", "time/data", "time/forward",
                 "time/backward", "time/retraction", "time/checkpoint"]:
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(3, STEPS + 1, 3))
-    assert [e.step for e in acc.Scalars("eval/clean_acc")] == [12, 24]
+    assert [e.step for e in acc.Scalars("estimate/clean_acc")] == [12, 24]
     assert all(e.value < 1e-4 for e in acc.Scalars("train/max_orthogonality_error"))
     state = load_train_state(ref["checkpoint"])
     assert state.config["train"]["name"] == "ref" and state.data["batches_per_rank"] == STEPS

@@ -1,0 +1,112 @@
+"""Which checkpoints a run keeps, and the certification records that decide it.
+
+`Retention` says what `CheckpointManager.prune` keeps: the newest `keep_last` complete checkpoints (resume
+points), the `keep_best` best by certified accuracy, and every one whose certification has not finished.
+`retained` is that rule as a pure function of steps and scores (tests/unit/test_retention.py).
+
+A checkpoint's certification during training (`lipnext_scale.train.validation`) leaves
+`{run}/certify/step_XXXXXXXX/`: the certification job's outputs (report.json, written last) and `status.json`,
+which the certifying task rewrites at each change of state (`Certification`). They live here, below train/,
+because pruning reads them; the certification job itself (`lipnext_scale.certify`) neither imports nor is
+imported by this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from lipnext_scale.ckpt.format import CheckpointError, checkpoint_dir_name
+from lipnext_scale.eps import format_eps
+from lipnext_scale.storage import atomic_write_bytes, join_url, read_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Which checkpoints `prune` keeps (see the module docstring). `best_eps`: the radius whose certified
+    accuracy ranks them (None: clean accuracy). `certified`: checkpoints are certified while training runs,
+    so each is kept until its certification has finished."""
+
+    keep_last: int = 3
+    keep_best: int = 0
+    best_eps: float | None = None
+    certified: bool = False
+
+
+# --------------------------------------------------------------------------------------------------
+# Certification records: `{run}/certify/step_XXXXXXXX/` holds the certification job's outputs (report.json
+# last) and `status.json`, which the certifying task rewrites at each change of state.
+
+CERTIFY_DIR = "certify"
+STATUS_FILE = "status.json"
+REPORT_FILE = "report.json"  # lipnext_scale.certify.report writes it (certify does not import us, nor we it)
+
+
+def certification_url(run_url: str, step: int) -> str:
+    return join_url(run_url, CERTIFY_DIR, checkpoint_dir_name(step))
+
+
+@dataclass(frozen=True)
+class Certification:
+    """Where a checkpoint's certification stands. state: "queued" (no record yet), "running", "failed",
+    "done" or "skipped". A running one past its deadline was cancelled (timeout) or lost with its process."""
+
+    state: str = "queued"
+    attempt: int = 0  # attempts started so far
+    attempts: int = 1  # attempts allowed (1 + certify.retries)
+    deadline: float = math.inf  # a running attempt is over by then, whatever became of it
+    error: str = ""
+
+    def finished(self, now: float) -> bool:
+        return (self.state in ("done", "skipped") or (self.state == "failed" and self.attempt >= self.attempts)
+                or (self.state == "running" and now > self.deadline))
+
+
+def read_certification(run_url: str, step: int) -> Certification:
+    """The record of checkpoint `step`; an unreadable record reads as running with no deadline (kept)."""
+    url = join_url(certification_url(run_url, step), STATUS_FILE)
+    try:
+        data = json.loads(read_bytes(url, CheckpointError).decode("utf-8"))
+        fields = {k: data[k] for k in ("state", "attempt", "attempts", "error") if k in data}
+        return Certification(**fields, deadline=math.inf if data.get("deadline") is None else float(data["deadline"]))
+    except CheckpointError:
+        return Certification()  # nothing written yet: queued
+    except (UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
+        log.warning("%s is unreadable (%s): its checkpoint is kept as if still being certified", url, e)
+        return Certification(state="running")
+
+
+def write_certification(run_url: str, step: int, record: Certification, **extra: Any) -> None:
+    body = {"step": step, **dataclasses.asdict(record), **extra, "time": time.time()}
+    body["deadline"] = None if math.isinf(record.deadline) else record.deadline
+    atomic_write_bytes(join_url(certification_url(run_url, step), STATUS_FILE),
+                       json.dumps(body, indent=2, sort_keys=True).encode(), CheckpointError)
+
+
+def certified_score(run_url: str, step: int, eps: float | None) -> float | None:
+    """Clean accuracy (eps None) or certified accuracy at `eps` from checkpoint `step`'s certification report;
+    None when there is no readable report with that figure."""
+    try:
+        report = json.loads(read_bytes(join_url(certification_url(run_url, step), REPORT_FILE),
+                                       CheckpointError).decode("utf-8"))
+        value = report["clean_accuracy"] if eps is None else report["certified_accuracy"][format_eps(eps)]
+        return float(value)
+    except (CheckpointError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+
+
+def retained(complete: list[int], scores: dict[int, float], unfinished: set[int], keep_last: int,
+             keep_best: int) -> set[int]:
+    """The steps among `complete` to keep: the newest `keep_last`, the `keep_best` highest `scores` (a tie
+    goes to the newer checkpoint) and every one in `unfinished` (certification not finished)."""
+    ordered = sorted(complete)
+    keep = set(ordered[-keep_last:]) if keep_last > 0 else set()
+    ranked = sorted((s for s in ordered if scores.get(s) is not None), key=lambda s: (scores[s], s), reverse=True)
+    return keep | set(ranked[:keep_best]) | (unfinished & set(ordered))
