@@ -223,6 +223,10 @@ class CertifyConfig:
     # (logged; training goes on).
     timeout_s: float = 3600.0
     retries: int = 1  # a certification that failed runs again this many times (logged each time)
+    # Checkpoints waiting for certification (Ray Train runs one at a time) kept at most: when certifying takes
+    # longer than ckpt.every_steps, older waiting ones are skipped (logged) and pruned, so the disk holds a
+    # bounded backlog and certification keeps up with the newest. 0: certify every checkpoint, keep them all.
+    max_waiting: int = 2
     # After the last step the run waits for the certifications still queued; those not started within this
     # many seconds are skipped (logged), except the final checkpoint's, which always runs (under timeout_s).
     final_wait_s: float = 600.0
@@ -238,10 +242,10 @@ class CertifyConfig:
         if self.actors < 0 or self.batch_size < 1 or self.attack_steps < 1:
             raise ConfigError(f"certify.actors={self.actors}, certify.batch_size={self.batch_size}, "
                               f"certify.attack_steps={self.attack_steps}: need actors >= 0, the others >= 1")
-        if not self.timeout_s > 0 or self.retries < 0 or self.final_wait_s < 0:
+        if not self.timeout_s > 0 or self.retries < 0 or self.final_wait_s < 0 or self.max_waiting < 0:
             raise ConfigError(f"certify.timeout_s={self.timeout_s}, certify.retries={self.retries}, "
-                              f"certify.final_wait_s={self.final_wait_s}: need timeout_s > 0, retries >= 0 and "
-                              "final_wait_s >= 0")
+                              f"certify.final_wait_s={self.final_wait_s}, certify.max_waiting={self.max_waiting}: "
+                              "need timeout_s > 0 and retries, final_wait_s, max_waiting >= 0")
         self.cpus_and_gpus()
 
     def cpus_and_gpus(self) -> tuple[int, int]:

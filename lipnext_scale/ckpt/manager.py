@@ -43,7 +43,9 @@ from lipnext_scale.ckpt.format import (
     CheckpointError, VerifiedReader, checkpoint_dir_name, find_latest_valid, list_checkpoints, read_meta,
     validate_checkpoint, write_rank_files,
 )
-from lipnext_scale.ckpt.retention import Retention, certified_score, read_certification, retained
+from lipnext_scale.ckpt.retention import (
+    Certification, Retention, certified_score, read_certification, retained, superseded, write_certification,
+)
 from lipnext_scale.ckpt.state import load_manifold_state, load_train_state, manifold_tensors
 from lipnext_scale.ckpt.zero import collect_local_state, param_shapes, restore_local_state
 from lipnext_scale.storage import join_url, url_to_fs, versions
@@ -105,7 +107,6 @@ class CheckpointManager:
                  world: int = 1, report: Report | None = None, device: str | torch.device = "cpu"):
         self.run_url = run_url.rstrip("/")
         self.retention = retention or Retention(keep_last=keep_last)
-        self.keep_last = self.retention.keep_last
         self.rank, self.world, self.report, self.device = rank, world, report, device
         self._complete: set[str] = set()  # checkpoints seen complete (they never change afterwards)
         self._uploading: tuple[str, str] | None = None  # (staging directory, checkpoint URL) of the last save
@@ -269,6 +270,19 @@ class CheckpointManager:
             return True
         return False
 
+    def _supersede_waiting(self, records: dict[int, Certification]) -> None:
+        """Record as skipped the waiting certifications beyond the newest `retention.max_waiting` (updates
+        `records`); their task, should Ray still start it, finds the record and returns at once."""
+        waiting = [step for step, record in records.items() if record.state == "queued"]
+        for step in superseded(waiting, self.retention.max_waiting):
+            records[step] = Certification("skipped")
+            write_certification(self.run_url, step, records[step],
+                                reason=f"superseded: more than certify.max_waiting={self.retention.max_waiting} "
+                                       "newer checkpoints were waiting for certification")
+            log.warning("%s: certification skipped, superseded by newer checkpoints waiting for it (certification "
+                        "is slower than ckpt.every_steps; see certify.max_waiting)",
+                        join_url(self.run_url, checkpoint_dir_name(step)))
+
     def prune(self, *, settled: bool = False) -> list[str]:
         """Delete the complete checkpoints `retention` does not keep (rank 0 after a save; the driver with
         `settled=True` once the run is over and every certification has finished or been given up)."""
@@ -277,8 +291,11 @@ class CheckpointManager:
         complete = [step for step, url in found if self.is_complete(url)]
         unfinished, scores = set(), {}
         if r.certified:
-            for step in complete:
-                if not settled and not read_certification(self.run_url, step).finished(now):
+            records = {step: read_certification(self.run_url, step) for step in complete}
+            if not settled:
+                self._supersede_waiting(records)
+            for step, record in records.items():
+                if not settled and not record.finished(now):
                     unfinished.add(step)
                 elif r.keep_best:
                     scores[step] = certified_score(self.run_url, step, r.best_eps)

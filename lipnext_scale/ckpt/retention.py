@@ -38,6 +38,10 @@ class Retention:
     keep_best: int = 0
     best_eps: float | None = None
     certified: bool = False
+    # Checkpoints waiting for their certification (not started) kept at most; older waiting ones are
+    # superseded (recorded "skipped", so prunable): when certification is slower than ckpt.every_steps the
+    # disk holds a bounded backlog and certification catches up with the newest. 0: no bound.
+    max_waiting: int = 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,6 +104,13 @@ def certified_score(run_url: str, step: int, eps: float | None) -> float | None:
         return float(value)
     except (CheckpointError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         return None
+
+
+def superseded(waiting: list[int], max_waiting: int) -> list[int]:
+    """The steps among `waiting` (checkpoints whose certification has not started) beyond the newest
+    `max_waiting`, which are skipped; none when max_waiting is 0 (no bound)."""
+    ordered = sorted(waiting)
+    return ordered[:-max_waiting] if max_waiting > 0 else []
 
 
 def retained(complete: list[int], scores: dict[int, float], unfinished: set[int], keep_last: int,

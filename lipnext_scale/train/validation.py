@@ -39,7 +39,7 @@ from lipnext_scale.ckpt.retention import (
 )
 from lipnext_scale.config import ConfigError, JobConfig, config_from_dict, config_to_dict
 from lipnext_scale.eps import format_eps, parse_eps_list
-from lipnext_scale.storage import atomic_write_bytes, is_process_local, join_url, read_bytes
+from lipnext_scale.storage import atomic_write_bytes, exists, is_process_local, join_url, read_bytes
 from lipnext_scale.train.evaluate import cra_key
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def enabled(cfg: JobConfig) -> bool:
 
 def retention(cfg: JobConfig) -> Retention:
     return Retention(keep_last=cfg.ckpt.keep_last, keep_best=cfg.ckpt.keep_best, best_eps=cfg.ckpt.best_eps(),
-                     certified=enabled(cfg))
+                     certified=enabled(cfg), max_waiting=cfg.certify.max_waiting)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,6 +255,14 @@ def certify_checkpoint(checkpoint, *, job: dict[str, Any], run_url: str) -> dict
     previous = read_certification(run_url, step)
     attempt = previous.attempt + 1 if previous.state in ("running", "failed") else 1
     attempts = 1 + cc.retries
+    if previous.state == "skipped":  # superseded while it waited (certify.max_waiting), or after the run's end
+        log.warning("not certifying %s: skipped (%s)", ckpt_url, _read_status(run_url, step).get("reason", ""))
+        return {f"{PREFIX}/skipped": 1.0}
+    if not exists(join_url(ckpt_url, "meta.json")):  # superseded and pruned just as Ray started this task
+        write_certification(run_url, step, Certification("skipped", attempt, attempts),
+                            reason="the checkpoint was deleted before its certification started")
+        log.warning("not certifying %s: it was deleted (superseded) before its certification started", ckpt_url)
+        return {f"{PREFIX}/skipped": 1.0}
     if _past_final_wait(cfg, run_url, step):
         write_certification(run_url, step, Certification("skipped", attempt, attempts),
                             reason=f"training ended more than certify.final_wait_s={cc.final_wait_s} s ago")

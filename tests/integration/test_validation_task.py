@@ -92,6 +92,25 @@ def test_the_end_of_the_run_stops_waiting_for_intermediate_checkpoints(val, tmp_
     assert "certify/clean_acc" in certify_checkpoint(final, job=config_to_dict(cfg), run_url=str(tmp_path))
 
 
+def test_a_superseded_checkpoint_is_not_certified(val, tmp_path):
+    """A checkpoint pruning recorded as skipped while it waited (certify.max_waiting), or one already deleted
+    when Ray starts its task: the task returns at once, records why, and raises nothing (no retry)."""
+    import shutil
+
+    from lipnext_scale.ckpt.retention import Certification, write_certification
+
+    cfg = load_config(None, [*TINY, f"data.eval_url={val}/val-manifest.parquet"])
+    waited = _checkpoint(cfg, tmp_path, 40)
+    write_certification(str(tmp_path), 40, Certification("skipped"), reason="superseded (test)")
+    assert certify_checkpoint(waited, job=config_to_dict(cfg), run_url=str(tmp_path)) == {"certify/skipped": 1.0}
+    assert not (tmp_path / "certify" / "step_00000040" / "report.json").exists()
+    gone = _checkpoint(cfg, tmp_path, 60)
+    shutil.rmtree(gone.path)
+    assert certify_checkpoint(gone, job=config_to_dict(cfg), run_url=str(tmp_path)) == {"certify/skipped": 1.0}
+    record = json.loads((tmp_path / "certify" / "step_00000060" / "status.json").read_text())
+    assert record["state"] == "skipped" and "deleted" in record["reason"]
+
+
 def test_start_checks(val, tmp_path):
     base = [*TINY, f"data.eval_url={val}/val-manifest.parquet"]
     with pytest.raises(ConfigError, match=r"ckpt.best_metric='cra@1/255': 1/255 is not one of certify.eps"):

@@ -13,7 +13,8 @@ import torch
 from lipnext_scale.ckpt import checkpoint_dir_name, write_rank_files
 from lipnext_scale.ckpt.manager import CheckpointManager
 from lipnext_scale.ckpt.retention import (
-    Certification, Retention, certification_url, certified_score, read_certification, retained, write_certification,
+    Certification, Retention, certification_url, certified_score, read_certification, retained, superseded,
+    write_certification,
 )
 from lipnext_scale.config import ConfigError, load_config
 
@@ -183,3 +184,32 @@ def test_background_staging_is_waited_for_and_its_failure_raised(tmp_path):
         _write_staging(str(bad), 0, {"fp32/w": "not a tensor"}, {}, None, {})
     with pytest.raises(CheckpointError, match=f"writing checkpoint files to {bad} failed: .*Error"):
         wait_until_staged(str(bad))
+
+
+@pytest.mark.parametrize("waiting,bound,skipped", [
+    ([1, 2, 3, 4], 2, [1, 2]), ([4, 1, 3], 1, [1, 3]), ([1, 2], 2, []), ([1, 2, 3], 0, []), ([], 2, []),
+])
+def test_superseded_are_the_waiting_beyond_the_newest_bound(waiting, bound, skipped):
+    assert superseded(waiting, bound) == skipped
+
+
+def test_a_backlog_of_waiting_certifications_is_bounded(tmp_path):
+    """Certification slower than checkpointing: of the checkpoints whose certification has not started, only
+    the newest certify.max_waiting are kept waiting; older ones are recorded skipped and pruned, while one
+    being certified and the certified best stay."""
+    for step in range(1, 7):
+        _checkpoint(tmp_path, step, world=1)
+    _certified(tmp_path, 1, 0.9, 0.8)  # the best so far
+    write_certification(str(tmp_path), 2, Certification("running", 1, 2, deadline=time.time() + 600))
+    manager = CheckpointManager(str(tmp_path), retention=Retention(keep_last=1, keep_best=1, best_eps=36 / 255,
+                                                                   certified=True, max_waiting=2))
+    assert manager.prune() == [f"{tmp_path}/step_0000000{s}" for s in (3, 4)]
+    assert _steps(tmp_path) == [1, 2, 5, 6]  # best, being certified, the 2 newest waiting (6: also keep_last)
+    for step in (3, 4):
+        record = json.loads((tmp_path / "certify" / f"step_0000000{step}" / "status.json").read_text())
+        assert record["state"] == "skipped" and "certify.max_waiting=2" in record["reason"]
+    assert read_certification(str(tmp_path), 5) == Certification()  # still waiting
+    unbounded = CheckpointManager(str(tmp_path), retention=Retention(keep_last=1, keep_best=1, best_eps=36 / 255,
+                                                                     certified=True, max_waiting=0))
+    _checkpoint(tmp_path, 7, world=1)
+    assert unbounded.prune() == [] and _steps(tmp_path) == [1, 2, 5, 6, 7]
