@@ -228,8 +228,7 @@ class CheckpointManager:
     def _stored(local: str, url: str) -> bool:
         """Every file of a staging directory is in storage at `url` with its size."""
         try:
-            fs, path = url_to_fs(url, CheckpointError)
-            stored = {posixpath.basename(e["name"].rstrip("/")): e.get("size") for e in fs.ls(path, detail=True)}
+            stored = _stored_sizes(url)
             return all(stored.get(name) == os.path.getsize(os.path.join(local, name)) for name in os.listdir(local))
         except (OSError, CheckpointError):
             return False
@@ -261,8 +260,7 @@ class CheckpointManager:
             return True
         try:
             expected = VerifiedReader(url).expected  # every rank's manifest, and meta.json checked against its hash
-            fs, path = url_to_fs(url, CheckpointError)
-            sizes = {posixpath.basename(e["name"].rstrip("/")): e.get("size") for e in fs.ls(path, detail=True)}
+            sizes = _stored_sizes(url)
         except (CheckpointError, OSError):
             return False
         if all(sizes.get(name) == entry["bytes"] for name, entry in expected.items()):
@@ -312,6 +310,12 @@ class CheckpointManager:
             log.info("pruned %s (kept %s)", [u.rsplit("/", 1)[1] for u in doomed],
                      [checkpoint_dir_name(s) for s in sorted(keep)])
         return doomed
+
+
+def _stored_sizes(url: str) -> dict[str, int | None]:
+    """File name -> size of what storage holds directly under checkpoint `url` (raises OSError, CheckpointError)."""
+    fs, path = url_to_fs(url, CheckpointError)
+    return {posixpath.basename(e["name"].rstrip("/")): e.get("size") for e in fs.ls(path, detail=True)}
 
 
 @functools.cache

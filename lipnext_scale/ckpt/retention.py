@@ -73,17 +73,31 @@ class Certification:
                 or (self.state == "running" and now > self.deadline))
 
 
-def read_certification(run_url: str, step: int) -> Certification:
-    """The record of checkpoint `step`; an unreadable record reads as running with no deadline (kept)."""
+def read_status(run_url: str, step: int) -> dict[str, Any] | None:
+    """Checkpoint `step`'s status.json as written (state, figures, lag, reason, ...); None when none was written.
+    Raises ValueError when it is unreadable."""
     url = join_url(certification_url(run_url, step), STATUS_FILE)
     try:
-        data = json.loads(read_bytes(url, CheckpointError).decode("utf-8"))
+        raw = read_bytes(url, CheckpointError)
+    except CheckpointError:
+        return None
+    data = json.loads(raw.decode("utf-8"))  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    if not isinstance(data, dict):
+        raise ValueError(f"{url} holds {type(data).__name__}, not a JSON object")
+    return data
+
+
+def read_certification(run_url: str, step: int) -> Certification:
+    """The record of checkpoint `step`; an unreadable record reads as running with no deadline (kept)."""
+    try:
+        data = read_status(run_url, step)
+        if data is None:
+            return Certification()  # nothing written yet: queued
         fields = {k: data[k] for k in ("state", "attempt", "attempts", "error") if k in data}
         return Certification(**fields, deadline=math.inf if data.get("deadline") is None else float(data["deadline"]))
-    except CheckpointError:
-        return Certification()  # nothing written yet: queued
-    except (UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
-        log.warning("%s is unreadable (%s): its checkpoint is kept as if still being certified", url, e)
+    except (ValueError, TypeError) as e:
+        log.warning("the certification record of %s is unreadable (%s): its checkpoint is kept as if still being "
+                    "certified", certification_url(run_url, step), e)
         return Certification(state="running")
 
 

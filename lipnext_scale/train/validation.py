@@ -35,11 +35,12 @@ from typing import Any, Callable
 from lipnext_scale.ckpt import CheckpointError, checkpoint_dir_name, list_checkpoints, read_meta
 from lipnext_scale.ckpt.manager import CheckpointManager, Report, wait_until_staged
 from lipnext_scale.ckpt.retention import (
-    CERTIFY_DIR, REPORT_FILE, Certification, Retention, certification_url, read_certification, write_certification,
+    CERTIFY_DIR, REPORT_FILE, Certification, Retention, certification_url, read_certification, read_status,
+    write_certification,
 )
 from lipnext_scale.config import ConfigError, JobConfig, config_from_dict, config_to_dict
 from lipnext_scale.eps import format_eps, parse_eps_list
-from lipnext_scale.storage import atomic_write_bytes, exists, is_process_local, join_url, read_bytes
+from lipnext_scale.storage import atomic_write_bytes, exists, is_process_local, join_url
 from lipnext_scale.train.evaluate import cra_key
 
 log = logging.getLogger(__name__)
@@ -216,9 +217,10 @@ def summarise(run_url: str, best_eps: float | None) -> dict[str, Any]:
 
 
 def _read_status(run_url: str, step: int) -> dict[str, Any]:
+    """The record as written, {} when there is none or it is unreadable (read_certification logs that)."""
     try:
-        return json.loads(read_bytes(join_url(certification_url(run_url, step), "status.json"), ConfigError))
-    except (ConfigError, ValueError):
+        return read_status(run_url, step) or {}
+    except ValueError:
         return {}
 
 
