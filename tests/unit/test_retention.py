@@ -158,7 +158,8 @@ def test_certification_url_and_config_keys():
     assert cfg.ckpt.best_eps() == 72 / 255 and cfg.certify.cpus_and_gpus() == (1, 1)
     for bad, says in [("ckpt.best_metric=acc", "use \"clean\""), ("ckpt.upload=later", "choose one of async, sync"),
                       ("certify.resources={TPU=1}", "certify.resources"), ("certify.resources={GPU=2}", "GPU 0 or 1"),
-                      ("certify.timeout_s=0", "timeout_s > 0"), ("ckpt.keep_best=-1", "keep_best >= 0")]:
+                      ("certify.timeout_s=0", "timeout_s > 0"), ("ckpt.keep_best=-1", "keep_best >= 0"),
+                      ("certify.max_waiting=-1", "max_waiting >= 0")]:
         with pytest.raises(ConfigError, match=says.replace("(", r"\(")):
             load_config(None, [bad])
 
