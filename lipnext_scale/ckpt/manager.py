@@ -20,14 +20,16 @@ while training goes on; Ray's own checkpoint bookkeeping is not used to find, ke
 Retention (`prune`, rank 0 after each save, and the driver once the run is over; the rule is
 `ckpt/retention.py`): the newest `keep_last` complete checkpoints (resume points), plus the `keep_best` best by
 certified accuracy (their certification reports, `{run}/certify/step_XXXXXXXX/report.json`), plus every
-checkpoint whose certification has not finished, plus every incomplete one (an upload in progress, or one
-left by a crash: resume skips it and the next start sets it aside).
+checkpoint whose report is there but unreadable or not finite (logged: a score that cannot be read never costs
+a checkpoint), plus every checkpoint whose certification has not finished, plus every incomplete one (an
+upload in progress, or one left by a crash: resume skips it and the next start sets it aside).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import posixpath
 import shutil
@@ -44,7 +46,8 @@ from lipnext_scale.ckpt.format import (
     validate_checkpoint, write_rank_files,
 )
 from lipnext_scale.ckpt.retention import (
-    Certification, Retention, certified_score, read_certification, retained, superseded, write_certification,
+    Certification, Retention, UnreadableScore, certified_score, read_certification, retained, superseded,
+    write_certification,
 )
 from lipnext_scale.ckpt.state import load_manifold_state, load_train_state, manifold_tensors
 from lipnext_scale.ckpt.zero import collect_local_state, param_shapes, restore_local_state
@@ -281,6 +284,15 @@ class CheckpointManager:
                         "is slower than ckpt.every_steps; see certify.max_waiting)",
                         join_url(self.run_url, checkpoint_dir_name(step)))
 
+    def _score(self, step: int) -> float | None:
+        """Checkpoint `step`'s certified score for ranking; NaN (kept, never ranked) when its report is unreadable."""
+        try:
+            return certified_score(self.run_url, step, self.retention.best_eps)
+        except UnreadableScore as e:
+            log.warning("%s is kept: its certification score cannot be ranked (%s)",
+                        join_url(self.run_url, checkpoint_dir_name(step)), e)
+            return math.nan
+
     def prune(self, *, settled: bool = False) -> list[str]:
         """Delete the complete checkpoints `retention` does not keep (rank 0 after a save; the driver with
         `settled=True` once the run is over and every certification has finished or been given up)."""
@@ -296,7 +308,7 @@ class CheckpointManager:
                 if not settled and not record.finished(now):
                     unfinished.add(step)
                 elif r.keep_best:
-                    scores[step] = certified_score(self.run_url, step, r.best_eps)
+                    scores[step] = self._score(step)
         keep = retained(complete, scores, unfinished, r.keep_last, r.keep_best)
         doomed = [url for step, url in found if step in complete and step not in keep]
         fs, _ = url_to_fs(self.run_url, CheckpointError)

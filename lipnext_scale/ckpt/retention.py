@@ -2,7 +2,9 @@
 
 `Retention` says what `CheckpointManager.prune` keeps: the newest `keep_last` complete checkpoints (resume
 points), the `keep_best` best by certified accuracy, and every one whose certification has not finished.
-`retained` is that rule as a pure function of steps and scores (tests/unit/test_retention.py).
+`retained` is that rule as a pure function of steps and scores (tests/unit/test_retention.py): only finite
+scores are ranked, a report that is there but unreadable or not finite keeps its checkpoint (logged), and the
+newest complete checkpoint and the best readable one are always kept.
 
 A checkpoint's certification during training (`lipnext_scale.train.validation`) leaves
 `{run}/certify/step_XXXXXXXX/`: the certification job's outputs (report.json, written last) and `status.json`,
@@ -108,16 +110,29 @@ def write_certification(run_url: str, step: int, record: Certification, **extra:
                        json.dumps(body, indent=2, sort_keys=True).encode(), CheckpointError)
 
 
+class UnreadableScore(ValueError):
+    """A certification report exists but its score cannot be used (cut short, not JSON, the figure missing,
+    NaN or infinite): the message says which file and why. Its checkpoint is kept, never ranked."""
+
+
 def certified_score(run_url: str, step: int, eps: float | None) -> float | None:
     """Clean accuracy (eps None) or certified accuracy at `eps` from checkpoint `step`'s certification report;
-    None when there is no readable report with that figure."""
+    None when there is no report (never certified, or given up). Raises UnreadableScore when a report is
+    there but its figure cannot be read or is not finite."""
+    url = join_url(certification_url(run_url, step), REPORT_FILE)
     try:
-        report = json.loads(read_bytes(join_url(certification_url(run_url, step), REPORT_FILE),
-                                       CheckpointError).decode("utf-8"))
-        value = report["clean_accuracy"] if eps is None else report["certified_accuracy"][format_eps(eps)]
-        return float(value)
-    except (CheckpointError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raw = read_bytes(url, CheckpointError)
+    except CheckpointError:
         return None
+    try:
+        report = json.loads(raw.decode("utf-8"))
+        value = float(report["clean_accuracy"] if eps is None else report["certified_accuracy"][format_eps(eps)])
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        what = "clean_accuracy" if eps is None else f"certified_accuracy[{format_eps(eps)!r}]"
+        raise UnreadableScore(f"{url}: {what} unreadable ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    if not math.isfinite(value):
+        raise UnreadableScore(f"{url}: the score is {value}, not a finite number")
+    return value
 
 
 def superseded(waiting: list[int], max_waiting: int) -> list[int]:
@@ -127,11 +142,15 @@ def superseded(waiting: list[int], max_waiting: int) -> list[int]:
     return ordered[:-max_waiting] if max_waiting > 0 else []
 
 
-def retained(complete: list[int], scores: dict[int, float], unfinished: set[int], keep_last: int,
+def retained(complete: list[int], scores: dict[int, float | None], unfinished: set[int], keep_last: int,
              keep_best: int) -> set[int]:
-    """The steps among `complete` to keep: the newest `keep_last`, the `keep_best` highest `scores` (a tie
-    goes to the newer checkpoint) and every one in `unfinished` (certification not finished)."""
+    """The steps among `complete` to keep: the newest `keep_last` (at least the newest one), the `keep_best`
+    highest finite `scores` (a tie goes to the newer checkpoint; None: no score, not ranked), every one whose
+    score is not finite (unreadable: never a reason to delete) and every one in `unfinished` (certification
+    not finished)."""
     ordered = sorted(complete)
-    keep = set(ordered[-keep_last:]) if keep_last > 0 else set()
-    ranked = sorted((s for s in ordered if scores.get(s) is not None), key=lambda s: (scores[s], s), reverse=True)
-    return keep | set(ranked[:keep_best]) | (unfinished & set(ordered))
+    keep = set(ordered[-max(keep_last, 1):])
+    finite = [s for s in ordered if scores.get(s) is not None and math.isfinite(scores[s])]
+    unreadable = {s for s in ordered if scores.get(s) is not None and not math.isfinite(scores[s])}
+    ranked = sorted(finite, key=lambda s: (scores[s], s), reverse=True)
+    return keep | set(ranked[:keep_best]) | unreadable | (unfinished & set(ordered))

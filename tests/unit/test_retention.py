@@ -47,6 +47,9 @@ def _steps(run) -> list[int]:
     ([1, 2, 3, 4], {2: 0.9}, {1, 3}, 1, 1, {1, 2, 3, 4}),  # still being certified: kept
     ([1, 2, 3], {1: 0.9, 2: None, 3: 0.1}, set(), 1, 5, {1, 3}),  # no report: not ranked
     ([], {}, {7}, 1, 1, set()),  # only complete checkpoints are ever candidates
+    ([1, 2, 3], {1: math.nan, 2: 0.8, 3: 0.5}, set(), 1, 1, {1, 2, 3}),  # NaN: kept, never ranked above 0.8
+    ([1, 2, 3], {1: 0.8, 2: math.inf, 3: 0.5}, set(), 1, 1, {1, 2, 3}),  # inf: kept, never "the best"
+    ([1, 2, 3], {1: 0.9, 2: 0.1}, set(), 0, 0, {3}),  # the newest complete one, whatever keep_last says
 ])
 def test_retained_keeps_newest_best_and_unfinished(complete, scores, unfinished, last, best, kept):
     assert retained(complete, scores, unfinished, last, best) == kept
@@ -71,6 +74,31 @@ def test_prune_keeps_newest_and_best_certified_and_never_one_being_certified(tmp
     write_certification(str(run), 40, Certification("failed", 2, 2, error="CertifyRefused: ..."))  # given up
     assert manager.prune() == [f"{run}/step_00000010", f"{run}/step_00000040"]
     assert _steps(run) == [50]
+
+
+def test_an_unreadable_or_nan_score_never_costs_a_checkpoint(tmp_path, caplog):
+    """Issue 25: keep_last=1, keep_best=1. (a) The best checkpoint's report.json is cut short: it is kept
+    (it was deleted, and a worse one kept). (b) An older report reads NaN: NaN is not ranked (it sorted first
+    and the true best was deleted); its checkpoint is kept too. Each kept one is named in the log with why."""
+    retention = Retention(keep_last=1, keep_best=1, best_eps=36 / 255, certified=True)
+    truncated, nan = tmp_path / "truncated", tmp_path / "nan"
+    for run, scores in ((truncated, (0.8, 0.5, 0.1, 0.2)), (nan, (0.1, 0.8, 0.5, 0.3))):
+        for step, cra in zip((10, 20, 30, 40), scores):
+            _checkpoint(run, step, world=1)
+            _certified(run, step, clean=0.9, cra=cra)
+    report = truncated / "certify" / "step_00000010" / "report.json"
+    report.write_bytes(report.read_bytes()[:25])
+    (nan / "certify" / "step_00000010" / "report.json").write_text(
+        '{"clean_accuracy": 0.9, "certified_accuracy": {"36/255": NaN}}')  # json.dumps(nan) writes this
+    with caplog.at_level("WARNING", logger="lipnext_scale.ckpt.manager"):
+        assert CheckpointManager(str(truncated), retention=retention).prune() == [f"{truncated}/step_00000030"]
+        assert CheckpointManager(str(nan), retention=retention).prune() == [f"{nan}/step_00000030"]
+    assert _steps(truncated) == [10, 20, 40]  # unreadable (the true best), the best readable, the newest
+    assert _steps(nan) == [10, 20, 40]  # NaN, the true best (0.8), the newest
+    kept = [r.getMessage() for r in caplog.records]
+    assert any(f"{truncated}/step_00000010 is kept" in m and "report.json" in m and "JSONDecodeError" in m
+               for m in kept), kept
+    assert any(f"{nan}/step_00000010 is kept" in m and "nan, not a finite number" in m for m in kept), kept
 
 
 def test_best_metric_clean_ranks_by_clean_accuracy(tmp_path):
