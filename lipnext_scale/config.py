@@ -355,7 +355,10 @@ class TrainConfig:
                     f"(data.batch_size={max_micro_batch} x train.grad_accum={self.grad_accum} x {high} workers)")
             raise ConfigError(f"{what} does not split evenly over {bad[0]} workers (train.num_workers="
                               f"{self.num_workers!r}); set train.global_batch to a multiple of {step}, e.g. "
-                              f"--set train.global_batch={max(step, global_batch // step * step)}")
+                              f"--set train.global_batch={max(step, global_batch // step * step)}"
+                              + ("" if step <= 64 * global_batch else
+                                 f", or a narrower range or a fixed count: every size of {low}-{high} takes an "
+                                 "equal share of each step's images"))
         return global_batch
 
     def batch_split(self, world: int, max_micro_batch: int) -> tuple[int, int]:

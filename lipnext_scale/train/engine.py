@@ -13,6 +13,7 @@ the module partitions are then cast and the fp32 masters get the exact fp32 valu
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,18 +25,25 @@ from lipnext_scale.train.loss import certified_loss
 
 
 def deepspeed_config(base: dict[str, Any], train: TrainConfig, data: DataConfig, optim: OptimConfig,
-                     world_size: int, ranks_per_node: int | None = None) -> dict[str, Any]:
+                     world_size: int, node_of_rank: list[int] | None = None) -> dict[str, Any]:
     """The engine config: ZeRO settings from the JSON file, everything the job config owns set from it
     (so batch, accumulation, clipping and precision have one source of truth), and ZeRO++'s hierarchical
-    partition resolved for the cluster's shape (`ranks_per_node`: ranks on one node; None: one node)."""
+    partition resolved for the cluster's shape (`node_of_rank`: the node index of each world rank, in rank
+    order; None: one node). `world_size` is an int: an elastic range is resolved per size by the caller."""
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise TypeError(f"deepspeed_config: world_size must be a positive int, got {world_size!r} (resolve "
+                        "train.num_workers' range with TrainConfig.worker_range first)")
     out = copy.deepcopy(base)
     zero = out.get("zero_optimization", {})
     if int(zero.get("stage", 0)) != 3:
         raise ConfigError(f"train.deepspeed={train.deepspeed!r}: zero_optimization.stage must be 3 "
                           f"(got {zero.get('stage')!r}); the manifold step works on ZeRO-3 partitions")
     if "zero_hpz_partition_size" in zero:
-        zero["zero_hpz_partition_size"] = hpz_partition_size(zero["zero_hpz_partition_size"], world_size,
-                                                             ranks_per_node, train.deepspeed)
+        nodes = node_of_rank if node_of_rank is not None else [0] * world_size
+        if len(nodes) != world_size:
+            raise ValueError(f"deepspeed_config: {len(nodes)} node indices for {world_size} ranks")
+        zero["zero_hpz_partition_size"] = hpz_partition_size(zero["zero_hpz_partition_size"], nodes,
+                                                             train.deepspeed).size
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                 "gradient_clipping", "optimizer", "scheduler", "fp16"):
         out.pop(key, None)
@@ -64,22 +72,55 @@ class Objective(nn.Module):
         return certified_loss(logits, labels, self.model.head.rows(), eps, self.loss_cfg), logits
 
 
-def hpz_partition_size(setting: int | str, world_size: int, ranks_per_node: int | None, where: str) -> int:
-    """ZeRO++ hierarchical partitioning (hpZ) keeps a secondary copy of the bf16 weights inside each node, so
-    the per-layer all-gathers stay on the node's links. "auto" = the ranks of one node, and 1 (off) on a
-    single node, where the primary partition is already node-local. DeepSpeed groups consecutive ranks,
-    which Ray Train places node by node."""
-    node = ranks_per_node or world_size
-    size = node if setting == "auto" else setting
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+@dataclass(frozen=True)
+class HpzChoice:
+    """The hpZ partition size for one cluster shape, and why (logged by the loop at every (re)start)."""
+
+    size: int
+    reason: str
+
+
+def ranks_per_node(node_of_rank: list[int]) -> list[int]:
+    """Ranks on each node, in order of first appearance."""
+    counts: dict[int, int] = {}
+    for node in node_of_rank:
+        counts[node] = counts.get(node, 0) + 1
+    return list(counts.values())
+
+
+def hpz_partition_size(setting: int | str, node_of_rank: list[int], where: str) -> HpzChoice:
+    """ZeRO++ hierarchical partitioning (hpZ) keeps a secondary copy of the bf16 weights inside groups of
+    `size` consecutive ranks, so the per-layer all-gathers stay on a node's links. DeepSpeed needs one size on
+    every rank that divides the world size, and a group is only node-local if no group straddles two nodes.
+
+    "auto": the gcd of the ranks per node when ranks are grouped by node (Ray Train numbers them node by
+    node): equal nodes give the node size; uneven nodes (e.g. 8, 8, 4 after GPUs were lost) the largest size
+    every node divides into, so each group still lies inside one node; 1 (hpZ off) on one node, where the
+    primary partition is already node-local, when the gcd is 1, or when the ranks of a node are not
+    consecutive. An integer is used as given when it fits the shape; when it does not (an elastic run that
+    lost a node), the "auto" choice is used instead and the reason says so, rather than failing the restart.
+    """
+    if not (setting == "auto" or (isinstance(setting, int) and not isinstance(setting, bool) and setting >= 1)):
         raise ConfigError(f"train.deepspeed={where!r}: zero_hpz_partition_size={setting!r}; use \"auto\" "
                           "(the GPUs of one node) or a positive integer")
-    if node >= world_size:
-        return 1
-    if world_size % size or node % size:
-        raise ConfigError(f"train.deepspeed={where!r}: zero_hpz_partition_size={size} does not divide the "
-                          f"{world_size} ranks ({node} per node); use \"auto\" or a divisor of {node}")
-    return size
+    per_node = ranks_per_node(node_of_rank)
+    shape = f"{len(node_of_rank)} ranks on {len(per_node)} node(s), ranks per node {per_node}"
+    if len(per_node) <= 1:
+        return HpzChoice(1, f"hpZ off: {shape} (one node: the primary partition is already node-local)")
+    runs = 1 + sum(a != b for a, b in zip(node_of_rank, node_of_rank[1:]))
+    if runs != len(per_node):
+        return HpzChoice(1, f"hpZ off: {shape}, ranks of a node not consecutive (a group would straddle nodes)")
+    common = math.gcd(*per_node)
+    if setting != "auto":
+        if common % setting == 0:
+            return HpzChoice(setting, f"hpZ partition {setting} (zero_hpz_partition_size={setting}): {shape}")
+        prefix = f"zero_hpz_partition_size={setting} does not divide every node's ranks; using auto: "
+    else:
+        prefix = ""
+    if common == 1:
+        return HpzChoice(1, f"{prefix}hpZ off: {shape} (no group size > 1 divides every node's ranks)")
+    uneven = " (uneven: the largest size dividing every node's ranks)" if len(set(per_node)) > 1 else ""
+    return HpzChoice(common, f"{prefix}hpZ partition {common}: {shape}{uneven}")
 
 
 @dataclass
@@ -92,6 +133,17 @@ class Built:
     dtype: torch.dtype  # of the module partitions and the inputs
     # The matrices an input passes through, with repeats (R twice per block): the monitoring bound's product.
     lipschitz_shapes: list[tuple[int, int]]
+
+
+def gather_node_of_rank(node: int, world: int) -> list[int]:
+    """Every rank's node index, in rank order (one all-gather at start; [node] alone in one process)."""
+    import torch.distributed as dist
+
+    if world == 1 or not dist.is_initialized():
+        return [node] * world
+    out = [None] * world
+    dist.all_gather_object(out, int(node))
+    return [int(n) for n in out]
 
 
 def init_distributed(device: str) -> None:

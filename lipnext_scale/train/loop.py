@@ -22,7 +22,8 @@ from lipnext_scale.ckpt.manager import Report
 from lipnext_scale.config import JobConfig, config_to_dict
 from lipnext_scale.eps import parse_eps_list
 from lipnext_scale.model.lipschitz import lipschitz_from_orthogonality_error
-from lipnext_scale.train.engine import Built, build_engine, deepspeed_config, init_distributed
+from lipnext_scale.train.engine import (Built, build_engine, deepspeed_config, gather_node_of_rank,
+                                        hpz_partition_size, init_distributed)
 from lipnext_scale.train.evaluate import evaluate
 from lipnext_scale.train.loss import training_eps
 from lipnext_scale.train.metrics import PhaseTimer, Window
@@ -60,16 +61,22 @@ class StopRequest:
 
 def train_worker(cfg: JobConfig, ds_base: dict, run_url: str, rank: int, world: int, *, report: Report,
                  preempted: Callable[[], bool] = lambda: False, device: str = "cpu",
-                 start: str | None = None, ranks_per_node: int | None = None) -> dict[str, Any]:
+                 start: str | None = None, node: int = 0) -> dict[str, Any]:
     """Train this rank from `start` (the job's start checkpoint, chosen at job start; None: this run's
-    newest valid checkpoint, if any) to `train.steps`; returns the last metrics. `ranks_per_node` sizes
-    ZeRO++'s hierarchical partition (configs/deepspeed/zero3_bf16_multinode.json)."""
+    newest valid checkpoint, if any) to `train.steps`; returns the last metrics. `node` (this rank's node
+    index) gives, gathered from every rank, the cluster's shape that sizes ZeRO++'s hierarchical partition
+    (configs/deepspeed/zero3_bf16_multinode.json); the choice is logged at every (re)start."""
     from lipnext_scale.data.shards import make_train_loader
 
     cfg = sized_for_world(cfg, world, rank)  # the config's global batch split over this world size (logged)
     tc = cfg.train
     init_distributed(device)
-    ds_config = deepspeed_config(ds_base, tc, cfg.data, cfg.optim, world, ranks_per_node)
+    node_of_rank = gather_node_of_rank(node, world)
+    if rank == 0 and "zero_hpz_partition_size" in ds_base.get("zero_optimization", {}):
+        choice = hpz_partition_size(ds_base["zero_optimization"]["zero_hpz_partition_size"], node_of_rank,
+                                    tc.deepspeed)
+        log.warning("world size %d: %s", world, choice.reason)
+    ds_config = deepspeed_config(ds_base, tc, cfg.data, cfg.optim, world, node_of_rank)
     built = build_engine(cfg.model, cfg.optim, cfg.loss, ds_config, seed=tc.seed)
     manager = CheckpointManager(run_url, retention=retention(cfg), rank=rank, world=world, report=report,
                                 device=device)
@@ -79,7 +86,7 @@ def train_worker(cfg: JobConfig, ds_base: dict, run_url: str, rank: int, world: 
                                num_workers=cfg.data.loader_processes, seed=cfg.data.seed + tc.seed,
                                start_batch=position.batches_done, shuffle_buffer=cfg.data.shuffle_buffer,
                                deterministic=tc.deterministic_data, uint8=True,
-                               pin_memory=device.startswith("cuda"))
+                               pin_memory=device.startswith("cuda"), num_classes=cfg.model.num_classes)
     return train(cfg, built, manager, position, iter(loader), report=report, stop=StopRequest(preempted),
                  device=device)
 

@@ -19,6 +19,7 @@ from lipnext_scale.ckpt import CheckpointError, CheckpointManager, ExportError, 
 from lipnext_scale.config import ConfigError, DataConfig, JobConfig, ModelConfig, config_to_dict
 from lipnext_scale.storage import atomic_write_bytes, join_url, url_to_fs
 from lipnext_scale.train.engine import deepspeed_config
+from lipnext_scale.train.resume import batch_split_config
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -147,6 +148,21 @@ def check_resume(cfg: JobConfig, run_url: str) -> StartPoint | None:
     return start
 
 
+def check_engine_configs(cfg: JobConfig, ds_base: dict[str, Any]) -> None:
+    """The engine config every world size of train.num_workers' range would train with (its batch split and
+    the DeepSpeed file's settings, hpZ included) builds, so an elastic run cannot fail at a resize. The
+    cluster's shape is only known to the workers (they size hpZ from it and log the choice); here each size
+    is checked on one node and, where it splits evenly, on nodes of the range's smallest size."""
+    low, high = cfg.train.worker_range
+    for world in range(low, high + 1):
+        sized = batch_split_config(cfg, world)
+        shapes = [[0] * world]
+        if world > low and world % low == 0:
+            shapes.append([r // low for r in range(world)])
+        for node_of_rank in shapes:  # raises ConfigError on a non-ZeRO-3 file or a bad hpZ setting
+            deepspeed_config(ds_base, sized.train, sized.data, sized.optim, world, node_of_rank)
+
+
 def check_job(cfg: JobConfig) -> JobStart:
     """Every start-time check; nothing is written but the storage probe (created and deleted)."""
     from lipnext_scale.model import get_spec
@@ -158,7 +174,7 @@ def check_job(cfg: JobConfig) -> JobStart:
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"[model]: {e.args[0] if e.args else e}") from None
     ds_base = read_deepspeed_config(cfg.train.deepspeed)
-    deepspeed_config(ds_base, cfg.train, cfg.data, cfg.optim, cfg.train.num_workers)  # raises on a non-ZeRO-3 file
+    check_engine_configs(cfg, ds_base)
     check_data(cfg.data, cfg.model)
     run_url = run_url_of(cfg)
     check_storage(run_url)

@@ -32,20 +32,26 @@ class Position:
     written_at_world: int | None = None  # the world size the checkpoint was written at (None: fresh start)
 
 
-def sized_for_world(cfg: JobConfig, world: int, rank: int = 0) -> JobConfig:
-    """The config this rank trains with at `world` ranks: data.batch_size and train.grad_accum are the split of
-    the global batch at this size (`TrainConfig.batch_split`), train.global_batch is made explicit. Checkpoints
-    store this config, so each says how its steps were batched. Raises ConfigError."""
+def batch_split_config(cfg: JobConfig, world: int) -> JobConfig:
+    """The config at `world` ranks: data.batch_size and train.grad_accum are the split of the global batch at
+    this size (`TrainConfig.batch_split`), train.global_batch is made explicit. Raises ConfigError."""
     tc, data = cfg.train, cfg.data
     global_batch = tc.global_batch_for(data.batch_size)
     micro, accum = tc.batch_split(world, data.batch_size)
-    if rank == 0:
-        low, high = tc.worker_range
-        log.warning("world size %d (train.num_workers %s): global batch %d = %d ranks x micro-batch %d x %d "
-                    "accumulation steps", world, f"{low}-{high}" if low < high else low, global_batch, world,
-                    micro, accum)
     return dataclasses.replace(cfg, data=dataclasses.replace(data, batch_size=micro),
                                train=dataclasses.replace(tc, grad_accum=accum, global_batch=global_batch))
+
+
+def sized_for_world(cfg: JobConfig, world: int, rank: int = 0) -> JobConfig:
+    """The config this rank trains with at `world` ranks (`batch_split_config`), logged on rank 0. Checkpoints
+    store this config, so each says how its steps were batched. Raises ConfigError."""
+    sized = batch_split_config(cfg, world)
+    if rank == 0:
+        low, high = cfg.train.worker_range
+        log.warning("world size %d (train.num_workers %s): global batch %d = %d ranks x micro-batch %d x %d "
+                    "accumulation steps", world, f"{low}-{high}" if low < high else low, sized.train.global_batch,
+                    world, sized.data.batch_size, sized.train.grad_accum)
+    return sized
 
 
 def resume(manager: CheckpointManager, built, start_url: str | None, *, grad_accum: int, batch_size: int) -> Position:

@@ -48,7 +48,7 @@ def _worker_entry(config: dict[str, Any]) -> None:
 
     train_worker(cfg, config["deepspeed"], config["run_url"], ctx.get_world_rank(), ctx.get_world_size(),
                  report=report, preempted=preempted, device=device, start=config["start"],
-                 ranks_per_node=ctx.get_local_world_size())
+                 node=ctx.get_node_rank())
 
 
 def _quiet_ray_train_reports() -> None:

@@ -17,8 +17,9 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 
 def _ds(name: str, world: int, per_node: int | None):
     cfg = load_config(None, [f'train.deepspeed="configs/deepspeed/{name}"'])
+    nodes = None if per_node is None else [r // per_node for r in range(world)]
     return deepspeed_config(json.loads((CONFIGS / name).read_text()), cfg.train, cfg.data, cfg.optim, world,
-                            ranks_per_node=per_node)["zero_optimization"]
+                            nodes)["zero_optimization"]
 
 
 def test_hpz_is_the_node_size_on_many_nodes_and_off_on_one():
@@ -28,13 +29,11 @@ def test_hpz_is_the_node_size_on_many_nodes_and_off_on_one():
     assert "zero_hpz_partition_size" not in _ds("zero3_bf16.json", 32, 8)
 
 
-@pytest.mark.parametrize("setting,world,node,match", [
-    (3, 32, 8, "does not divide"), (0, 32, 8, "positive integer"), ("all", 32, 8, "positive integer"),
-])
-def test_bad_hpz_settings_are_named(setting, world, node, match):
-    with pytest.raises(ConfigError, match=match):
-        hpz_partition_size(setting, world, node, "x.json")
-    assert hpz_partition_size(4, 32, 8, "x.json") == 4
+@pytest.mark.parametrize("setting", [0, -2, "all", True, 2.0])
+def test_bad_hpz_settings_are_named(setting):
+    with pytest.raises(ConfigError, match="positive integer"):
+        hpz_partition_size(setting, [r // 8 for r in range(32)], "x.json")
+    assert hpz_partition_size(4, [r // 8 for r in range(32)], "x.json").size == 4
 
 
 @pytest.mark.parametrize("name", ["zero3_bf16.json", "zero3_bf16_multinode.json",
@@ -62,3 +61,55 @@ def test_the_launcher_picks_the_config_from_the_cluster_shape():
     assert deepspeed_for_cluster([8, 8, 8, 8]) == DEEPSPEED_MANY_NODES
     for path in (DEEPSPEED_ONE_NODE, DEEPSPEED_MANY_NODES):
         assert (CONFIGS.parent.parent / path).is_file()
+
+
+def _nodes(*sizes: int) -> list[int]:
+    return [n for n, size in enumerate(sizes) for _ in range(size)]
+
+
+@pytest.mark.parametrize("sizes,want", [
+    ((8, 8, 8, 8), 8), ((8,), 1), ((8, 8, 4), 4), ((6, 4), 2), ((5, 3), 1), ((4, 4, 3, 1), 1),
+])
+def test_hpz_auto_is_a_group_size_that_never_straddles_nodes(sizes, want):
+    choice = hpz_partition_size("auto", _nodes(*sizes), "x.json")
+    assert choice.size == want, choice.reason
+    world, bounds = sum(sizes), {sum(sizes[:i]) for i in range(len(sizes) + 1)}
+    assert world % choice.size == 0
+    if choice.size > 1:  # every group of consecutive ranks lies inside one node
+        assert all(b % choice.size == 0 for b in bounds)
+    if len(set(sizes)) > 1 and want > 1:
+        assert "uneven" in choice.reason
+
+
+def test_hpz_is_off_when_a_node_s_ranks_are_not_consecutive():
+    choice = hpz_partition_size("auto", [0, 1, 0, 1], "x.json")
+    assert choice.size == 1 and "not consecutive" in choice.reason
+
+
+def test_an_integer_hpz_that_no_longer_fits_falls_back_to_auto_and_says_so():
+    assert hpz_partition_size(4, _nodes(8, 8), "x.json").size == 4
+    choice = hpz_partition_size(8, _nodes(8, 4), "x.json")  # a node lost half its GPUs
+    assert choice.size == 4 and "does not divide" in choice.reason
+
+
+@pytest.mark.parametrize("workers", ['"2-4"', "[2, 4]"])
+def test_elastic_ranges_with_the_multinode_config_pass_preflight(workers):
+    """The documented elastic launch picks the multi-node config; preflight builds the engine config of every
+    size in the range (it once handed the string "2-4" to the hpZ sizing as the world size)."""
+    from lipnext_scale.train.preflight import check_engine_configs
+
+    name = "zero3_bf16_multinode.json"
+    cfg = load_config(None, [f'train.deepspeed="configs/deepspeed/{name}"', f"train.num_workers={workers}",
+                             "train.global_batch=48", "data.batch_size=8"])
+    check_engine_configs(cfg, json.loads((CONFIGS / name).read_text()))
+    bad = load_config(None, [f'train.deepspeed="configs/deepspeed/{name}"', f"train.num_workers={workers}",
+                             "train.global_batch=48", "data.batch_size=8"])
+    base = json.loads((CONFIGS / name).read_text())
+    base["zero_optimization"]["zero_hpz_partition_size"] = "node"
+    with pytest.raises(ConfigError, match="zero_hpz_partition_size='node'"):
+        check_engine_configs(bad, base)
+
+
+def test_a_range_whose_sizes_do_not_all_divide_the_global_batch_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match="does not split evenly over 9 workers.*narrower range or a fixed count"):
+        load_config(None, ['train.num_workers="8-16"', "train.global_batch=1024"])
