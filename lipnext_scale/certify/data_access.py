@@ -38,7 +38,8 @@ def shard_name(shard_url: str) -> str:
 
 def iter_shard_samples(shard_url: str) -> Iterator[tuple[str, torch.Tensor, int]]:
     """(key, CHW float32 image in [0, 1], label) in shard order, at the stored size; any bad sample or
-    unreadable part of the shard, or a mismatch with its manifest's sha256, raises CertifyError."""
+    unreadable part of the shard, or a mismatch with its manifest's sha256, raises CertifyError. Labels are
+    checked against the model by `check_sample` (the data pipeline's one label rule, with this job's fix)."""
     from lipnext_scale.data.errors import DataError
     from lipnext_scale.data.shards import iter_shard_samples as data_iter_shard_samples
     from lipnext_scale.data.tar_reader import SkipStats
@@ -56,9 +57,10 @@ def check_sample(shard_url: str, key: str, image: torch.Tensor, label: int, imag
         raise CertifyError(f"{where}: image is {image.shape[-2]}x{image.shape[-1]} but the model takes "
                            f"{image_size}x{image_size}; prepare the data with image_size={image_size} or "
                            "certify a model trained at this size")
-    if not 0 <= label < num_classes:
-        raise CertifyError(f"{where}: label {label} is outside the model's {num_classes} classes; this "
-                           "data set does not match the checkpoint")
+    from lipnext_scale.data.tar_reader import label_problem
+
+    if (problem := label_problem(label, num_classes)) is not None:  # the data pipeline's one label check
+        raise CertifyError(f"{where}: {problem}; this data set does not match the checkpoint")
 
 
 def _data_dir(shards: list[str]) -> str:

@@ -106,12 +106,14 @@ def resolve_shards(url: str | list[str], *, split: str | None = None) -> list[st
 
 
 def iter_shard_samples(shard_url: str, *, image_size: int | None = None, dataset: str | None = None,
-                       stats: SkipStats | None = None) -> Iterator[tuple[str, "torch.Tensor", int]]:
+                       stats: SkipStats | None = None,
+                       num_classes: int | None = None) -> Iterator[tuple[str, "torch.Tensor", int]]:
     """(key, image (3, H, W) float32 in [0, 1], label) for every good sample of one shard, in shard order.
 
     With `image_size` and `dataset`: the eval transform; without: the stored size (certification). Bad
-    samples are skipped, counted in `stats` and logged (`SkipStats(strict=True)`: each is an error); a
-    shard its manifest lists is checked against the manifest's sha256 (tar_reader.py has the rules)."""
+    samples (a label outside 0..num_classes-1 among them) are skipped, counted in `stats` and logged
+    (`SkipStats(strict=True)`: each is an error); a shard its manifest lists is checked against the
+    manifest's sha256 (tar_reader.py has the rules)."""
     if (image_size is None) != (dataset is None):
         raise ValueError("give both image_size and dataset (the eval transform) or neither (the stored size)")
     if dataset is not None:
@@ -120,7 +122,7 @@ def iter_shard_samples(shard_url: str, *, image_size: int | None = None, dataset
     expected = shard_digests([shard_url]).get(shard_url)
     for sample in iter_raw_samples(shard_url, stats, expected=expected):
         try:
-            img, label = decode_raw(sample)
+            img, label = decode_raw(sample, num_classes)
         except SampleError as e:
             stats.skip(sample.shard, sample.key, str(e))
             continue
@@ -175,10 +177,11 @@ def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
 def make_train_loader(url: str | list[str], *, image_size: int, batch_size: int, dataset: str, rank: int = 0,
                       world_size: int = 1, num_workers: int = 2, seed: int = 0, epoch: int = 0,
                       start_batch: int = 0, shuffle_buffer: int = 1000, deterministic: bool = False,
-                      uint8: bool = False, pin_memory: bool = False):
+                      uint8: bool = False, pin_memory: bool = False, num_classes: int | None = None):
     """Infinite iterable of (images float32 (B,3,H,W) in [0,1], labels int64 (B,)) with augmentation.
     `uint8=True`: images stay uint8 (0..255) for the consumer to normalise on its device; `pin_memory`:
     batches in page-locked memory, so a `.to("cuda", non_blocking=True)` copy overlaps compute.
+    `num_classes`: a sample labelled outside 0..num_classes-1 is a counted, logged skip (tar_reader.py).
 
     Shards are drawn with replacement, per (rank, worker) stream, then pass a shuffle buffer. With
     `deterministic=True` the batch sequence is a pure function of (seed, epoch, rank, world_size,
@@ -195,19 +198,20 @@ def make_train_loader(url: str | list[str], *, image_size: int, batch_size: int,
     stream = TrainStream(urls, shard_digests(urls), image_size=image_size, batch_size=batch_size,
                          dataset=dataset, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
                          start_batch=start_batch, shuffle_buffer=shuffle_buffer, deterministic=deterministic,
-                         uint8=uint8)
+                         uint8=uint8, num_classes=num_classes)
     return _loader(stream, num_workers, pin_memory)
 
 
 def make_eval_loader(url: str | list[str], *, image_size: int, batch_size: int, dataset: str, rank: int = 0,
-                     world_size: int = 1, num_workers: int = 2):
+                     world_size: int = 1, num_workers: int = 2, num_classes: int | None = None):
     """Finite iterable of (images, labels, keys: list[str]): every sample exactly once over all ranks
-    and workers (ranks may get different counts; the last batch of each worker may be short)."""
+    and workers (ranks may get different counts; the last batch of each worker may be short); a sample
+    labelled outside 0..num_classes-1 is a counted, logged skip."""
     from lipnext_scale.data.streams import EvalStream
 
     check_dataset(dataset)
     _check_rank(rank, world_size, batch_size)
     urls = resolve_shards(url, split="val")
     stream = EvalStream(urls, shard_digests(urls), image_size=image_size, batch_size=batch_size,
-                        dataset=dataset, rank=rank, world_size=world_size)
+                        dataset=dataset, rank=rank, world_size=world_size, num_classes=num_classes)
     return _loader(stream, num_workers)

@@ -83,11 +83,13 @@ def read_shards(shards: Iterable[dict], stats: SkipStats, digests: dict[str, Sha
                             "check the shards")
 
 
-def decode(samples: Iterable, stats: SkipStats) -> Iterator[tuple[str, object, int]]:
-    """RawSample -> (key, RGB PIL image, label); an undecodable sample is counted, logged and dropped."""
+def decode(samples: Iterable, stats: SkipStats,
+           num_classes: int | None = None) -> Iterator[tuple[str, object, int]]:
+    """RawSample -> (key, RGB PIL image, label); an undecodable sample, or one whose label is outside
+    0..num_classes-1, is counted, logged with shard and key, and dropped (never reaches the loss)."""
     for sample in samples:
         try:
-            img, label = decode_raw(sample)
+            img, label = decode_raw(sample, num_classes)
         except SampleError as e:
             stats.skip(sample.shard, sample.key, str(e))
             continue
@@ -151,8 +153,8 @@ class TrainStream(IterableDataset):
 
     def __init__(self, urls: list[str], digests: dict[str, ShardDigest], *, image_size: int, batch_size: int,
                  dataset: str, rank: int, world_size: int, seed: int, epoch: int, start_batch: int,
-                 shuffle_buffer: int, deterministic: bool, uint8: bool = False):
-        self.uint8 = uint8
+                 shuffle_buffer: int, deterministic: bool, uint8: bool = False, num_classes: int | None = None):
+        self.uint8, self.num_classes = uint8, num_classes
         self.urls, self.digests, self.image_size, self.batch_size = urls, digests, image_size, batch_size
         self.dataset, self.rank, self.world_size, self.seed, self.epoch = dataset, rank, world_size, seed, epoch
         self.start_batch, self.shuffle_buffer, self.deterministic = start_batch, shuffle_buffer, deterministic
@@ -165,7 +167,7 @@ class TrainStream(IterableDataset):
             wds.ResampledShards(self.urls, seed=base, worker_seed=lambda: 0, deterministic=True),
             lambda shards: read_shards(shards, self.stats, self.digests, max_empty=2 * len(self.urls) + 8),
             shuffle_stage(self.shuffle_buffer, random.Random(base + 1)),
-            lambda samples: decode(samples, self.stats),
+            lambda samples: decode(samples, self.stats, self.num_classes),
             lambda samples: augment_from(samples, skip_batches * self.batch_size, base, self.dataset,
                                          self.image_size),
             wds.batched(self.batch_size, collation_fn=collate_train_uint8 if self.uint8 else collate_train,
@@ -186,16 +188,16 @@ class EvalStream(IterableDataset):
     """Every sample exactly once across all ranks and workers; yields (images, labels, keys)."""
 
     def __init__(self, urls: list[str], digests: dict[str, ShardDigest], *, image_size: int, batch_size: int,
-                 dataset: str, rank: int, world_size: int):
+                 dataset: str, rank: int, world_size: int, num_classes: int | None = None):
         self.urls, self.digests, self.image_size, self.batch_size = urls, digests, image_size, batch_size
-        self.dataset, self.rank, self.world_size = dataset, rank, world_size
+        self.dataset, self.rank, self.world_size, self.num_classes = dataset, rank, world_size, num_classes
         self.stats = SkipStats()
 
     def pipeline(self) -> wds.DataPipeline:
         return wds.DataPipeline(
             lambda: eval_parts(self.urls, self.rank, self.world_size),
             lambda shards: read_shards(shards, self.stats, self.digests),
-            lambda samples: decode(samples, self.stats),
+            lambda samples: decode(samples, self.stats, self.num_classes),
             lambda samples: ((key, to_uint8_chw(eval_transform(img, self.dataset, self.image_size)), label)
                              for key, img, label in samples),
             wds.batched(self.batch_size, collation_fn=collate_eval, partial=True),

@@ -8,9 +8,11 @@ the rest without holding them, and hashes the bytes as they stream past to check
 manifest. A sample is the run of consecutive members sharing a key (the file name up to its first dot).
 
 Error rules, the same for training, evaluation and certification:
-- a bad sample (undecodable image, missing or bad label, oversized member) is skipped, counted in
-  `SkipStats` and logged with shard and key; `SkipStats(strict=True)` makes it an error instead
-  (certification never skips: a dropped sample would make its accuracy a lie);
+- a bad sample (undecodable image, missing or bad label, a label outside the model's classes, oversized
+  member) is skipped, counted in `SkipStats` and logged with shard and key; `SkipStats(strict=True)` makes
+  it an error instead (certification never skips: a dropped sample would make its accuracy a lie). The
+  label range is checked here, on every path (manifest, loose shards, patterns, globs), because only a
+  manifest's class counts let the job-start check see the labels; a loose shard's are seen only here;
 - a shard its manifest lists must match the manifest's size and sha256: a mismatch, a truncated or
   unreadable shard is a DataError naming the shard and the fix. Why an error and not a skip: the hash is
   only known once the shard has streamed past, its samples already used; a same-size corruption means
@@ -139,6 +141,16 @@ def parse_label(sample: RawSample) -> int:
         raise SampleError(f"bad .cls member {raw[:20]!r}") from e
 
 
+def label_problem(label: int, num_classes: int | None) -> str | None:
+    """Why `label` cannot train or certify a model with `num_classes` classes (None: any label >= 0), or None.
+    The one label check of every data path: the loaders' streams and certification's `check_sample`."""
+    if label < 0:
+        return f"label {label} is negative"
+    if num_classes is not None and label >= num_classes:
+        return f"label {label} is outside the model's {num_classes} classes (0..{num_classes - 1})"
+    return None
+
+
 def image_bytes(sample: RawSample) -> bytes:
     for ext in IMAGE_SUFFIXES:
         if ext in sample.members:
@@ -156,9 +168,11 @@ def parse_meta(sample: RawSample) -> dict:
         raise SampleError("bad .json member") from e
 
 
-def decode_raw(sample: RawSample):
-    """(RGB PIL image, label) or SampleError."""
+def decode_raw(sample: RawSample, num_classes: int | None = None):
+    """(RGB PIL image, label) or SampleError; a label outside 0..num_classes-1 is one."""
     if sample.problem is not None:
         raise SampleError(sample.problem)
     label = parse_label(sample)
+    if (problem := label_problem(label, num_classes)) is not None:
+        raise SampleError(problem)
     return decode_image(image_bytes(sample)), label

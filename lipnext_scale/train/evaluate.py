@@ -37,7 +37,8 @@ def evaluate(built, data: DataConfig, *, image_size: int, radii: list[float], ba
         pair = model_pair_distances(model)
     engine.eval()
     it = iter(make_eval_loader(data.eval_url, image_size=image_size, batch_size=data.batch_size,
-                               dataset=data.dataset, rank=rank, world_size=world, num_workers=0))
+                               dataset=data.dataset, rank=rank, world_size=world, num_workers=0,
+                               num_classes=model.spec.num_classes))
     counts = torch.zeros(2 + len(radii), dtype=torch.float64, device=device)  # seen, correct, certified per eps
     for _ in range(batches):
         batch = next(it, None)
