@@ -33,6 +33,7 @@ class ConfigError(ValueError):
 # code that needs the list reads it with `choices(Type)`.
 Retraction = Literal["fast_exp", "polar_ns"]
 Moments = Literal["adam", "momentum"]
+FastExpRule = Literal["rho", "frobenius"]  # optim/fast_exp.py
 EuclidOptimizer = Literal["adamw", "nadam"]
 Dataset = Literal["digits", "cifar10", "cifar100", "tiny-imagenet", "imagenet"]
 LossKind = Literal["emma", "margin"]
@@ -103,6 +104,12 @@ class OptimConfig:
     manifold_eps: float = 1e-8
     polar_every: int = 500  # exact fp64 polar every N steps (about one epoch); 0: never
     polish: bool = True  # fast_exp: one Newton-Schulz step per update, so truncation/rounding never accumulate
+    # FastExp's Taylor order per matrix (optim/fast_exp.py): "rho" bounds the remainder with sqrt(||A^2||_F)
+    # (<= ||A||_F, same error targets), "frobenius" is the paper's ||A||_F thresholds. Beyond order 4: scaled
+    # Taylor with up to fast_exp_squarings squarings (each one batched matmul per update); a matrix needing
+    # more takes a shortened step (counted as "clipped" in TensorBoard's fast_exp/ scalars).
+    fast_exp_rule: FastExpRule = "rho"
+    fast_exp_squarings: int = 3
     lookahead_k: int = 5  # Manifold Lookahead every k steps (slow <- slow FastExp(1/2 sum of the k updates)); 0: off
     ns_iters: int = 6  # polar_ns only
     # Everything else: NAdam or AdamW, with plain Lookahead (alpha 1/2) every euclid_lookahead_k steps if > 0.
@@ -130,6 +137,9 @@ class OptimConfig:
                               'heavy-ball ablation: set optim.moments="momentum"')
         if self.ns_iters < 1:
             raise ConfigError(f"optim.ns_iters={self.ns_iters}: must be >= 1")
+        if not 0 <= self.fast_exp_squarings <= 8:
+            raise ConfigError(f"optim.fast_exp_squarings={self.fast_exp_squarings}: must be in 0..8 (each costs one "
+                              "matmul per update; 3 covers steps 8x past Taylor order 4)")
         for key in ("polar_every", "lookahead_k", "euclid_lookahead_k"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"optim.{key}={getattr(self, key)}: must be >= 0 (0 disables it)")

@@ -8,7 +8,8 @@ arithmetic (`partition.py`) is shared with the checkpoint code (`lipnext_scale.c
 """
 
 from lipnext_scale.optim.fast_exp import (
-    FASTEXP_THRESHOLDS, fast_exp, fast_exp_error_bound, ns_polish, polar_exact, stiefel_exp_action, taylor_order,
+    ERROR_TARGETS, FASTEXP_THRESHOLDS, branch_names, choose_branch, drain_fast_exp_stats, fast_exp,
+    fast_exp_error_bound, ns_polish, polar_exact, remainder_bound, stiefel_exp_action, taylor_order,
 )
 from lipnext_scale.optim.manifold import (
     ManifoldParameterError, check_manifold_parameter, orthogonality_error, project_tangent, riemannian_grad,
@@ -24,11 +25,12 @@ from lipnext_scale.optim.schedule import lr_multiplier
 from lipnext_scale.optim.sharded import ShardedManifoldStep, assign_owners, build_zero3_optimizers
 
 __all__ = [
-    "FASTEXP_THRESHOLDS", "ManifoldOptimizer", "ManifoldParameterError", "RETRACTIONS", "STATE_FORMAT",
-    "ShardedManifoldStep", "assign_owners", "build_zero3_optimizers", "check_manifold_parameter", "fast_exp",
+    "ERROR_TARGETS", "FASTEXP_THRESHOLDS", "ManifoldOptimizer", "ManifoldParameterError", "RETRACTIONS", "STATE_FORMAT",
+    "ShardedManifoldStep", "assign_owners", "branch_names", "build_zero3_optimizers", "check_manifold_parameter", "choose_branch",
+    "drain_fast_exp_stats", "fast_exp",
     "fast_exp_error_bound", "join_partitions", "lr_multiplier", "manifold_update", "ns_polish",
     "orthogonality_error", "orthogonalize_exact", "partition_of", "partition_size", "polar_exact",
-    "polar_newton_schulz", "project_tangent", "retract", "retract_polar_ns", "riemannian_grad",
+    "polar_newton_schulz", "project_tangent", "remainder_bound", "retract", "retract_polar_ns", "riemannian_grad",
     "riemannian_momentum_step", "split_parameters", "state_shapes", "stiefel_exp_action", "sym",
     "tangent_skew_error", "taylor_order",
 ]

@@ -22,6 +22,7 @@ from torch import nn
 
 from lipnext_scale.model.layers import manifold_parameters
 from lipnext_scale.optim.euclidean import build_euclidean_optimizer
+from lipnext_scale.optim.fast_exp import window_scalars, window_summary
 from lipnext_scale.optim.manifold import check_manifold_parameter
 from lipnext_scale.optim.schedule import lr_multiplier
 from lipnext_scale.optim.update import manifold_update, state_shapes
@@ -182,6 +183,12 @@ class ManifoldOptimizer(torch.optim.Optimizer):
             p.copy_(new[i])
 
     # ---------------------------------------------------------------------------------------------
+
+    def fast_exp_scalars(self) -> dict[str, float]:
+        """FastExp branch shares and ||A||_F / rho quantiles since the last call (host reads: log steps only)."""
+        if self.cfg.retraction != "fast_exp":
+            return {}
+        return window_scalars(*window_summary(self.ns_stats, self.cfg.fast_exp_squarings), self.cfg.fast_exp_squarings)
 
     def named_manifold_params(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for g in self._groups("manifold") for n, p in zip(g["names"], g["params"])]

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from lipnext_scale.optim.euclidean import build_euclidean_optimizer
+from lipnext_scale.optim.fast_exp import window_scalars, window_summary
 from lipnext_scale.optim.manifold import check_manifold_parameter, orthogonality_error
 from lipnext_scale.optim.optimizer import (
     STATE_FORMAT, check_manifold_state, check_state_format, clip_coefficient, split_parameters,
@@ -326,6 +327,18 @@ class ShardedManifoldStep:
             safe_set_local_grad(s.param, torch.zeros(s.part, dtype=torch.float32, device=self.device))
 
     # ------------------------------------------------------------------ checks and state
+
+    def fast_exp_scalars(self) -> dict[str, float]:
+        """This log window's FastExp branch shares (over all owners) and ||A||_F / rho quantiles (the largest
+        owner's): two collectives and host reads, so call it on log steps, on every rank."""
+        if self.cfg.retraction != "fast_exp":
+            return {}
+        squarings = self.cfg.fast_exp_squarings
+        counts, quantiles = window_summary(self.ns_stats, squarings, self.device)
+        counts, quantiles = counts.to(self.device), quantiles.to(self.device)
+        self.dist.all_reduce(counts, group=self.group)
+        self.dist.all_reduce(quantiles, op=self.dist.ReduceOp.MAX, group=self.group)
+        return window_scalars(counts, quantiles, squarings)
 
     def max_orthogonality_error(self) -> float:
         """max over all matrices of max|X^T X - I| of the fp32 masters (a collective, with host reads: call it

@@ -23,7 +23,8 @@ polar_ns (the ablation): Riemannian heavy-ball + Newton-Schulz polar (`riemannia
 
 Tensors are stacked (b, rows, cols) in the parameter's orientation (a wide co-isometry is worked on as its
 transpose); per-matrix state keys: exp_avg, exp_avg_sq | momentum_buffer, slow, delta_sum (p x p, square).
-Math in fp32 (fp64 stays fp64), polar in fp64. No host reads except FastExp's one per batch.
+Math in fp32 (fp64 stays fp64), polar in fp64. No host read: FastExp's branches are chosen on the device, and
+its branch counts and norms go to `stats` as device tensors (read at log steps, `drain_fast_exp_stats`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ def _direction(g: torch.Tensor, state: dict, step: int, cfg) -> torch.Tensor:
     return (m / (1.0 - b1 ** t)) / ((v / (1.0 - b2 ** t)).sqrt_().add_(cfg.manifold_eps))
 
 
+def _branching(cfg) -> dict:
+    """FastExp's branch rule and squaring budget from the optimizer config (see fast_exp.py)."""
+    return {"rule": cfg.fast_exp_rule, "squarings": cfg.fast_exp_squarings}
+
+
 def _t(x: torch.Tensor, wide: bool) -> torch.Tensor:
     return x.mT if wide else x
 
@@ -85,12 +91,12 @@ def manifold_update(x: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.
     if square:
         m = xt.mT @ gt
         a = -lr * _direction(0.5 * (m - m.mT), state, step, cfg)
-        y = xt @ fast_exp(a)
+        y = xt @ fast_exp(a, **_branching(cfg), stats=stats)
     else:
         xg = xt.mT @ gt
         riemannian = gt - xt @ (0.5 * (xg + xg.mT))  # X Gamma + (I - X X^T) G
         d = _t(_direction(_t(riemannian, wide), state, step, cfg), wide)  # state in the parameter's orientation
-        y = stiefel_exp_action(xt, d, -0.5 * lr)
+        y = stiefel_exp_action(xt, d, -0.5 * lr, **_branching(cfg), stats=stats)
     if cfg.polish:
         y = ns_polish(y)
     if cfg.lookahead_k > 0:
@@ -99,11 +105,11 @@ def manifold_update(x: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.
         if _due(step, cfg.lookahead_k):
             slow = _t(state["slow"].to(dtype), wide)
             if square:
-                slow = slow @ fast_exp(0.5 * state["delta_sum"])
+                slow = slow @ fast_exp(0.5 * state["delta_sum"], **_branching(cfg))
                 state["delta_sum"].zero_()
             else:
                 delta = y - slow  # Omega S = (S skew(S^T delta) + (I - S S^T) delta) / 2: half way to fast
-                slow = stiefel_exp_action(slow, delta - 0.5 * slow @ (slow.mT @ delta), 0.5)
+                slow = stiefel_exp_action(slow, delta - 0.5 * slow @ (slow.mT @ delta), 0.5, **_branching(cfg))
             y = ns_polish(slow) if cfg.polish else slow
     if _due(step, cfg.polar_every):
         y = polar_exact(y).to(dtype)

@@ -209,6 +209,7 @@ def _log_step(step: int, agreed, window: Window, timer: PhaseTimer, built: Built
         "train/eps": training_eps(step - 1, cfg.train.steps, cfg.loss),
         "train/max_orthogonality_error": orth,
         "train/lipschitz_bound": lipschitz_from_orthogonality_error(orth, built.lipschitz_shapes),
+        **built.manifold.fast_exp_scalars(),  # branch shares and norm quantiles of the window (collectives)
         **{f"time/{k}": v for k, v in timer.take().items()},
     }
     tb.scalars(out, step)

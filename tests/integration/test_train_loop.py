@@ -163,14 +163,14 @@ def test_no_host_sync_or_collective_of_the_loop_between_log_steps(runs):
     steps, log_every, _ = MODES["syncs"]
     events = runs["syncs"]["events"]
     log_steps = {s for s in range(1, steps + 1) if s % log_every == 0}
-    # The model's input check is off in training (the loss is checked on sync steps). The optimizer keeps a
-    # bounded few per step (measured 6 here: FastExp's "any matrix on the exact branch?" once per call and
-    # shape group, the NaN-skip decision, the Euclidean optimizer's CPU step counter); this pins that budget.
+    # The model's input check is off in training (the loss is checked on sync steps). The optimizer keeps two
+    # per step (the NaN-skip decision, the Euclidean optimizer's CPU step counter); FastExp chooses its branches
+    # on the device (it read "any matrix on the exact branch?" per call and shape group: 6 in all before).
     ours = ("lipnext_scale/train/", "lipnext_scale/ckpt/", "lipnext_scale/model/")
     for step in set(range(1, steps + 1)) - log_steps:
         optim_reads = sum(v for k, v in events["reads"].get(str(step), {}).items()
                           if k.startswith("lipnext_scale/optim/"))
-        assert optim_reads <= 6, (step, sorted(events["reads"].get(str(step), {}).items()))
+        assert optim_reads <= 2, (step, sorted(events["reads"].get(str(step), {}).items()))
     for step in range(1, steps + 1):
         reads = events["reads"].get(str(step), {})
         reduces = events["all_reduce"].get(str(step), {})

@@ -7,8 +7,8 @@ import torch
 
 from lipnext_scale.config import OptimConfig
 from lipnext_scale.optim import (
-    fast_exp, fast_exp_error_bound, manifold_update, ns_polish, orthogonality_error, polar_exact, stiefel_exp_action,
-    taylor_order,
+    ERROR_TARGETS, branch_names, choose_branch, drain_fast_exp_stats, fast_exp, fast_exp_error_bound, manifold_update,
+    ns_polish, orthogonality_error, polar_exact, remainder_bound, stiefel_exp_action, taylor_order,
 )
 
 
@@ -23,21 +23,78 @@ def _orth(n: int, p: int, seed: int = 0, batch: tuple = ()) -> torch.Tensor:
     return torch.linalg.qr(g)[0]
 
 
-# norms on every branch: order 2 (< 0.05), 3 (< 0.25), 4 (< 1), exact (>= 1), and at each threshold
+# norms on every branch of the paper's rule: order 2 (< 0.05), 3 (< 0.25), 4 (< 1), beyond (>= 1), at each threshold
 @pytest.mark.parametrize("norm,order", [(0.01, 2), (0.049, 2), (0.05, 3), (0.2, 3), (0.25, 4), (0.9, 4),
-                                        (1.0, None), (3.0, None)])
-def test_fast_exp_matches_matrix_exp_within_the_taylor_remainder(norm, order):
+                                        (1.0, None), (3.0, None), (12.0, None)])
+@pytest.mark.parametrize("rule", ["frobenius", "rho"])
+def test_fast_exp_matches_matrix_exp_within_its_stated_bound_on_every_branch(norm, order, rule):
     assert taylor_order(norm) == order
     a = _skew(16, norm * (1 + 1e-9))  # just above a threshold, not rounded below it
     if order is not None:
-        assert fast_exp_error_bound(norm) == pytest.approx(norm ** (order + 1) / math.factorial(order + 1) * math.exp(norm))
-    y = fast_exp(a)
-    for i, actual in enumerate(torch.linalg.matrix_norm(a).tolist()):
-        bound = fast_exp_error_bound(actual)  # ||A||^(k+1) / (k+1)! e^||A||, 0 on the exact branch
-        assert float(torch.linalg.matrix_norm(y[i] - torch.linalg.matrix_exp(a[i]))) <= bound + 1e-13
+        assert fast_exp_error_bound(norm, rule="frobenius") == pytest.approx(
+            norm ** (order + 1) / math.factorial(order + 1) * math.exp(norm), rel=1e-6)
+    stats = {}
+    y = fast_exp(a, rule=rule, stats=stats)
+    fro = torch.linalg.matrix_norm(a)
+    rho = torch.linalg.matrix_norm(a @ a).sqrt()
+    plan = choose_branch(fro, rho, 3, rule)
+    target = torch.linalg.matrix_exp(a * (plan.scale * 2.0 ** plan.levels)[:, None, None])  # exp(cA) if clipped
+    for i in range(a.shape[0]):
+        bound = float(plan.error_bound[i])
+        assert bound <= max(ERROR_TARGETS)  # the paper's targets, on every branch
+        err = float(torch.linalg.matrix_norm(y[i] - target[i]))
+        assert err <= bound + 1e-13, (i, err, bound)
+        if rule == "frobenius" and order is not None:  # the paper's own branch and bound
+            assert int(plan.branch[i]) == order - 2
+            assert err <= fast_exp_error_bound(float(fro[i]), rule="frobenius") * (1 + 1e-9) + 1e-13
         # orthogonality it keeps: ||Y^T Y - I|| <= 2 ||Y - exp(A)|| + ||Y - exp(A)||^2
         orth = float(torch.linalg.matrix_norm(y[i].mT @ y[i] - torch.eye(16, dtype=torch.float64)))
         assert orth <= 2 * bound + bound ** 2 + 1e-13
+    counts = drain_fast_exp_stats(stats)
+    assert float(counts["counts"].sum()) == a.shape[0] and counts["norms"].shape == (2, a.shape[0])
+    assert stats == {}
+
+
+def test_rho_lies_between_the_spectral_and_the_frobenius_norm_and_bounds_the_remainder():
+    """For skew A: ||A||_2 <= sqrt(||A^2||_F) <= ||A||_F, and ||exp(A) - T_k(A)||_F <= ||A||_F rho^k e^rho/(k+1)!
+    (the derivation in fast_exp.py), checked on low-rank and full-rank skew matrices."""
+    gen = torch.Generator().manual_seed(5)
+    for rank in (2, 4, 32):
+        u = torch.randn(32, rank, dtype=torch.float64, generator=gen)
+        v = torch.randn(32, rank, dtype=torch.float64, generator=gen)
+        a = u @ v.T - v @ u.T
+        for norm in (0.1, 0.8, 2.5):
+            a = a / torch.linalg.matrix_norm(a) * norm
+            spec, rho = float(torch.linalg.matrix_norm(a, ord=2)), float(torch.linalg.matrix_norm(a @ a).sqrt())
+            assert spec <= rho * (1 + 1e-12) and rho <= norm * (1 + 1e-12)
+            exact, term, taylor = torch.linalg.matrix_exp(a), torch.eye(32, dtype=torch.float64), 0
+            for k in range(5):
+                taylor = taylor + term
+                term = term @ a / (k + 1)
+                if k >= 2:
+                    err = float(torch.linalg.matrix_norm(exact - taylor))
+                    assert err <= remainder_bound(k, norm, rho) * (1 + 1e-9)
+                    assert remainder_bound(k, norm, rho) <= remainder_bound(k, norm, norm)
+
+
+def test_the_rho_rule_never_takes_a_costlier_branch_than_the_paper_s():
+    fro = torch.logspace(-3, 1.5, 200, dtype=torch.float64)
+    for frac in (1.0, 0.7, 0.3):
+        rho_plan = choose_branch(fro, fro * frac, 3, "rho")
+        paper = choose_branch(fro, fro * frac, 3, "frobenius")
+        assert bool((rho_plan.branch <= paper.branch).all())
+        if frac < 1:
+            assert bool((rho_plan.branch < paper.branch).any())
+
+
+def test_large_steps_are_squared_then_shortened_not_sent_to_matrix_exp():
+    fro = torch.tensor([0.5, 1.5, 3.0, 5.5, 400.0], dtype=torch.float64)
+    plan = choose_branch(fro, fro, 3, "frobenius")
+    assert plan.levels.tolist() == [0, 1, 2, 3, 3]
+    names = branch_names(3)
+    assert [names[i] for i in plan.branch.tolist()] == ["order4", "squared1", "squared2", "squared3", "clipped"]
+    assert float(plan.scale[-1]) * 8 * 400 < 8.0  # the clipped step is a trust region, far shorter
+    assert bool((plan.error_bound < ERROR_TARGETS[2]).all())
 
 
 def test_fast_exp_branch_is_chosen_per_matrix_not_per_batch():
@@ -45,7 +102,37 @@ def test_fast_exp_branch_is_chosen_per_matrix_not_per_batch():
     batched = fast_exp(a)
     for i in range(3):
         assert torch.allclose(batched[i], fast_exp(a[i:i + 1])[0], atol=1e-14)
-    assert torch.allclose(batched[2], torch.linalg.matrix_exp(a[2]), atol=1e-13)
+    assert torch.allclose(batched[0], torch.linalg.matrix_exp(a[0]), atol=1e-7)  # order 2, not squared
+
+
+def test_fast_exp_makes_no_host_read(monkeypatch):
+    """The branch is chosen on the device: no .item(), bool(), float(), tolist() or .cpu() of a tensor."""
+    a = _skew(8, 3.0, 4).float()
+    x = _orth(24, 8).float()
+    d = torch.randn(24, 8, generator=torch.Generator().manual_seed(1))
+    calls = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kw):
+            calls.append(_name)
+            return _original(self, *args, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    stats = {}
+    fast_exp(a, stats=stats)
+    stiefel_exp_action(x, d, 0.5, stats=stats)
+    # whole updates: square and tall, Adam moments, Lookahead sync steps included (not the fp64 polar steps)
+    cfg = _cfg(lookahead_k=2, polar_every=0)
+    for shape in ((3, 8, 8), (2, 24, 8), (2, 8, 24)):
+        x = torch.linalg.qr(torch.randn(*shape[:1], max(shape[1:]), min(shape[1:])))[0]
+        x = x if shape[1] >= shape[2] else x.mT.contiguous()
+        state = {}
+        for step in range(4):
+            x = manifold_update(x, torch.randn(shape), state, step=step, lr=0.3, cfg=cfg, stats=stats)
+    monkeypatch.undo()
+    assert calls == []
+    assert float(drain_fast_exp_stats(stats)["counts"].sum()) == 4 + 1 + 4 * (3 + 2 + 2)
 
 
 def test_fast_exp_float32_and_bad_shape():
