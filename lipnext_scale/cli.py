@@ -19,6 +19,8 @@ _COMMANDS: list[tuple[str, str, str]] = [
      "consolidate a checkpoint (or a run directory's newest) into safetensors + config.json"),
     ("certify", "lipnext_scale.certify.cli:run_certify",
      "certify a checkpoint on evaluation shards with Ray workers: CRA report, optional PGD check"),
+    ("serve", "lipnext_scale.serve.cli:run_serve",
+     "serve certified predictions over HTTP (Ray Serve): each image's class, certified radius and weights hash"),
     ("demo", "lipnext_scale.demo:run_demo", "prepare digits, train lipnext-tiny on 2 CPU workers, certify it"),
     ("plan", "lipnext_scale.plan:run_plan",
      "per-GPU memory of a model under ZeRO-3 (manifold state by owner), the smallest GPU count that fits"),

@@ -49,6 +49,26 @@ def features_and_norms(model: torch.nn.Module, images: torch.Tensor) -> tuple[to
     return features, norms
 
 
+def certify_logits(model: torch.nn.Module, images: torch.Tensor, lipschitz: float, pair_distances: torch.Tensor,
+                   fp_model: FloatErrorModel) -> dict[str, torch.Tensor]:
+    """Per-sample float64 logits, prediction, margin, radius and radius_exact_arithmetic of one batch: the
+    one code path of every radius we state (the job's shards, `lipnext serve`'s answers). One forward."""
+    features, block_norms = features_and_norms(model, images)
+    logits = head_logits64(features, model.head.rows(), model.head.bias)
+    pred, margin, radius_exact = certified_radius(logits, pair_distances, lipschitz)
+    # fp32 norms (here and of the block inputs) are off by far less than the 1e-4 relative we add
+    input_norm = (images.to(torch.float32) - model.input_mean.to(images.device)).flatten(1).norm(dim=1)
+    input_norm = input_norm.to(torch.float64) * (1 + 1e-4)
+    allow = batch_allowances(fp_model, input_norm.cpu(), [n.cpu() * (1 + 1e-4) for n in block_norms],
+                             features.cpu().to(torch.float64).norm(dim=1), radius_exact.cpu())
+    on = logits.device
+    _, _, radius = certified_radius(logits, pair_distances, lipschitz, gap_error=allow.gap_error.to(on),
+                                    sample_gap_error=allow.sample_gap_error.to(on),
+                                    feature_error=allow.feature_error.to(on))
+    return {"logits": logits, "prediction": pred, "margin": margin, "radius": radius,
+            RADIUS_EXACT: radius_exact}
+
+
 def certify_batch(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, eps_list: list[float],
                   lipschitz: float, attack_steps: int = 0, pair_distances: torch.Tensor | None = None, *,
                   attack: str = "pgd", fp_model: FloatErrorModel | None = None) -> dict[str, torch.Tensor]:
@@ -61,24 +81,14 @@ def certify_batch(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
     runs in fp32. `pair_distances` and `fp_model` are computed here when not given; callers that
     certify many batches pass them once (for 1000 classes pair_distances is a 1000 x 1000 x width
     float64 computation)."""
-    features, block_norms = features_and_norms(model, images)
-    logits = head_logits64(features, model.head.rows(), model.head.bias)
     if pair_distances is None:
         pair_distances = model_pair_distances(model)
     if fp_model is None:
         fp_model = float_error_model(model, lipschitz)
-    pred, margin, radius_exact = certified_radius(logits, pair_distances, lipschitz)
-    # fp32 norms (here and of the block inputs) are off by far less than the 1e-4 relative we add
-    input_norm = (images.to(torch.float32) - model.input_mean.to(images.device)).flatten(1).norm(dim=1)
-    input_norm = input_norm.to(torch.float64) * (1 + 1e-4)
-    allow = batch_allowances(fp_model, input_norm.cpu(), [n.cpu() * (1 + 1e-4) for n in block_norms],
-                             features.cpu().to(torch.float64).norm(dim=1), radius_exact.cpu())
-    on = logits.device
-    _, _, radius = certified_radius(logits, pair_distances, lipschitz, gap_error=allow.gap_error.to(on),
-                                    sample_gap_error=allow.sample_gap_error.to(on),
-                                    feature_error=allow.feature_error.to(on))
+    out = certify_logits(model, images, lipschitz, pair_distances, fp_model)
+    del out["logits"]  # not a per-sample result column
+    pred, radius = out["prediction"], out["radius"]
     labels = labels.to(pred.device)
-    out = {"prediction": pred, "margin": margin, "radius": radius, RADIUS_EXACT: radius_exact}
     for eps in eps_list:
         certified = (pred == labels) & (radius > eps)
         out[certified_column(eps)] = certified
