@@ -34,6 +34,7 @@ class ConfigError(ValueError):
 Retraction = Literal["fast_exp", "polar_ns"]
 Moments = Literal["adam", "momentum"]
 FastExpRule = Literal["rho", "frobenius"]  # optim/fast_exp.py
+RotationDtype = Literal["float32", "float64"]
 EuclidOptimizer = Literal["adamw", "nadam"]
 Dataset = Literal["digits", "cifar10", "cifar100", "tiny-imagenet", "imagenet"]
 LossKind = Literal["emma", "margin"]
@@ -61,6 +62,7 @@ RENAMED_KEYS = {
     "data.num_workers": "data.loader_processes (DataLoader processes per training rank)",
     "certify.workers": "certify.actors (Ray actors that certify shards)",
     "optim.total_steps": "nothing: the schedule length is train.steps (set that instead)",
+    "optim.polish": "optim.polish_every (1: a Newton-Schulz polish every update, as polish = true did; 0: never)",
 }
 
 
@@ -103,7 +105,13 @@ class OptimConfig:
     manifold_betas: tuple[float, float] = (0.9, 0.99)  # Adam-type moments of the manifold gradients
     manifold_eps: float = 1e-8
     polar_every: int = 500  # exact fp64 polar every N steps (about one epoch); 0: never
-    polish: bool = True  # fast_exp: one Newton-Schulz step per update, so truncation/rounding never accumulate
+    # fast_exp: one Newton-Schulz step every polish_every updates (0: never), so truncation and rounding
+    # errors never accumulate; rotation_dtype: the arithmetic of X FastExp(A), rounded back to the fp32 master.
+    polish_every: int = 1
+    rotation_dtype: RotationDtype = "float32"
+    # Per-matrix normalised step (ablation; the first author's later LLM code): ||A||_F = lr sqrt(p) whatever
+    # the gradient's scale, so FastExp's branch no longer grows with width through Adam's normalisation.
+    normalize_step: bool = False
     # FastExp's Taylor order per matrix (optim/fast_exp.py): "rho" bounds the remainder with sqrt(||A^2||_F)
     # (<= ||A||_F, same error targets), "frobenius" is the paper's ||A||_F thresholds. Beyond order 4: scaled
     # Taylor with up to fast_exp_squarings squarings (each one batched matmul per update); a matrix needing
@@ -140,7 +148,7 @@ class OptimConfig:
         if not 0 <= self.fast_exp_squarings <= 8:
             raise ConfigError(f"optim.fast_exp_squarings={self.fast_exp_squarings}: must be in 0..8 (each costs one "
                               "matmul per update; 3 covers steps 8x past Taylor order 4)")
-        for key in ("polar_every", "lookahead_k", "euclid_lookahead_k"):
+        for key in ("polar_every", "lookahead_k", "euclid_lookahead_k", "polish_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"optim.{key}={getattr(self, key)}: must be >= 0 (0 disables it)")
         if self.weight_decay < 0:
@@ -600,7 +608,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 # Stored configs of older versions: a key's old name -> its new one (derived keys map to None: dropped).
 _STORED_KEY_MIGRATIONS = {("data", "num_workers"): "loader_processes", ("certify", "workers"): "actors",
-                          ("optim", "total_steps"): None}
+                          ("optim", "total_steps"): None, ("optim", "polish"): "polish_every"}
+_STORED_VALUE_MIGRATIONS = {("optim", "polish"): lambda on: 1 if on else 0}  # a bool became a period
 
 
 def config_from_dict(data: dict[str, Any], cls: type = JobConfig) -> Any:
@@ -611,6 +620,7 @@ def config_from_dict(data: dict[str, Any], cls: type = JobConfig) -> Any:
         for (section, old), new in _STORED_KEY_MIGRATIONS.items():
             if isinstance(data.get(section), dict) and old in data[section]:
                 value = data[section].pop(old)
+                value = _STORED_VALUE_MIGRATIONS.get((section, old), lambda v: v)(value)
                 if new is not None:
                     data[section].setdefault(new, value)
     cfg = _build(cls, data, "")

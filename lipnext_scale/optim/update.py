@@ -13,7 +13,9 @@ fast_exp (paper.md A, [K]):
   gradient keeps a large normal part at a critical point, and Adam's elementwise scaling of it leaves
   skew(X^T (G / sqrt(v))) != 0 there, so Euclidean-moment Adam settles away from the optimum (it misses the
   Procrustes solution by O(1) in tests/unit/test_optim_optimizer.py); these moments vanish at critical points.
-  polish        one Newton-Schulz step (optim.polish)
+  normalised    optim.normalize_step (ablation): D scaled per matrix to ||D||_F = sqrt(p), so ||A||_F = lr sqrt(p)
+  rotation      in optim.rotation_dtype (float64: the first author's choice; the result is rounded to fp32)
+  polish        one Newton-Schulz step every optim.polish_every steps (0: never)
   lookahead     every k steps. Square: slow <- slow FastExp(1/2 sum of the k generators A), as in the paper.
                 Tall: the k generators live in the n x n algebra (rank 2pk), so the slow copy moves half way
                 to the fast one instead (the same first-order move): FastExp(1/2 (D S^T - S D^T)) S with
@@ -66,6 +68,15 @@ def _direction(g: torch.Tensor, state: dict, step: int, cfg) -> torch.Tensor:
     return (m / (1.0 - b1 ** t)) / ((v / (1.0 - b2 ** t)).sqrt_().add_(cfg.manifold_eps))
 
 
+def _normalized(d: torch.Tensor, cfg) -> torch.Tensor:
+    """optim.normalize_step: the direction rescaled per matrix to Frobenius norm sqrt(p) (p the smaller side),
+    so the generator's norm is lr sqrt(p) whatever the gradients (the first author's later LLM code); else d."""
+    if not cfg.normalize_step:
+        return d
+    p = min(d.shape[-2:])
+    return d * (p ** 0.5 / torch.linalg.matrix_norm(d).clamp_min(1e-30))[..., None, None]
+
+
 def _branching(cfg) -> dict:
     """FastExp's branch rule and squaring budget from the optimizer config (see fast_exp.py)."""
     return {"rule": cfg.fast_exp_rule, "squarings": cfg.fast_exp_squarings}
@@ -88,16 +99,18 @@ def manifold_update(x: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.
     if cfg.lookahead_k > 0 and "slow" not in state:
         state["slow"] = x.clone()
     xt, gt = _t(x, wide), _t(g, wide)
+    rot = torch.float64 if cfg.rotation_dtype == "float64" else dtype  # the rotation's arithmetic
     if square:
         m = xt.mT @ gt
-        a = -lr * _direction(0.5 * (m - m.mT), state, step, cfg)
-        y = xt @ fast_exp(a, **_branching(cfg), stats=stats)
+        a = -lr * _normalized(_direction(0.5 * (m - m.mT), state, step, cfg), cfg)
+        y = (xt.to(rot) @ fast_exp(a.to(rot), **_branching(cfg), stats=stats)).to(dtype)
     else:
         xg = xt.mT @ gt
         riemannian = gt - xt @ (0.5 * (xg + xg.mT))  # X Gamma + (I - X X^T) G
         d = _t(_direction(_t(riemannian, wide), state, step, cfg), wide)  # state in the parameter's orientation
-        y = stiefel_exp_action(xt, d, -0.5 * lr, **_branching(cfg), stats=stats)
-    if cfg.polish:
+        d = _normalized(d, cfg)
+        y = stiefel_exp_action(xt.to(rot), d.to(rot), -0.5 * lr, **_branching(cfg), stats=stats).to(dtype)
+    if _due(step, cfg.polish_every):
         y = ns_polish(y)
     if cfg.lookahead_k > 0:
         if square:
@@ -110,7 +123,7 @@ def manifold_update(x: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.
             else:
                 delta = y - slow  # Omega S = (S skew(S^T delta) + (I - S S^T) delta) / 2: half way to fast
                 slow = stiefel_exp_action(slow, delta - 0.5 * slow @ (slow.mT @ delta), 0.5, **_branching(cfg))
-            y = ns_polish(slow) if cfg.polish else slow
+            y = ns_polish(slow) if cfg.polish_every > 0 else slow
     if _due(step, cfg.polar_every):
         y = polar_exact(y).to(dtype)
     out = _t(y, wide).contiguous()

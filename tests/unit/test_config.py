@@ -72,7 +72,8 @@ def test_nonsense_values_are_refused(override, match):
 
 @pytest.mark.parametrize("old,new", [("data.num_workers=2", "data.loader_processes"),
                                      ("certify.workers=2", "certify.actors"),
-                                     ("optim.total_steps=5", "the schedule length is train.steps")])
+                                     ("optim.total_steps=5", "the schedule length is train.steps"),
+                                     ("optim.polish=true", "optim.polish_every")])
 def test_old_keys_name_their_replacement(old, new):
     with pytest.raises(ConfigError, match=new):
         load_config(None, [old])
@@ -90,8 +91,13 @@ def test_stored_configs_of_older_versions_still_load():
     stored["data"]["num_workers"] = stored["data"].pop("loader_processes")
     stored["certify"]["workers"] = stored["certify"].pop("actors")
     stored["optim"]["total_steps"] = 9
+    stored["optim"].pop("polish_every")
+    stored["optim"]["polish"] = False  # a bool before the polish became a period
     cfg = config_from_dict(stored)
     assert cfg.data.loader_processes == 2 and cfg.certify.actors == 2 and cfg.optim.total_steps == 9
+    assert cfg.optim.polish_every == 0
+    stored["optim"]["polish"] = True
+    assert config_from_dict(stored).optim.polish_every == 1
 
 
 # Issue 12, item 11 (config part): an `extends` loop and a non-UTF-8 file are one-line errors.

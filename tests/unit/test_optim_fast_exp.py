@@ -177,7 +177,7 @@ def test_polar_exact_matches_svd_and_ns_polish_squares_the_error():
 
 
 def _cfg(**kw):
-    base = dict(lr=0.01, total_steps=100, polar_every=0, lookahead_k=0, polish=False)
+    base = dict(lr=0.01, total_steps=100, polar_every=0, lookahead_k=0, polish_every=0)
     return OptimConfig(**{**base, **kw})
 
 
@@ -215,7 +215,7 @@ def test_manifold_lookahead(shape):
     grads = [torch.randn(1, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in range(k)]
 
     def run(lookahead_k):
-        cfg = _cfg(lookahead_k=lookahead_k, moments="momentum", momentum=0.5, lr=0.05, polish=True)
+        cfg = _cfg(lookahead_k=lookahead_k, moments="momentum", momentum=0.5, lr=0.05, polish_every=1)
         state, x = {}, x0
         for step, g in enumerate(grads):
             x = manifold_update(x, g, state, step=step, lr=0.05, cfg=cfg)
@@ -231,3 +231,37 @@ def test_manifold_lookahead(shape):
     else:
         moved, full = (float(torch.linalg.matrix_norm(v[0] - x0[0])) for v in (x, fast))
         assert 0.4 * full < moved < 0.6 * full
+
+
+def test_normalized_step_fixes_the_generator_norm_at_lr_sqrt_p():
+    for shape in ((2, 16, 16), (2, 40, 8)):
+        x = torch.linalg.qr(torch.randn(shape[0], shape[1], shape[2], dtype=torch.float64))[0]
+        stats = {}
+        for scale in (1e-3, 1e3):  # whatever the gradient's size
+            g = scale * torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+            manifold_update(x, g, {}, step=5, lr=0.01, cfg=_cfg(normalize_step=True), stats=stats)
+        fro = drain_fast_exp_stats(stats)["norms"][0]
+        p = min(shape[1:])
+        want = 0.01 * p ** 0.5 * (1.0 if shape[1] == shape[2] else 0.5 * 2 ** 0.5)  # tall: ||c (D X^T - X D^T)||_F
+        if shape[1] == shape[2]:
+            assert torch.allclose(fro, torch.full_like(fro, want), rtol=1e-9)
+        else:
+            assert bool((fro <= 2 * 0.5 * 0.01 * p ** 0.5 + 1e-12).all())
+
+
+@pytest.mark.parametrize("rotation_dtype", ["float32", "float64"])
+def test_rotation_dtype_and_polish_period(rotation_dtype):
+    """fp32 masters: with the polish every step the error stays at fp32 rounding; a float64 rotation without any
+    polish stays within a few rounding units per step taken (no truncation drift at small steps)."""
+    torch.manual_seed(0)
+    x = torch.linalg.qr(torch.randn(2, 64, 64))[0]
+    results = {}
+    for polish_every in (1, 0):
+        cfg, y, state = _cfg(rotation_dtype=rotation_dtype, polish_every=polish_every), x.clone(), {}
+        for step in range(50):
+            y = manifold_update(y, torch.randn(2, 64, 64), state, step=step, lr=1e-3, cfg=cfg)
+        assert y.dtype == torch.float32
+        results[polish_every] = max(orthogonality_error(y[i]) for i in range(2))
+    assert results[1] < 2e-6
+    if rotation_dtype == "float64":
+        assert results[0] < 2e-5
