@@ -106,6 +106,11 @@ class Restored:
 
 
 class CheckpointManager:
+    # How long a save waits for the previous asynchronous upload before giving up on it: a stalled upload
+    # (a hung object store) must not keep a preempted process from exiting. The upload is then left as it
+    # is, recognisably incomplete (no manifest, or a file short of its size): never resumed, never pruned.
+    UPLOAD_WAIT_S = 900.0
+
     def __init__(self, run_url: str, *, keep_last: int = 3, retention: Retention | None = None, rank: int = 0,
                  world: int = 1, report: Report | None = None, device: str | torch.device = "cpu"):
         self.run_url = run_url.rstrip("/")
@@ -211,7 +216,7 @@ class CheckpointManager:
     def _wait_for_upload(self) -> None:
         """Back-pressure for asynchronous saves slower than ckpt.every_steps: rather than holding one more
         copy of the state per save, wait until the previous one is written and stored (its staging
-        directory deleted by the uploader, or its files all in storage)."""
+        directory deleted by the uploader, or its files all in storage), at most UPLOAD_WAIT_S."""
         if self._writing is not None:
             self._writing.result()  # a background write that failed raises here (and in the uploader)
             self._writing = None
@@ -220,7 +225,14 @@ class CheckpointManager:
         local, url = self._uploading
         started, warned = time.monotonic(), False
         while os.path.isdir(local) and not self._stored(local, url):
-            if not warned and time.monotonic() - started > 10:
+            waited = time.monotonic() - started
+            if waited > self.UPLOAD_WAIT_S:
+                self._uploading = None
+                raise CheckpointError(
+                    f"the upload of {url} has not finished after {waited:.0f} s (the storage is not answering); it "
+                    "is left incomplete, which resume and pruning recognise: the run resumes from the last complete "
+                    "checkpoint")
+            if not warned and waited > 10:
                 log.warning("rank %d: the upload of %s is slower than ckpt.every_steps; this save waits for it",
                             self.rank, url)
                 warned = True

@@ -4,7 +4,8 @@
     eval   eval_parts          -> read_shards ->                decode ->                 wds.batched
 
 Stock webdataset stages draw shards, shuffle and batch; ours are `read_shards` (tar_reader.py: checksums,
-a truncated shard is an error or a counted skip, manifest sha256 checked while streaming), `decode`
+a truncated shard is an error or a counted skip, manifest sha256 checked while streaming; in training a
+listed shard's samples pass only once it matched), `decode`
 (bad samples counted), and the two stages a stock one cannot do, each saying why in its docstring:
 `augment_from` (exact resume) and `eval_parts` (exactly-once evaluation over ranks x workers).
 
@@ -29,7 +30,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from lipnext_scale.data.errors import DataError
 from lipnext_scale.data.manifest import ShardDigest
-from lipnext_scale.data.tar_reader import TRAINING_SUFFIXES, SkipStats, decode_raw, iter_raw_samples
+from lipnext_scale.data.tar_reader import (TRAINING_SUFFIXES, SkipStats, decode_raw, iter_raw_samples,
+                                           iter_verified_samples)
 from lipnext_scale.data.transforms import (SampleError, eval_transform, stack_to_float, to_uint8_chw,
                                            train_augment)
 
@@ -65,15 +67,22 @@ def _worker() -> tuple[int, int]:
 
 
 def read_shards(shards: Iterable[dict], stats: SkipStats, digests: dict[str, ShardDigest],
-                max_empty: int | None = None) -> Iterator:
+                max_empty: int | None = None, verify_first: bool = False) -> Iterator:
     """Our tar-member stage: {"url", optional "part"/"parts"} -> RawSample, keeping the samples whose index
     in the shard is congruent to `part` mod `parts`. `max_empty`: consecutive shards without a readable
-    sample after which a resampled (endless) stream gives up with an error instead of spinning."""
+    sample after which a resampled (endless) stream gives up with an error instead of spinning.
+    `verify_first` (training): a listed shard's samples come only once it matched its manifest, else it is
+    a counted skip (tar_reader.py's error rules)."""
     empty = 0
     for shard in shards:
         part, parts = shard.get("part", 0), shard.get("parts", 1)
         got = False
-        for i, sample in enumerate(iter_raw_samples(shard["url"], stats, TRAINING_SUFFIXES, digests.get(shard["url"]))):
+        url, expected = shard["url"], digests.get(shard["url"])
+        if verify_first and expected is not None:
+            samples = iter_verified_samples(url, stats, TRAINING_SUFFIXES, expected)
+        else:
+            samples = iter_raw_samples(url, stats, TRAINING_SUFFIXES, expected)
+        for i, sample in enumerate(samples):
             got = True
             if i % parts == part:
                 yield sample
@@ -165,7 +174,8 @@ class TrainStream(IterableDataset):
         # the per-stream seed is ours. A collision only makes two streams draw the same shard sequence.
         return wds.DataPipeline(
             wds.ResampledShards(self.urls, seed=base, worker_seed=lambda: 0, deterministic=True),
-            lambda shards: read_shards(shards, self.stats, self.digests, max_empty=2 * len(self.urls) + 8),
+            lambda shards: read_shards(shards, self.stats, self.digests, max_empty=2 * len(self.urls) + 8,
+                                       verify_first=True),
             shuffle_stage(self.shuffle_buffer, random.Random(base + 1)),
             lambda samples: decode(samples, self.stats, self.num_classes),
             lambda samples: augment_from(samples, skip_batches * self.batch_size, base, self.dataset,

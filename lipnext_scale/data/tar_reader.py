@@ -13,10 +13,13 @@ Error rules, the same for training, evaluation and certification:
   it an error instead (certification never skips: a dropped sample would make its accuracy a lie). The
   label range is checked here, on every path (manifest, loose shards, patterns, globs), because only a
   manifest's class counts let the job-start check see the labels; a loose shard's are seen only here;
-- a shard its manifest lists must match the manifest's size and sha256: a mismatch, a truncated or
-  unreadable shard is a DataError naming the shard and the fix. Why an error and not a skip: the hash is
-  only known once the shard has streamed past, its samples already used; a same-size corruption means
-  wrong images or labels went in, and re-running prep repairs the shard;
+- a shard its manifest lists must match the manifest's size and sha256. Evaluation and certification
+  stream it and a mismatch, a truncated or unreadable shard is a DataError naming the shard and the fix
+  (the hash is only known once the shard has streamed past: an accuracy over wrong samples must not be
+  reported). Training (`iter_verified_samples`) holds a listed shard's samples until the whole shard has
+  matched: a shard deleted, cut short or rewritten while the run reads it is a counted skip naming the
+  mismatch, none of its samples used, and the run goes on with the others (the cost: one shard's raw
+  members in memory per loader stream, as much as the shuffle buffer holds);
 - a shard no manifest lists (hand-made, a glob of foreign shards) has nothing to check against: a
   missing, truncated or corrupt one is counted and logged, and what was readable before the damage is kept.
 """
@@ -129,6 +132,19 @@ def iter_raw_samples(shard_url: str, stats: SkipStats, suffixes: frozenset[str] 
         return
     if current is not None:
         yield current
+
+
+def iter_verified_samples(shard_url: str, stats: SkipStats, suffixes: frozenset[str],
+                          expected: ShardDigest) -> Iterator[RawSample]:
+    """Training's read of a shard its manifest lists: its samples only once all of it matched the manifest's
+    size and sha256; otherwise (missing, truncated, rewritten while read) none, and one counted skip saying
+    what did not match."""
+    try:
+        held = list(iter_raw_samples(shard_url, stats, suffixes, expected))
+    except DataError as e:
+        stats.skip(shard_url, "<shard>", f"whole shard not used ({e})")
+        return
+    yield from held
 
 
 def parse_label(sample: RawSample) -> int:

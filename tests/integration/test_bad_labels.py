@@ -26,9 +26,9 @@ from lipnext_scale.train.loop import train_worker
 from lipnext_scale.train.preflight import check_data, read_deepspeed_config
 run, shard = sys.argv[1], sys.argv[2]
 cfg = load_config(None, ["model.width=16", "model.depth=1", "data.batch_size=8", "data.loader_processes=0",
-                         "data.shuffle_buffer=4", "train.precision=fp32", "train.deepspeed=configs/deepspeed/zero3_fp32.json",
-                         "train.progress_bar=false", "train.log_every=1", "train.steps=4", "ckpt.every_steps=100000",
-                         f"data.train_url={shard}"])
+                         "data.shuffle_buffer=4", "train.precision=fp32", "train.progress_bar=false",
+                         "train.deepspeed=configs/deepspeed/zero3_fp32.json", "train.log_every=1", "train.steps=4",
+                         "ckpt.every_steps=100000", f"data.train_url={shard}"])
 check_data(cfg.data, cfg.model)  # the job-start check: nothing lists a loose shard's labels, so it passes
 out = train_worker(cfg, read_deepspeed_config(cfg.train.deepspeed), run, 0, 1, report=lambda *a: False)
 open(os.path.join(run, "result.json"), "w").write(json.dumps({"step": out["step"]}))
