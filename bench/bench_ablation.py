@@ -50,6 +50,10 @@ VARIANTS: dict[str, list[str]] = {
     "margin_loss": ["loss.kind=margin", "loss.eps_ramp_start=1.0", "loss.eps_ramp_end=1.0", "loss.offset=1.0",
                     "loss.temperature=0.25"],
     "old_optimizer": OLD_OPTIMIZER,
+    # the optimizer's defaults before issue 22 (Lookahead k 5, manifold betas (0.9, 0.99), the paper's ||A||_F
+    # branch rule; FastExp then called matrix_exp beyond order 4, now the scaled Taylor series)
+    "optimizer_before_issue22": ["optim.lookahead_k=5", "optim.manifold_betas=[0.9, 0.99]",
+                                 'optim.fast_exp_rule="frobenius"'],
     # control: is it the loss or the ramp?
     "emma_no_ramp": ["loss.eps_ramp_start=1.0", "loss.eps_ramp_end=1.0"],  # EMMA at a fixed 36/255
 }

@@ -24,7 +24,8 @@ order 3 leaves an O(A^4) / 12 defect. Matrices beyond order 4 do not call `matri
 2^s d (1 + d)^(2^s - 1) < tau_4, d the order-4 bound of A / 2^s (if ||T - E|| <= d with E orthogonal, then
 ||T^m - E^m||_F <= m d (1 + d)^(m - 1)). A matrix that would need more than `squarings` squarings takes a
 shortened step A c (c < 1 found by bisection on the device, the same bound met): a trust region, counted
-as "clipped". Every choice is 0/1 coefficients and `torch.where`, so an update makes **no host read**; its
+as "clipped". The optimizers run fewer squarings than `squarings` when recent steps needed fewer
+(`next_squaring_budget`, revised at log steps from the branch counts they read there anyway). Every choice is 0/1 coefficients and `torch.where`, so an update makes **no host read**; its
 cost is fixed: two matmuls for the polynomial plus one per allowed squaring. Rounding is not part of the
 bounds (it is at the fp32 level; the polish and the periodic fp64 polar remove it).
 
@@ -104,8 +105,11 @@ def _squared_error(fro, rho, level: int, clip=1.0):
     return m * d * (1.0 + d) ** (m - 1.0)
 
 
-def choose_branch(fro: torch.Tensor, rho: torch.Tensor, squarings: int, rule: FastExpRule = "rho") -> BranchPlan:
-    """The branch of each matrix from its ||A||_F and rho (see the module docstring); device ops only."""
+def choose_branch(fro: torch.Tensor, rho: torch.Tensor, squarings: int, rule: FastExpRule = "rho",
+                  budget: int | None = None) -> BranchPlan:
+    """The branch of each matrix from its ||A||_F and rho (see the module docstring); device ops only.
+    `budget` (<= squarings) limits the squarings of this call; branch indices always follow `squarings`."""
+    allowed = squarings if budget is None else max(0, min(budget, squarings))
     if rule not in BRANCH_RULES:
         raise ValueError(f"fast_exp: rule {rule!r}; choose one of {BRANCH_RULES}")
     rho = fro if rule == "frobenius" else torch.minimum(rho, fro)
@@ -117,22 +121,22 @@ def choose_branch(fro: torch.Tensor, rho: torch.Tensor, squarings: int, rule: Fa
     levels = torch.zeros_like(fro, dtype=torch.int64)
     found = plain.clone()
     error = torch.where(c4, b4, torch.where(c3, b3, b2))
-    for level in range(1, squarings + 1):
+    for level in range(1, allowed + 1):
         err = _squared_error(fro, rho, level)
         take = ~found & (err < tau4)
         levels = torch.where(take, level, levels)
         error = torch.where(take, err, error)
         found = found | take
     clipped = ~found
-    levels = torch.where(clipped, squarings, levels)
-    # largest c in (0, 1] meeting the target at `squarings` squarings: bisection, vectorised (no host read)
+    levels = torch.where(clipped, allowed, levels)
+    # largest c in (0, 1] meeting the target at `allowed` squarings: bisection, vectorised (no host read)
     lo, hi = torch.zeros_like(fro), torch.ones_like(fro)
     for _ in range(_BISECTION_STEPS):
         mid = 0.5 * (lo + hi)
-        ok = _squared_error(fro, rho, squarings, mid) < tau4
+        ok = _squared_error(fro, rho, allowed, mid) < tau4
         lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
     clip = torch.where(clipped, lo, torch.ones_like(fro))
-    error = torch.where(clipped, _squared_error(fro, rho, squarings, clip), error)
+    error = torch.where(clipped, _squared_error(fro, rho, allowed, clip), error)
     scale = clip / 2.0 ** levels.to(fro.dtype)
     branch = torch.where(c4, 2, torch.where(c3, 1, 0)) + levels
     branch = torch.where(clipped, squarings + 3, branch)
@@ -184,6 +188,20 @@ def window_summary(stats: dict, squarings: int, device=None) -> tuple[torch.Tens
     return counts, torch.quantile(norms, qs, dim=1).T.reshape(-1)
 
 
+def next_squaring_budget(counts: list[float], squarings: int, current: int) -> int:
+    """Squarings the next log window computes: one more than the most this window needed (all of them after a
+    clipped step), at most `squarings`; unchanged after a window without updates. Each squaring is a batched
+    matmul every matrix pays (a device-side choice cannot skip it), so a run whose steps stay on Taylor order 4
+    pays one, not `squarings`; a step that needs more than the budget is shortened (counted as clipped) and
+    the budget grows at the next log step."""
+    if sum(counts) <= 0:
+        return current
+    if counts[-1] > 0:
+        return squarings
+    used = max((level for level in range(1, squarings + 1) if counts[2 + level] > 0), default=0)
+    return min(squarings, used + 1)
+
+
 def window_scalars(counts: torch.Tensor, quantiles: torch.Tensor, squarings: int) -> dict[str, float]:
     """TensorBoard scalars of one log window: share of matrix updates per branch, norm quantiles (host reads)."""
     total = max(float(counts.sum()), 1.0)
@@ -196,6 +214,10 @@ def window_scalars(counts: torch.Tensor, quantiles: torch.Tensor, squarings: int
     return out
 
 
+def _allowed(squarings: int, budget: int | None) -> int:
+    return squarings if budget is None else max(0, min(budget, squarings))
+
+
 def _eye_like(a: torch.Tensor) -> torch.Tensor:
     return torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
 
@@ -205,7 +227,7 @@ def _b(x: torch.Tensor) -> torch.Tensor:
 
 
 def fast_exp(a: torch.Tensor, *, squarings: int = DEFAULT_SQUARINGS, rule: FastExpRule = "rho",
-             stats: dict | None = None) -> torch.Tensor:
+             stats: dict | None = None, budget: int | None = None) -> torch.Tensor:
     """FastExp of a (batch of) skew matrices (..., p, p), in a's dtype (bf16/fp16 are computed in fp32).
     Error against exp(A) (exp(cA) for a clipped matrix) at most its branch's target; no host read."""
     if a.dim() < 2 or a.shape[-1] != a.shape[-2]:
@@ -215,13 +237,13 @@ def fast_exp(a: torch.Tensor, *, squarings: int = DEFAULT_SQUARINGS, rule: FastE
     a2 = a @ a
     fro = torch.linalg.matrix_norm(a)
     rho = torch.linalg.matrix_norm(a2).sqrt()
-    plan = choose_branch(fro, rho, squarings, rule)
+    plan = choose_branch(fro, rho, squarings, rule, budget)
     _record(stats, plan, fro, rho, squarings)
     sa, sa2 = a * _b(plan.scale), a2 * _b(plan.scale * plan.scale)
     eye = _eye_like(a)
     # Horner, order 4 on every branch (see the module docstring): I + A + A^2 (I/2 + A/6 + A^2/24), two matmuls
     y = sa2 @ (0.5 * eye + sa / 6.0 + sa2 / 24.0) + sa + eye
-    for level in range(squarings):  # one batched matmul per allowed squaring, kept only where needed
+    for level in range(_allowed(squarings, budget)):  # one batched matmul per allowed squaring, kept where needed
         y = torch.where(_b(plan.levels > level), y @ y, y)
     return y
 
@@ -232,7 +254,7 @@ def _tall_norm(xx, xd, dd, coef):
 
 
 def stiefel_exp_action(x: torch.Tensor, d: torch.Tensor, coef: float, *, squarings: int = DEFAULT_SQUARINGS,
-                       rule: FastExpRule = "rho", stats: dict | None = None) -> torch.Tensor:
+                       rule: FastExpRule = "rho", stats: dict | None = None, budget: int | None = None) -> torch.Tensor:
     """FastExp(Omega) X for Omega = coef (D X^T - X D^T), tall x and d (..., n, p) (n > p allowed, = p works)."""
     xx, xd, dd = x.mT @ x, x.mT @ d, d.mT @ d
     fro = _tall_norm(xx, xd, dd, coef)
@@ -241,14 +263,14 @@ def stiefel_exp_action(x: torch.Tensor, d: torch.Tensor, coef: float, *, squarin
     gram_v = coef * coef * torch.cat([torch.cat([xx, -xd], -1), torch.cat([-xd.mT, dd], -1)], -2)  # V^T V
     # ||Omega^2||_F^2 = ||U S V^T||_F^2 = tr(S^T (U^T U) S (V^T V))
     rho = ((s.mT @ gram_u @ s) * gram_v.mT).sum((-2, -1)).clamp_min(0).sqrt().sqrt()
-    plan = choose_branch(fro, rho, squarings, rule)
+    plan = choose_branch(fro, rho, squarings, rule, budget)
     _record(stats, plan, fro, rho, squarings)
     w = coef * torch.cat([xx, -xd.mT], -2)  # V^T X
     eye = _eye_like(s)
     ss = s * _b(plan.scale)
     # Phi = scale P(scale S), P(Z) = I + Z/2 + Z^2/6 + Z^3/24 (order 4): exp(scale Omega) ~ I + U Phi V^T
     phi = _b(plan.scale) * (ss @ (0.5 * eye + ss @ (eye / 6.0 + ss / 24.0)) + eye)
-    for level in range(squarings):  # (I + U F V^T)^2 = I + U (2F + F S F) V^T
+    for level in range(_allowed(squarings, budget)):  # (I + U F V^T)^2 = I + U (2F + F S F) V^T
         phi = torch.where(_b(plan.levels > level), 2.0 * phi + phi @ s @ phi, phi)
     return x + torch.cat([d, x], -1) @ (phi @ w)
 

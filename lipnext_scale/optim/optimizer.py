@@ -22,7 +22,7 @@ from torch import nn
 
 from lipnext_scale.model.layers import manifold_parameters
 from lipnext_scale.optim.euclidean import build_euclidean_optimizer
-from lipnext_scale.optim.fast_exp import window_scalars, window_summary
+from lipnext_scale.optim.fast_exp import next_squaring_budget, window_scalars, window_summary
 from lipnext_scale.optim.manifold import check_manifold_parameter
 from lipnext_scale.optim.schedule import lr_multiplier
 from lipnext_scale.optim.update import manifold_update, state_shapes
@@ -188,7 +188,13 @@ class ManifoldOptimizer(torch.optim.Optimizer):
         """FastExp branch shares and ||A||_F / rho quantiles since the last call (host reads: log steps only)."""
         if self.cfg.retraction != "fast_exp":
             return {}
-        return window_scalars(*window_summary(self.ns_stats, self.cfg.fast_exp_squarings), self.cfg.fast_exp_squarings)
+        squarings = self.cfg.fast_exp_squarings
+        counts, quantiles = window_summary(self.ns_stats, squarings)
+        out = window_scalars(counts, quantiles, squarings)
+        self.ns_stats["fast_exp_budget"] = next_squaring_budget(
+            counts.tolist(), squarings, self.ns_stats.get("fast_exp_budget", squarings))
+        out["fast_exp/squaring_budget"] = float(self.ns_stats["fast_exp_budget"])
+        return out
 
     def named_manifold_params(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for g in self._groups("manifold") for n, p in zip(g["names"], g["params"])]

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from lipnext_scale.optim.euclidean import build_euclidean_optimizer
-from lipnext_scale.optim.fast_exp import window_scalars, window_summary
+from lipnext_scale.optim.fast_exp import next_squaring_budget, window_scalars, window_summary
 from lipnext_scale.optim.manifold import check_manifold_parameter, orthogonality_error
 from lipnext_scale.optim.optimizer import (
     STATE_FORMAT, check_manifold_state, check_state_format, clip_coefficient, split_parameters,
@@ -338,7 +338,11 @@ class ShardedManifoldStep:
         counts, quantiles = counts.to(self.device), quantiles.to(self.device)
         self.dist.all_reduce(counts, group=self.group)
         self.dist.all_reduce(quantiles, op=self.dist.ReduceOp.MAX, group=self.group)
-        return window_scalars(counts, quantiles, squarings)
+        out = window_scalars(counts, quantiles, squarings)  # the same counts on every rank: one budget
+        self.ns_stats["fast_exp_budget"] = next_squaring_budget(
+            counts.tolist(), squarings, self.ns_stats.get("fast_exp_budget", squarings))
+        out["fast_exp/squaring_budget"] = float(self.ns_stats["fast_exp_budget"])
+        return out
 
     def max_orthogonality_error(self) -> float:
         """max over all matrices of max|X^T X - I| of the fp32 masters (a collective, with host reads: call it

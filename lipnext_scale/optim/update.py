@@ -77,9 +77,11 @@ def _normalized(d: torch.Tensor, cfg) -> torch.Tensor:
     return d * (p ** 0.5 / torch.linalg.matrix_norm(d).clamp_min(1e-30))[..., None, None]
 
 
-def _branching(cfg) -> dict:
-    """FastExp's branch rule and squaring budget from the optimizer config (see fast_exp.py)."""
-    return {"rule": cfg.fast_exp_rule, "squarings": cfg.fast_exp_squarings}
+def _branching(cfg, stats: dict | None = None) -> dict:
+    """FastExp's branch rule and squarings from the optimizer config, and the optimizer's current squaring budget
+    (`stats["fast_exp_budget"]`, set at log steps by `next_squaring_budget`; see fast_exp.py)."""
+    budget = stats.get("fast_exp_budget") if stats is not None else None
+    return {"rule": cfg.fast_exp_rule, "squarings": cfg.fast_exp_squarings, "budget": budget}
 
 
 def _t(x: torch.Tensor, wide: bool) -> torch.Tensor:
@@ -103,13 +105,13 @@ def manifold_update(x: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.
     if square:
         m = xt.mT @ gt
         a = -lr * _normalized(_direction(0.5 * (m - m.mT), state, step, cfg), cfg)
-        y = (xt.to(rot) @ fast_exp(a.to(rot), **_branching(cfg), stats=stats)).to(dtype)
+        y = (xt.to(rot) @ fast_exp(a.to(rot), **_branching(cfg, stats), stats=stats)).to(dtype)
     else:
         xg = xt.mT @ gt
         riemannian = gt - xt @ (0.5 * (xg + xg.mT))  # X Gamma + (I - X X^T) G
         d = _t(_direction(_t(riemannian, wide), state, step, cfg), wide)  # state in the parameter's orientation
         d = _normalized(d, cfg)
-        y = stiefel_exp_action(xt.to(rot), d.to(rot), -0.5 * lr, **_branching(cfg), stats=stats).to(dtype)
+        y = stiefel_exp_action(xt.to(rot), d.to(rot), -0.5 * lr, **_branching(cfg, stats), stats=stats).to(dtype)
     if _due(step, cfg.polish_every):
         y = ns_polish(y)
     if cfg.lookahead_k > 0:

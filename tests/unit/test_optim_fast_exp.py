@@ -265,3 +265,37 @@ def test_rotation_dtype_and_polish_period(rotation_dtype):
     assert results[1] < 2e-6
     if rotation_dtype == "float64":
         assert results[0] < 2e-5
+
+
+def test_the_squaring_budget_follows_what_recent_steps_needed():
+    from lipnext_scale.optim.fast_exp import next_squaring_budget
+
+    # counts: order2, order3, order4, squared1..3, clipped
+    assert next_squaring_budget([5, 1, 0, 0, 0, 0, 0], 3, 3) == 1  # all on Taylor: one squaring kept in reserve
+    assert next_squaring_budget([0, 0, 2, 3, 0, 0, 0], 3, 1) == 2
+    assert next_squaring_budget([0, 0, 0, 0, 0, 0, 1], 3, 1) == 3  # a clipped step: the whole budget back
+    assert next_squaring_budget([0] * 7, 3, 2) == 2  # no updates: unchanged
+    # a budget below what a matrix needs shortens its step (counted clipped), never exceeds the target
+    fro = torch.tensor([3.0], dtype=torch.float64)
+    plan = choose_branch(fro, fro, 3, "frobenius", budget=1)
+    assert branch_names(3)[int(plan.branch[0])] == "clipped" and int(plan.levels[0]) == 1
+    assert float(plan.error_bound[0]) < ERROR_TARGETS[2] and float(plan.scale[0]) * 2 * 3.0 < 3.0
+    a = _skew(8, 3.0, 1)
+    y = fast_exp(a, budget=1, rule="frobenius")
+    exact = torch.linalg.matrix_exp(a * float(plan.scale[0] * 2))
+    assert float(torch.linalg.matrix_norm(y[0] - exact[0])) <= float(plan.error_bound[0]) + 1e-13
+
+
+def test_the_optimizer_adapts_its_budget_at_log_steps():
+    from lipnext_scale.model import create_model
+    from lipnext_scale.optim import ManifoldOptimizer
+
+    torch.manual_seed(0)
+    model = create_model("lipnext-tiny", depth=1)
+    opt = ManifoldOptimizer(model, _cfg(lr=1e-3))
+    model(torch.rand(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    scalars = opt.fast_exp_scalars()
+    assert scalars["fast_exp/updates"] > 0 and scalars["fast_exp/share_clipped"] == 0
+    assert scalars["fast_exp/squaring_budget"] == 1.0  # tiny steps: Taylor order <= 4, one squaring in reserve
+    assert sum(v for k, v in scalars.items() if k.startswith("fast_exp/share_")) == pytest.approx(1.0)
