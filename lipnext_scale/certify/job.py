@@ -8,7 +8,8 @@ Order of work, so that every bad input fails before any certification starts:
   4. check `--out` belongs to this job (job.json, written there first: a read-only `--out` fails here)
      and skip shards whose result file is readable (resume; an unreadable one is recomputed);
   5. one model copy per Ray actor, each loaded and verified once; shards are handed out one at a time to
-     whichever actor is free, so each shard (hence each sample) is certified exactly once;
+     whichever actor is free, so each shard (hence each sample) is certified exactly once; an actor killed
+     halfway through a shard is restarted and the shard certified again from its start;
   6. merge the per-shard files in shard order and write the report.
 The driver holds one copy of the model for step 2 (for a 2B model: ~8 GB of host memory).
 Every file is written through `storage.atomic_write_bytes`: a crash leaves a `*.tmp-*` sibling, never a
@@ -33,6 +34,7 @@ from lipnext_scale.storage import atomic_write_bytes, exists, is_process_local, 
 
 log = logging.getLogger(__name__)
 JOB_FILE = "job.json"
+ACTOR_RESTARTS = 3  # per actor: a process that dies is replaced this often before the job gives up
 ATTACKS = tuple(a for a in choices(Attack) if a)
 
 
@@ -151,8 +153,11 @@ def _run_ray(pending: list[str], out_url: str, worker_kwargs: dict, actors: int,
     if not ray.is_initialized():
         ray.init(address=ray_address)
     use_gpu = str(worker_kwargs["device"]).startswith("cuda")
-    actor_cls = ray.remote(num_cpus=max(1, worker_kwargs["threads"]), num_gpus=1 if use_gpu else 0)(
-        ShardCertifier)
+    # An actor whose process dies (killed, out of memory, its node lost) is restarted by Ray and its shards
+    # certified again: a shard's result is written atomically once the shard is done, so nothing half-done
+    # survives it, and the report is the one an uninterrupted run gives. An exception is not retried.
+    actor_cls = ray.remote(num_cpus=max(1, worker_kwargs["threads"]), num_gpus=1 if use_gpu else 0,
+                           max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)(ShardCertifier)
     pool = [actor_cls.remote(**worker_kwargs, own_process=True) for _ in range(min(actors, len(pending)))]
     totals = {"samples": 0, "cpu_seconds": 0.0}
     try:

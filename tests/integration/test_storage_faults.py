@@ -248,3 +248,49 @@ def test_sigterm_during_an_asynchronous_upload(tmp_path, stall):
         assert code == 0 and waited < 20, err
         assert manager.is_complete(url) and validate_checkpoint(url)["step"] == 20
         assert manager.latest_valid() == url
+
+
+# ---------------------------------------------------------------- a certification actor killed mid-shard
+
+
+@pytest.mark.distributed
+def test_a_certification_actor_killed_halfway_through_a_shard_changes_nothing(tmp_path, ray_local):
+    """The actor's process is SIGKILLed while it certifies a shard (one shard's result written, the next not):
+    Ray restarts it, the shard is certified again from its start, and samples and report are those of an
+    uninterrupted run."""
+    import threading
+
+    import psutil
+    import pyarrow.parquet as pq
+
+    from lipnext_scale.certify.job import certify_job
+    from lipnext_scale.ckpt import save_exported
+    from lipnext_scale.config import JobConfig, config_to_dict
+    from lipnext_scale.model import create_model
+
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "model")
+    save_exported(create_model("lipnext-tiny").state_dict(), config_to_dict(JobConfig()), ckpt)
+    fx.prepared_digits(tmp_path / "data", "val", shard_size=100)
+    data = str(tmp_path / "data" / "val-manifest.parquet")
+    kw = dict(eps="36/255", batch_size=2, progress=False)
+    reference = certify_job(ckpt, data, str(tmp_path / "reference"), actors=0, **kw)
+
+    out = tmp_path / "killed"
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(certify_job(ckpt, data, str(out), actors=1, **kw)))
+    job.start()
+    deadline = time.monotonic() + 120
+    while not (out / "shards" / "val-000000.parquet").exists():
+        assert job.is_alive() and time.monotonic() < deadline
+        time.sleep(0.05)
+    # this process started the local Ray instance (conftest), so its actors are our descendants
+    (actor,) = [p for p in psutil.Process().children(recursive=True) if "ShardCertifier" in " ".join(p.cmdline())]
+    assert not (out / "shards" / "val-000001.parquet").exists()  # halfway: shard 1 under way, not written
+    actor.send_signal(signal.SIGKILL)
+    job.join(timeout=180)
+    assert not job.is_alive() and result, "the job did not finish after its actor was killed"
+    assert pq.read_table(out / "samples.parquet").equals(pq.read_table(tmp_path / "reference" / "samples.parquet"))
+    same = {k: v for k, v in reference.items() if k != "timing"}
+    assert {k: v for k, v in result.items() if k != "timing"} == same
+    assert json.loads((out / "report.json").read_text())["certified_accuracy"] == reference["certified_accuracy"]
