@@ -116,6 +116,18 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def _commit() -> str:
+    """The commit each variant is measured at, "+dirty" when the tree differs from it (rows of other variants keep
+    theirs: a file can mix commits, each row says which)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
@@ -137,6 +149,7 @@ def main() -> None:
     result = {"benchmark": "ablation", "steps": args.steps, "seeds": seeds, "config": str(DEMO.relative_to(REPO)),
               "variants": {}, "machine": {"platform": platform.platform(), "torch": torch.__version__,
                                           "threads": torch.get_num_threads()}}
+    commit = _commit()
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
     if previous.get("steps") == args.steps and previous.get("seeds") == seeds:
         result["variants"] = dict(previous.get("variants", {}))
@@ -151,7 +164,8 @@ def main() -> None:
                       + "  ".join(f"{k} {run[f'cra@{k}']:.3f}" for k in EPS_KEYS)
                       + f"  ({run['train_seconds']} s)", flush=True)
                 runs.append(run)
-            result["variants"][name] = {"overrides": VARIANTS[name], "summary": summarise(runs), "runs": runs}
+            result["variants"][name] = {"overrides": VARIANTS[name], "summary": summarise(runs), "runs": runs,
+                                        "measured_at_commit": commit}
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # partial results survive a stop
     print(f"\n{'variant':<16}{'clean':>16}" + "".join(f"{'CRA ' + k:>18}" for k in EPS_KEYS))
     for name, v in result["variants"].items():
