@@ -37,9 +37,9 @@ T = TypeVar("T")
 class RetryPolicy:
     """How often and how patiently a transient storage error is retried: attempt k (k >= 1) waits
     first_delay_s * 2**(k-1), capped at max_delay_s, times a random factor in [0.5, 1] (jitter, so ranks
-    that failed together do not retry together). The defaults ride out ~1 minute of a flaky service."""
+    that failed together do not retry together). The defaults wait 24-48 s in all before giving up."""
 
-    attempts: int = 6
+    attempts: int = 8
     first_delay_s: float = 0.5
     max_delay_s: float = 16.0
 
