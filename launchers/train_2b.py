@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from lipnext_scale.config import ConfigError
-from lipnext_scale.train.cli import (add_set_argument, build_train_config, cluster_gpus_per_node, dataset_overrides,
+from lipnext_scale.train.cli import (add_set_argument, build_train_config, cluster_workers_per_node, dataset_overrides,
                                     deepspeed_for_cluster, default_num_workers, run_train_config, toml_string)
 
 CONFIG = "configs/train/imagenet_2b.toml"
@@ -38,12 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [*dataset_overrides(args.data), f"train.storage={toml_string(args.storage)}",
                  f"train.num_workers={toml_string(num_workers) if '-' in str(num_workers) else num_workers}"]
     try:
-        build_train_config(CONFIG, overrides + args.overrides)  # a bad --set fails before Ray is asked
+        cfg = build_train_config(CONFIG, overrides + args.overrides)  # a bad --set fails before Ray is asked
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # The ZeRO config follows the cluster's shape (recorded in the run's config.json); --set wins.
-    zero = deepspeed_for_cluster(cluster_gpus_per_node(args.ray_address))
+    # The ZeRO config follows the cluster's shape: the multi-node one when the nodes that can host a worker
+    # (GPU workers: nodes with GPUs; CPU workers: nodes with train.cpus_per_worker CPUs) are several.
+    # Recorded in the run's config.json; --set train.deepspeed=... wins.
+    zero = deepspeed_for_cluster(cluster_workers_per_node(args.ray_address, cfg.train))
     overrides += [f"train.deepspeed={toml_string(zero)}", *args.overrides]
     return run_train_config(CONFIG, overrides, resume=args.resume, ray_address=args.ray_address)
 

@@ -88,19 +88,31 @@ DEEPSPEED_ONE_NODE = "configs/deepspeed/zero3_bf16.json"
 DEEPSPEED_MANY_NODES = "configs/deepspeed/zero3_bf16_multinode.json"
 
 
-def deepspeed_for_cluster(gpus_per_node: list[int]) -> str:
-    """The ZeRO config for the cluster's shape: plain ZeRO-3 on one GPU node; ZeRO++ hierarchical
-    partitioning across several (the engine sizes its partition from the ranks per node)."""
-    return DEEPSPEED_MANY_NODES if sum(1 for g in gpus_per_node if g > 0) > 1 else DEEPSPEED_ONE_NODE
+def deepspeed_for_cluster(workers_per_node: list[int]) -> str:
+    """The ZeRO config for the cluster's shape (`workers_per_node`: how many training workers each node can
+    host): plain ZeRO-3 when one node can host workers; ZeRO++ hierarchical partitioning when the workers can
+    span several (the engine sizes its partition from the ranks per node at every (re)start)."""
+    return DEEPSPEED_MANY_NODES if sum(1 for w in workers_per_node if w > 0) > 1 else DEEPSPEED_ONE_NODE
 
 
-def cluster_gpus_per_node(ray_address: str | None) -> list[int]:
-    """GPUs of each live node of the Ray cluster."""
+def worker_slots(node_resources: list[dict[str, float]], worker: dict[str, float]) -> list[int]:
+    """How many workers needing `worker` (e.g. {"CPU": 1, "GPU": 1}) each node's resources hold."""
+    return [min(int(res.get(k, 0) // v) for k, v in worker.items() if v > 0) if worker else 0
+            for res in node_resources]
+
+
+def cluster_workers_per_node(ray_address: str | None, train) -> list[int]:
+    """Training workers each live node of the Ray cluster can host, for the worker `train` (TrainConfig)
+    describes: train.cpus_per_worker CPUs, and one GPU when it trains on GPUs (train.use_gpu; "auto": the
+    cluster has GPUs). A CPU-only head counts for GPU workers as 0; for CPU workers its CPUs count."""
     import ray
+
+    from lipnext_scale.train.trainer import trains_on_gpu, worker_resources
 
     if not ray.is_initialized():
         ray.init(address=ray_address)
-    return [int(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    need = worker_resources(train, trains_on_gpu(train.use_gpu, ray))
+    return worker_slots([n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")], need)
 
 
 def print_summary(result: dict[str, Any], out=sys.stdout) -> None:

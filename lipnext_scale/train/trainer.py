@@ -69,10 +69,16 @@ def ray_train_workers(tc) -> int | tuple[int, int]:
     return low if low == high else (low, high)
 
 
-def _use_gpu(setting, ray_module) -> bool:
+def trains_on_gpu(setting, ray_module) -> bool:
+    """train.use_gpu resolved: "auto" trains on GPUs when the Ray cluster has them."""
     if setting == "auto":
         return ray_module.cluster_resources().get("GPU", 0) >= 1
     return bool(setting)
+
+
+def worker_resources(tc, use_gpu: bool) -> dict[str, float]:
+    """What one training worker takes from a node (as ScalingConfig below asks): CPUs, and a GPU on GPUs."""
+    return {"CPU": tc.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
 
 
 def run_training(cfg: JobConfig, *, ray_address: str | None = None) -> dict[str, Any]:
@@ -90,7 +96,7 @@ def run_training(cfg: JobConfig, *, ray_address: str | None = None) -> dict[str,
     write_run_config(cfg, job.run_url)
     if not ray.is_initialized():
         ray.init(address=ray_address, dashboard_host="127.0.0.1")
-    use_gpu = _use_gpu(cfg.train.use_gpu, ray)
+    use_gpu = trains_on_gpu(cfg.train.use_gpu, ray)
     tc = cfg.train
     env = {"OMP_NUM_THREADS": str(tc.cpus_per_worker)}
     if not use_gpu:

@@ -63,6 +63,27 @@ def test_the_launcher_picks_the_config_from_the_cluster_shape():
         assert (CONFIGS.parent.parent / path).is_file()
 
 
+def test_the_launcher_counts_nodes_that_can_host_a_worker_cpu_workers_included():
+    """A CPU cluster of several nodes gets the multi-node config too (it once counted GPUs only, so CPU
+    clusters, the rehearsal's included, always got the one-node config)."""
+    from types import SimpleNamespace
+
+    from lipnext_scale.train.cli import DEEPSPEED_MANY_NODES, DEEPSPEED_ONE_NODE, deepspeed_for_cluster, worker_slots
+    from lipnext_scale.train.trainer import worker_resources
+
+    head, cpu_node = {"CPU": 0.0, "memory": 1e9}, {"CPU": 2.0, "memory": 1e9}
+    gpu_node = {"CPU": 96.0, "GPU": 8.0}
+    cpu_worker = worker_resources(SimpleNamespace(cpus_per_worker=1), use_gpu=False)
+    gpu_worker = worker_resources(SimpleNamespace(cpus_per_worker=4), use_gpu=True)
+    assert cpu_worker == {"CPU": 1} and gpu_worker == {"CPU": 4, "GPU": 1}
+    assert worker_slots([head, cpu_node, cpu_node], cpu_worker) == [0, 2, 2]
+    assert deepspeed_for_cluster(worker_slots([head, cpu_node, cpu_node], cpu_worker)) == DEEPSPEED_MANY_NODES
+    assert deepspeed_for_cluster(worker_slots([head, cpu_node], cpu_worker)) == DEEPSPEED_ONE_NODE
+    # GPU workers: a CPU head with many CPUs hosts none; a node's CPUs can limit its GPU workers
+    assert worker_slots([{"CPU": 64.0}, gpu_node, {"CPU": 8.0, "GPU": 8.0}], gpu_worker) == [0, 8, 2]
+    assert deepspeed_for_cluster(worker_slots([{"CPU": 64.0}, gpu_node], gpu_worker)) == DEEPSPEED_ONE_NODE
+
+
 def _nodes(*sizes: int) -> list[int]:
     return [n for n, size in enumerate(sizes) for _ in range(size)]
 
