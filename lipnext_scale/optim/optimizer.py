@@ -109,6 +109,7 @@ class ManifoldOptimizer(torch.optim.Optimizer):
         self.step_count = 0  # applied steps: drives the schedule
         self.skipped_steps = 0
         self.ns_stats: dict = {}
+        self._sync_next = False
 
     # ---------------------------------------------------------------------------------------------
 
@@ -162,6 +163,7 @@ class ManifoldOptimizer(torch.optim.Optimizer):
                 self._manifold_update(shape, params, group["lr"])
         if self._euclid is not None:
             self._euclid.step()
+        self._sync_next = False
         self.step_count += 1
         return loss
 
@@ -174,7 +176,8 @@ class ManifoldOptimizer(torch.optim.Optimizer):
         keys = state_shapes(shape, self.cfg)
         state = _stack_state([self.state[p] for p in params], keys)
         new = manifold_update(torch.stack([x.detach() for x in points]), torch.stack([p.grad for p in params]),
-                              state, step=self.step_count, lr=lr, cfg=self.cfg, stats=self.ns_stats)
+                              state, step=self.step_count, lr=lr, cfg=self.cfg, stats=self.ns_stats,
+                              sync_lookahead=self._sync_next)
         for i, p in enumerate(params):
             for k, v in state.items():
                 self.state[p][k] = v[i].clone()
@@ -183,6 +186,13 @@ class ManifoldOptimizer(torch.optim.Optimizer):
             p.copy_(new[i])
 
     # ---------------------------------------------------------------------------------------------
+
+    def request_lookahead_sync(self) -> None:
+        """The next step ends with the Lookahead update of both groups (slow and fast weights synchronised): call
+        it before the step that precedes an evaluation or a checkpoint."""
+        self._sync_next = self.cfg.lookahead_k > 0
+        if self._euclid is not None:
+            self._euclid.request_lookahead_sync()
 
     def fast_exp_scalars(self) -> dict[str, float]:
         """FastExp branch shares and ||A||_F / rho quantiles since the last call (host reads: log steps only)."""

@@ -164,6 +164,7 @@ class ShardedManifoldStep:
         self.retraction_counts = {s.name: 0 for s in self.owned}  # cumulative, this rank's matrices
         self.ns_stats: dict = {}
         self.stats: dict = {}
+        self._sync_next = False
         self._check_initial_orthogonality()
 
     def owner_map(self) -> dict[str, int]:
@@ -263,7 +264,8 @@ class ShardedManifoldStep:
             keys = set.intersection(*(set(s) for s in states))
             stacked = {k: torch.stack([s[k] for s in states]) for k in keys}
             out = manifold_update(torch.stack([masters[n] for n in names]), torch.stack([grads[n] for n in names]),
-                                  stacked, step=self.step_count, lr=lr, cfg=self.cfg, stats=self.ns_stats)
+                                  stacked, step=self.step_count, lr=lr, cfg=self.cfg, stats=self.ns_stats,
+                                  sync_lookahead=self._sync_next)
             for i, n in enumerate(names):
                 self.state[n] = {k: v[i].clone() for k, v in stacked.items()}
                 new[n] = out[i]
@@ -309,6 +311,7 @@ class ShardedManifoldStep:
         if scatter_prev is not None:
             self._finish_scatter(*scatter_prev)
         self._zero_manifold_grads()
+        self._sync_next = False
         if self.schedule_euclidean:
             for g in self.engine.optimizer.param_groups:
                 if not g.get("manifold"):
@@ -327,6 +330,15 @@ class ShardedManifoldStep:
             safe_set_local_grad(s.param, torch.zeros(s.part, dtype=torch.float32, device=self.device))
 
     # ------------------------------------------------------------------ checks and state
+
+    def request_lookahead_sync(self) -> None:
+        """The next optimizer step ends with the Lookahead update of the manifold matrices and of the Euclidean
+        parameters (DeepSpeed's client optimizer): slow and fast weights synchronised inside the step, where the
+        fp32 masters are written (a write outside it would not reach the module's bf16 copy). Every rank."""
+        self._sync_next = self.cfg.lookahead_k > 0
+        client = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        if hasattr(client, "request_lookahead_sync"):
+            client.request_lookahead_sync()
 
     def fast_exp_scalars(self) -> dict[str, float]:
         """This log window's FastExp branch shares (over all owners) and ||A||_F / rho quantiles (the largest

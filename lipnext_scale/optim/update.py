@@ -16,7 +16,7 @@ fast_exp (paper.md A, [K]):
   normalised    optim.normalize_step (ablation): D scaled per matrix to ||D||_F = sqrt(p), so ||A||_F = lr sqrt(p)
   rotation      in optim.rotation_dtype (float64: the first author's choice; the result is rounded to fp32)
   polish        one Newton-Schulz step every optim.polish_every steps (0: never)
-  lookahead     every k steps. Square: slow <- slow FastExp(1/2 sum of the k generators A), as in the paper.
+  lookahead     every k steps, and at a requested synchronisation (before evaluations and checkpoints). Square: slow <- slow FastExp(1/2 sum of the k generators A), as in the paper.
                 Tall: the k generators live in the n x n algebra (rank 2pk), so the slow copy moves half way
                 to the fast one instead (the same first-order move): FastExp(1/2 (D S^T - S D^T)) S with
                 D = Delta - S S^T Delta / 2, Delta = F - S, so Omega S = Delta / 2 to first order; then fast <- slow
@@ -89,9 +89,11 @@ def _t(x: torch.Tensor, wide: bool) -> torch.Tensor:
 
 
 def manifold_update(x: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], *, step: int, lr: float,
-                    cfg, stats: dict | None = None) -> torch.Tensor:
+                    cfg, stats: dict | None = None, sync_lookahead: bool = False) -> torch.Tensor:
     """New value of the stacked matrices `x` (b, r, c) after optimizer step `step` (0-based) at learning rate
-    `lr`; `state` (stacked like x, updated in place or filled) carries the moments and the Lookahead copy."""
+    `lr`; `state` (stacked like x, updated in place or filled) carries the moments and the Lookahead copy.
+    `sync_lookahead`: this step ends with the Lookahead update whether or not k steps have passed (slow and fast
+    weights synchronised before an evaluation or a checkpoint, as timm's `sync_lookahead` in LiResNet++)."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, g = x.to(dtype), grad.to(dtype)
     if cfg.retraction == "polar_ns":
@@ -117,7 +119,8 @@ def manifold_update(x: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.
     if cfg.lookahead_k > 0:
         if square:
             state["delta_sum"] = state["delta_sum"].add_(a) if "delta_sum" in state else a.clone()
-        if _due(step, cfg.lookahead_k):
+        lookahead_now = _due(step, cfg.lookahead_k) or sync_lookahead
+        if lookahead_now:
             slow = _t(state["slow"].to(dtype), wide)
             if square:
                 slow = slow @ fast_exp(0.5 * state["delta_sum"], **_branching(cfg))
@@ -129,7 +132,7 @@ def manifold_update(x: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.
     if _due(step, cfg.polar_every):
         y = polar_exact(y).to(dtype)
     out = _t(y, wide).contiguous()
-    if cfg.lookahead_k > 0 and _due(step, cfg.lookahead_k):
+    if cfg.lookahead_k > 0 and (_due(step, cfg.lookahead_k) or sync_lookahead):
         state["slow"] = out.clone()
     elif cfg.lookahead_k > 0 and _due(step, cfg.polar_every):
         state["slow"] = polar_exact(state["slow"]).to(dtype)

@@ -112,6 +112,8 @@ def train(cfg: JobConfig, built: Built, manager: CheckpointManager, position: Po
         save(dict(last))  # this run's directory is self-contained from here on
     built.engine.train()
     while step < tc.steps:
+        if _sync_before(step + 1, tc, cfg.ckpt.every_steps):
+            built.manifold.request_lookahead_sync()  # the step before an evaluation or a scheduled checkpoint
         _train_step(built, batches, window, timer, training_eps(step, tc.steps, cfg.loss), tc.grad_accum, device)
         batches_done += tc.grad_accum
         step += 1
@@ -172,6 +174,15 @@ def _train_step(built: Built, batches, window: Window, timer: PhaseTimer, eps: f
         with timer.phase("optimizer"):
             engine.step()
         window.add(loss, logits, labels)
+
+
+def _sync_before(step: int, tc, every_steps: int) -> bool:
+    """Whether optimizer step `step` (1-based) is followed by an evaluation or a scheduled checkpoint, so that it
+    ends with Lookahead's slow/fast synchronisation: what is evaluated, checkpointed and certified is the slow
+    weights (LiResNet++ synchronises at every epoch end; the recipes checkpoint once per epoch). A checkpoint on
+    a stop request is not scheduled, so it is not synchronised (the trajectory does not depend on it)."""
+    return (step == tc.steps or step % every_steps == 0
+            or (tc.eval_every > 0 and step % tc.eval_every == 0))
 
 
 def _divergence(agreed, newly_skipped: int, step: int) -> str | None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 # Shared with the test: the model, optimizer config and data both sides use.
 GLOBAL_BATCH = 8
 IN = 12
+SYNC_STEPS = {0}  # a Lookahead synchronisation requested off the k = 2 schedule (before an eval/checkpoint)
 
 
 def optim_config():
@@ -74,6 +75,8 @@ def single_process(init_state, steps, optimizer_state=None):
         x, y = batch(step)
         opt.zero_grad()
         F.cross_entropy(model(x) * 10.0, y).backward()
+        if step in SYNC_STEPS:
+            opt.request_lookahead_sync()
         opt.step()
     return model, opt
 
@@ -118,6 +121,8 @@ def main() -> None:
         if poison and rank == 0:
             p = named[manifold_names[0]]
             safe_set_local_grad(p, torch.full((p.ds_tensor.numel(),), float("nan")))
+        if step in SYNC_STEPS:
+            manifold.request_lookahead_sync()  # manifold matrices and DeepSpeed's client optimizer alike
         applied = manifold.step()
         engine.step()
         return applied

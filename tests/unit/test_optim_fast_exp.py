@@ -299,3 +299,36 @@ def test_the_optimizer_adapts_its_budget_at_log_steps():
     assert scalars["fast_exp/updates"] > 0 and scalars["fast_exp/share_clipped"] == 0
     assert scalars["fast_exp/squaring_budget"] == 1.0  # tiny steps: Taylor order <= 4, one squaring in reserve
     assert sum(v for k, v in scalars.items() if k.startswith("fast_exp/share_")) == pytest.approx(1.0)
+
+
+def test_a_requested_lookahead_sync_ends_the_next_step_with_slow_equal_to_fast():
+    """Before an evaluation or a checkpoint (LiResNet++: every epoch end) slow and fast weights are synchronised:
+    the step does the Lookahead update early, for the manifold matrices and the Euclidean parameters alike."""
+    from lipnext_scale.model import create_model
+    from lipnext_scale.optim import ManifoldOptimizer
+
+    torch.manual_seed(0)
+    model = create_model("lipnext-tiny", depth=1)
+    opt = ManifoldOptimizer(model, _cfg(lr=1e-2, lookahead_k=6, euclid_lookahead_k=6, euclid_lr=1e-2))
+    x = torch.rand(4, 3, 32, 32)
+    for step in range(3):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        if step == 2:
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            opt.request_lookahead_sync()
+        opt.step()
+    for name, p in opt.named_manifold_params():
+        assert torch.equal(opt.state[p]["slow"], p.detach()), name  # fast <- slow
+        assert torch.count_nonzero(opt.state[p]["delta_sum"]) == 0 if p.shape[0] == p.shape[1] else True
+        assert orthogonality_error(p.detach()) < 1e-5
+    euclid = {n: q for g in opt._groups("euclidean") for n, q in zip(g["names"], g["params"])}
+    for name, q in euclid.items():
+        state = opt._euclid.state[q]
+        assert torch.equal(state["lookahead_slow"], q.detach()), name
+    # a step without a request leaves the windows alone (k = 6 not reached)
+    opt.zero_grad()
+    model(x).square().sum().backward()
+    opt.step()
+    assert any(not torch.equal(opt._euclid.state[q]["lookahead_slow"], q.detach()) for q in euclid.values())
+    assert not all(torch.equal(before[n], p.detach()) for n, p in model.named_parameters())
