@@ -61,10 +61,20 @@ def test_polar_ns_outside_convergence_region_falls_back_and_counts():
 
 
 def test_polar_ns_too_few_iterations_falls_back():
-    x, d = _point_and_step((32, 32), 1.2)
+    # Singular values 1.6 and 1 (Gram diag(2.56, 1, ...): inside NS's region, so the spectrum guard passes).
+    # NS maps 1.6 -> 0.352 -> 0.506 -> 0.694 -> 0.874: iters=1 (at most 3 * 1 + 1 iterations) ends far from
+    # orthogonal and must fall back to QR, counted; the default budget converges without a fallback.
+    q = torch.linalg.qr(torch.randn(48, 16, generator=torch.Generator().manual_seed(0)))[0]
+    y0 = q * torch.tensor([1.6] + [1.0] * 15)
     stats = {}
-    y = polar_newton_schulz(x + d, iters=1, stats=stats)
+    y = polar_newton_schulz(y0, iters=1, stats=stats)
+    assert stats.get("ns_fallbacks") == 1, stats
+    assert "after" in stats["ns_fallback_reason"], stats  # the iteration budget, not the spectrum guard
     assert orthogonality_error(y) < 2e-6  # never a silently non-orthogonal result
+    assert torch.allclose(y, orthogonalize_exact(y0), atol=2e-6)  # the fallback is the polar factor too
+    enough = {}
+    polar_newton_schulz(y0, iters=6, stats=enough)
+    assert enough.get("ns_fallbacks", 0) == 0 and enough["ns_iters"] > 4, enough
 
 
 def test_exact_reorthogonalisation_removes_drift():
