@@ -114,10 +114,22 @@ def test_cifar_unpickler_refuses_anything_but_arrays(tmp_path):
 
 
 def test_config_accepts_exactly_the_loader_datasets():
-    from lipnext_scale.config import ConfigError, DataConfig
-    from lipnext_scale.data.transforms import DATASETS  # = config.choices(config.Dataset)
+    """The config's dataset choices are the data sets the pipeline can prepare (a source lister in
+    data/sources) and augment, and the config refuses anything else."""
+    from lipnext_scale.config import ConfigError, DataConfig, Dataset, choices
+    from lipnext_scale.data.sources import KINDS, list_source
+    from lipnext_scale.data.transforms import RESIZED_CROP_DATASETS
 
-    for name in DATASETS:
+    configured = set(choices(Dataset))
+    assert configured == set(KINDS)  # `lipnext prep` makes shards of each, and of nothing else
+    assert set(RESIZED_CROP_DATASETS) <= configured  # no augmentation rule for a data set nobody can pick
+    img = Image.new("RGB", (40, 30), (90, 120, 200))
+    for name in sorted(configured):
         DataConfig(dataset=name).validate()
+        with pytest.raises(Exception) as raised:  # no source here: the lister for `name` says so
+            list_source(name, "/nonexistent/lipnext-source")
+        assert "unknown data set kind" not in str(raised.value), raised.value
+        assert train_augment(img, name, 16, random.Random(0)).size == (16, 16), name
+        assert eval_transform(img, name, 16).size == (16, 16), name
     with pytest.raises(ConfigError, match="data.dataset"):
         DataConfig(dataset="mnist").validate()
