@@ -3,10 +3,12 @@ results, and crashes while writing. A small exported model and two small shards,
 process (actors=0: no Ray; nothing here claims distributed behaviour); every failure must be a one-line
 error (CLI exit code 2) or a logged, counted recovery, and no final file name may ever hold half a file."""
 
+import errno
 import io
 import json
 import logging
 import os
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -87,16 +89,37 @@ def test_an_impossible_out_fails_before_anything_is_loaded(inputs, tmp_path, cap
     assert (tmp_path / "file").read_text() == "x" and not os.path.exists("job.json")
 
 
-def _read_only_dir(tmp_path):
+def _deny_writes_under(monkeypatch, folder: Path) -> None:
+    """Refuse, as the kernel does for any user but root, to create anything inside `folder` (EACCES from
+    the local filesystem under storage.py, so the job's own error handling is what the test sees)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    def refuse(name: str) -> None:
+        original = getattr(LocalFileSystem, name)
+
+        def guarded(self, path, *args, **kwargs):
+            mode = args[0] if args and name == "_open" else kwargs.get("mode", "wb")
+            inside = folder in Path(LocalFileSystem._strip_protocol(str(path))).parents
+            if inside and (name != "_open" or any(c in mode for c in "wax+")):
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return original(self, path, *args, **kwargs)
+
+        monkeypatch.setattr(LocalFileSystem, name, guarded)
+
+    for name in ("_open", "makedirs", "mkdir", "touch"):
+        refuse(name)
+
+
+def _read_only_dir(tmp_path, monkeypatch):
     folder = tmp_path / "read-only"
     folder.mkdir()
     folder.chmod(0o555)
-    if os.access(folder, os.W_OK):  # root ignores permission bits
-        pytest.skip("this user can write a read-only directory (root)")
+    if os.access(folder, os.W_OK):  # root (as in CI) ignores permission bits: refuse as they would
+        _deny_writes_under(monkeypatch, folder)
     return str(folder)
 
 
-def _unwritable_system_dir(_tmp_path):
+def _unwritable_system_dir(_tmp_path, _monkeypatch):
     """sysfs: nobody may create a directory at its top, not even root."""
     out = "/sys/lipnext-certify-out"
     try:
@@ -108,11 +131,12 @@ def _unwritable_system_dir(_tmp_path):
 
 
 @pytest.mark.parametrize("make_out", [_read_only_dir, _unwritable_system_dir])
-def test_an_unwritable_out_fails_before_any_actor_starts(inputs, tmp_path, capsys, no_actor, make_out):
-    out = make_out(tmp_path)
+def test_an_unwritable_out_fails_before_any_actor_starts(inputs, tmp_path, capsys, monkeypatch, no_actor, make_out):
+    out = make_out(tmp_path, monkeypatch)
     rc, err = _cli(capsys, inputs[0], "--data", inputs[1], "--out", out, "--actors", "2")
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert f"cannot write '{out}/job.json'" in err and "permissions" in err
+    assert not os.path.isdir(out) or not os.listdir(out)  # not even a temporary file left behind
 
 
 def test_an_unknown_checkpoint_protocol_is_one_line(inputs, tmp_path, capsys):
