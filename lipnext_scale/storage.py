@@ -99,6 +99,9 @@ def _failure(url: str, what: str, e: BaseException) -> str:
     return f"cannot {what} {url!r}{tried} ({_one_line(e)}); {fix}"
 
 
+storage_failure = _failure  # for the few callers that need fsspec's own API under the same retries and wording
+
+
 class StorageError(ValueError):
     """A URL cannot be opened or written; the message names it and the fix."""
 

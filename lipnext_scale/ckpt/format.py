@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from lipnext_scale.storage import atomic_write_bytes, join_url, url_to_fs
+from lipnext_scale.storage import atomic_write_bytes, join_url, storage_failure, url_to_fs, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +96,17 @@ def write_rank_files(dir_url: str, rank: int, tensors: dict[str, torch.Tensor], 
 
 
 def _read(url: str, name: str) -> bytes:
+    """One file of a checkpoint, read with the storage layer's retries (a flaky object store while resuming or
+    certifying costs retries, not the run); a missing file means an incomplete checkpoint."""
     fs, path = url_to_fs(url, CheckpointError)
+    file_url = join_url(url, name)
     try:
-        with fs.open(posixpath.join(path, name), "rb") as f:
-            return f.read()
+        return with_retries(file_url, "reading", lambda: fs.cat_file(posixpath.join(path, name)))
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {url!r} lacks {name}: it is incomplete (interrupted upload?); "
                               "resume from an earlier checkpoint") from None
+    except OSError as e:
+        raise CheckpointError(storage_failure(file_url, "read", e)) from None
 
 
 def _parse_json(data: bytes, where: str) -> Any:

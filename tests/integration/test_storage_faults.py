@@ -81,6 +81,8 @@ def test_transient_errors_are_retried_and_every_write_and_read_succeeds(tmp_path
         table = pa.table({"key": healthy, "label": list(range(len(healthy)))})
         write_parquet_atomic(table, _faulty(tmp_path / "out" / "shards" / "val-000000.parquet"))
         storage.atomic_write_bytes(_faulty(tmp_path / "out" / "report.json"), b'{"samples": 300}')
+        for _ in range(3):  # reading a checkpoint back (resume, certification) under the same faults
+            assert validate_checkpoint(url)["step"] == 10
     assert faults.failed > 10 and any("retry 1 of 7" in r.getMessage() for r in caplog.records)
     faults.share = 0.0
     assert validate_checkpoint(url)["step"] == 10  # every file present with its hash
