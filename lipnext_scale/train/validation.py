@@ -40,7 +40,7 @@ from lipnext_scale.ckpt.retention import (
 )
 from lipnext_scale.config import ConfigError, JobConfig, config_from_dict, config_to_dict
 from lipnext_scale.eps import format_eps, parse_eps_list
-from lipnext_scale.storage import atomic_write_bytes, exists, is_process_local, join_url
+from lipnext_scale.storage import atomic_write_bytes, exists, is_process_local, join_url, with_retries
 from lipnext_scale.train.evaluate import cra_key
 
 log = logging.getLogger(__name__)
@@ -119,12 +119,20 @@ def validation_config(cfg: JobConfig, run_url: str):
     return ValidationConfig(certify_checkpoint, task_config=task, ray_remote_kwargs=remote)
 
 
+def upload_with_retries(checkpoint, name: str, upload: Callable):
+    """`upload(checkpoint, name)` (Ray Train's copy of a staging directory into the run), retried whole on a
+    transient storage error (a 503, a reset: the storage layer's `is_transient`), with the same backoff as every
+    other write; the files it already copied are overwritten with the same bytes. A checkpoint is only taken for
+    complete once every rank's manifest is stored, so a failed attempt is never mistaken for one."""
+    return with_retries(f"{name} (from {checkpoint.path})", "uploading checkpoint", lambda: upload(checkpoint, name))
+
+
 def ray_report(cfg: JobConfig, upload_fn: Callable | None = None) -> Report:
     """The loop's `report` in a Ray Train worker: `ray.train.report` with ckpt.upload's mode, asking for the
     checkpoint's certification when it is on. Returns True when Ray took the staging directory over.
 
     async: Ray Train's upload thread waits until the CheckpointManager has written the staging directory in
-    its own background thread (`waits_for_staging`), then uploads it (`upload_fn`, Ray Train's
+    its own background thread (`waits_for_staging`), then uploads it with retries (`upload_fn`, Ray Train's
     `checkpoint_upload_fn`; None: Ray's own copy into the run directory) and deletes it; the step only
     copied its state in memory. sync: the step writes, uploads and hands the report over before going on."""
     import ray.train
@@ -135,9 +143,8 @@ def ray_report(cfg: JobConfig, upload_fn: Callable | None = None) -> Report:
 
     def upload_when_staged(checkpoint, name: str):
         wait_until_staged(checkpoint.path)
-        if upload_fn is not None:
-            return upload_fn(checkpoint, name)
-        return ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, name)
+        return upload_with_retries(checkpoint, name, upload_fn or (
+            lambda c, n: ray.train.get_context().get_storage().persist_current_checkpoint(c, n)))
 
     def report(metrics: dict[str, Any], local_dir: str | None, name: str | None) -> bool:
         checkpoint = ray.train.Checkpoint.from_directory(local_dir) if local_dir else None

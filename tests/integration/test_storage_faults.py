@@ -296,3 +296,39 @@ def test_a_certification_actor_killed_halfway_through_a_shard_changes_nothing(tm
     same = {k: v for k, v in reference.items() if k != "timing"}
     assert {k: v for k, v in result.items() if k != "timing"} == same
     assert json.loads((out / "report.json").read_text())["certified_accuracy"] == reference["certified_accuracy"]
+
+
+def test_a_checkpoint_upload_that_fails_transiently_is_retried_whole(tmp_path, monkeypatch):
+    """Ray Train's copy of a staging directory into storage (`persist_current_checkpoint` or the run's upload
+    function) is retried on a transient error, given up with the error on a permanent one."""
+    import shutil
+    from types import SimpleNamespace
+
+    from lipnext_scale import storage
+    from lipnext_scale.train.validation import upload_with_retries
+
+    monkeypatch.setattr(storage, "RETRY", storage.RetryPolicy(attempts=4, first_delay_s=0.01, max_delay_s=0.02))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"x" * 1000)
+    calls = []
+
+    def flaky_upload(checkpoint, name):
+        calls.append(name)
+        dest = tmp_path / "run" / name
+        shutil.copytree(checkpoint.path, dest, dirs_exist_ok=True)  # partly done, then the service fails
+        if len(calls) < 3:
+            raise ConnectionError("503 Slow Down")
+        return "uploaded"
+
+    assert upload_with_retries(SimpleNamespace(path=str(staging)), "step_00000010", flaky_upload) == "uploaded"
+    assert len(calls) == 3 and (tmp_path / "run" / "step_00000010" / "model.safetensors").read_bytes() == b"x" * 1000
+
+    def refused(checkpoint, name):
+        calls.append(name)
+        raise PermissionError(13, "Access Denied")
+
+    calls.clear()
+    with pytest.raises(PermissionError):
+        upload_with_retries(SimpleNamespace(path=str(staging)), "step_00000020", refused)
+    assert len(calls) == 1  # a permanent error is not retried
