@@ -1,0 +1,115 @@
+"""The 2B release rehearsal, small: `python bench/rehearse_2b.py --quick` on a simulated multi-node cluster.
+
+One run of the rehearsal (its own process: Ray reads RAY_AUTH_MODE at import, and the suite's Ray runs without
+token auth) serves the module: a head with the Jobs API on 127.0.0.1 behind token auth and 3 one-CPU worker
+nodes on their own loopback addresses; an ImageNet look-alike (folders layout, 224 px) prepared by the
+`data_prep/imagenet.py` Ray job; `launchers/train_2b.py --num-workers 2-3` (the 2B recipe shrunk by --set:
+width 64, depth 1, patch 16 at 224 px, fp32) on the multi-node ZeRO config the launcher picks itself; a node
+killed mid-run (restart at 2 from the last checkpoint, lost steps counted) and added back (3 again); the job
+stopped and resumed with --resume at another count (bit-identical state); a preemption drain (checkpoint on
+the notice, the run finishes on the nodes left); width steps measured; in-run certification and a final
+`launchers/certify.py` job with actors on 2 nodes at the default tolerance.
+
+This replaces tests/integration/test_cluster_elastic.py (distinct nodes, node loss and return, exact resume at
+another size, certification actors on two nodes, preemption): the same checks on the documented commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+REPO = Path(__file__).resolve().parents[2]
+MULTINODE = "configs/deepspeed/zero3_bf16_multinode.json"
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rehearsal") / "rehearsal.json"
+    work = tmp_path_factory.mktemp("rehearsal-work")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "rehearse_2b.py"), "--quick", "--width", "64",
+                           "--out", str(out), "--workdir", str(work)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=1500)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    results = json.loads(out.read_text())
+    print("\nrehearsal phases (s):", json.dumps(results["phases_s"]))
+    return results
+
+
+def test_cluster_of_distinct_nodes_behind_token_auth(rehearsal):
+    cluster = rehearsal["cluster"]
+    workers = [n for n in cluster["nodes"] if n["cpus"] > 0]
+    assert len(workers) == 3 and len({n["ip"] for n in workers}) == 3, cluster["nodes"]
+    assert cluster["token_auth"], "the Jobs API answered a client without the token (or refused the token)"
+    assert cluster["jobs_api"].startswith("http://127.0.0.1:")
+    data = rehearsal["data"]
+    assert data["shards"]["train"] >= 3 and data["shards"]["val"] >= 2 and data["image_px"] == 224
+
+
+def test_launcher_picks_the_multinode_config_and_hpz_is_sized_per_world_size(rehearsal):
+    drill = rehearsal["drill"]
+    assert drill["deepspeed_config"] == MULTINODE
+    hpz = {int(k): v for k, v in drill["hpz_by_world_size"].items()}
+    assert set(hpz) == {2, 3}, hpz
+    assert "3 ranks on 3 node(s)" in hpz[3] and "2 ranks on 2 node(s)" in hpz[2]  # one worker per node
+    assert all("hpZ off" in v for v in hpz.values())  # one rank per node: nothing node-local to gain
+
+
+def test_node_loss_restarts_smaller_from_the_last_checkpoint_and_a_node_back_grows_it(rehearsal):
+    drill = rehearsal["drill"]
+    assert [s["world_size"] for s in drill["starts"]] == [3, 2, 3], drill["starts"]
+    loss, add = drill["node_loss"], drill["node_add"]
+    assert loss["world_size_after"] == 2 and add["world_size_after"] == 3
+    every = rehearsal["conditions"]["args"]["ckpt_every"]
+    # Restarted from the newest whole checkpoint: the lost node may have been writing the next one (then set
+    # aside), so up to two checkpoint intervals are redone, never more.
+    assert loss["restarted_from_step"] % every == 0 and 0 <= loss["lost_steps"] <= 2 * every, loss
+    assert loss["lost_steps"] == loss["at_step_reached"] - loss["restarted_from_step"]
+    written = {int(k): v for k, v in drill["checkpoints"].items()}
+    assert sorted(written) == list(range(every, drill["stopped_after_step"] + 1, every))
+    shrunk, grown = loss["restarted_from_step"], add["restarted_from_step"]
+    assert written == {s: 3 if s <= shrunk or s > grown else 2 for s in written}
+
+
+def test_resume_at_another_worker_count_continues_exactly(rehearsal):
+    resume = rehearsal["resume"]
+    assert resume["state_identical"] and resume["data_position_exact"]
+    assert set(resume["tensors_compared"]) >= {"weights", "manifold state"}
+    assert resume["to_workers"] == 2 and "at 3 workers" in resume["from"]
+    assert resume["finished_world_size"] == 2
+
+
+def test_preemption_notice_checkpoints_and_the_run_finishes_on_the_nodes_left(rehearsal):
+    preempt = rehearsal["preempt"]
+    assert preempt["resumed_from_step"] < preempt["notice_checkpoint_step"] < preempt["finished_step"]
+    assert preempt["finished_world_size"] == 2
+
+
+def test_width_phase_measures_memory_fast_exp_and_the_step_split(rehearsal):
+    width = rehearsal["width"]
+    assert width["lr"] == [pytest.approx(1e-3)]  # the recipe's optim.lr (stored as fp32)
+    assert len(width["fast_exp_counts_per_step"]) == width["steps"]
+    for step in width["fast_exp_counts_per_step"]:
+        assert step["updates"] == 1 + 2 * width["depth"]  # stem + rot + mix per block, one update each
+    assert set(width["step_time_split_s"]) == {"data", "forward", "backward", "manifold", "euclidean", "checkpoint"}
+    assert len(width["peak_rss_bytes_per_rank"]) >= width["workers"]
+    assert all(b > 0 for b in width["checkpoint_bytes"].values())
+    assert width["plan"]["total_bytes"] > 0 and width["peak_rss_vs_plan"]
+    done = [c for c in width["in_run_certification"] if c.get("state") == "done"]
+    assert done, width["in_run_certification"]
+
+
+def test_final_certification_on_two_nodes_at_the_default_tolerance(rehearsal):
+    cert = rehearsal["certify"]
+    assert len(cert["actor_nodes"]) == 2
+    assert 1.0 <= cert["lipschitz_bound"] <= 1.0 + 1e-4 and not cert["report"]["lipschitz"].get("approx")
+    assert 0.0 <= cert["radius_loss"] < 1e-4
