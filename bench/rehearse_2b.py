@@ -49,6 +49,7 @@ RAY = str(Path(sys.executable).with_name("ray"))
 # for a lost node's workers after 20 s instead of 60 s.
 CLUSTER_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5",
                "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+NOTICE_LINE = re.compile(r"preemption notice: checkpoint written at step (\d+)")
 HPZ_LINE = re.compile(r"world size (\d+): (.*hpZ[^\n]*)")
 
 
@@ -428,15 +429,33 @@ class Rehearsal:
         self.cluster.refresh()
         grown = wait_for(lambda: [s for s, w in valid_steps(run).items() if w == high and s > min(small)],
                          "a checkpoint at the full size again", alive=alive)
-        stop_at = max(grown) + a.ckpt_every
-        wait_for(lambda: stop_at in valid_steps(run), f"the checkpoint of step {stop_at}", alive=alive)
+        # A preemption (docs §7): the node drained as a spot reclaim does; the workers checkpoint on the notice,
+        # then the node goes and the run restarts on the nodes left from there. In this job: a new elastic job
+        # right after `ray job stop` would wait out the stopped job's coordinator request (up to 180 s).
+        preempt_wall, drained = time.time(), time.monotonic()
+        node_id = train_workers()[-1].node_id
+        subprocess.run([RAY, "drain-node", "--address", self.cluster.address, "--node-id", node_id, "--reason",
+                        "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (rehearsal)",
+                        "--deadline-remaining-seconds", "60"], check=True, capture_output=True, timeout=60)
+        notice = int(wait_for(lambda: NOTICE_LINE.search(job_logs(url, job)), "the checkpoint on the notice",
+                              alive=alive).group(1))
+        notice_s = time.monotonic() - drained
+        wait_for(lambda: notice in valid_steps(run), f"the notice's checkpoint {notice}", alive=alive)
+        self.cluster.remove_node(node_id)
+        self.cluster.refresh()
+        after = wait_for(lambda: [s for s, w in valid_steps(run).items() if w < high and s > notice],
+                         "a checkpoint at fewer workers after the preemption", alive=alive)
+        stop_at = min(after)
         stop_job(url, job)
+        self.cluster.add_node()  # the capacity back for the next phases
+        self.cluster.refresh()
         logs = job_logs(url, job)
         tb = scalars(run)
         starts = [(int(s), int(v), t) for s, v, t in tb["run/world_size"]]
         steps_logged = [(s, t) for s, _, t in tb.get("train/loss", [])]
         shrink_start = next((s, w, t) for s, w, t in starts if t > lost_wall)
         grow_start = next((s, w, t) for s, w, t in starts if t > joined_wall)
+        preempt_start = next((s, w, t) for s, w, t in starts if t > preempt_wall)
         reached = max(s for s, t in steps_logged if t < shrink_start[2])
         self.results["drill"] = {
             "command": " ".join(["ray job submit ... --"] + launcher(Path("DATA"), Path("STORAGE"), f"{low}-{high}",
@@ -449,6 +468,8 @@ class Rehearsal:
                           "loss_to_restart_s": round(shrink_start[2] - lost_wall, 1)},
             "node_add": {"restarted_from_step": grow_start[0], "world_size_after": grow_start[1],
                          "join_to_restart_s": round(grow_start[2] - joined_wall, 1)},
+            "preemption": {"notice_checkpoint_step": notice, "drain_to_checkpoint_s": round(notice_s, 1),
+                           "restarted_from_step": preempt_start[0], "world_size_after": preempt_start[1]},
             "stopped_after_step": stop_at, "checkpoints": valid_steps(run),
             "hpz_by_world_size": hpz_lines(logs), "wall_s": round(time.monotonic() - started, 1)}
 
@@ -482,42 +503,6 @@ class Rehearsal:
             "finished_step": end.step, "finished_world_size": end.world_size, "hpz_by_world_size": hpz_lines(logs)}
         if not position:
             raise AssertionError(f"data position after resume: {state.data} at grad_accum {tc['grad_accum']}")
-
-    # preempt ------------------------------------------------------------------------------------------
-    def preempt(self) -> None:
-        """A node drained for preemption (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`, what a spot
-        reclaim sends): the workers checkpoint on the notice; the node then goes and the run continues on the
-        nodes left from that checkpoint (docs §7, "Preemption"). A node is added back afterwards."""
-        a, url = self.args, self.cluster.url
-        at = self.results["drill"]["stopped_after_step"]
-        run, end = self.storage / "preempt", at + a.preempt_steps
-        low, high = a.nodes_min * a.workers_per_node, a.nodes * a.workers_per_node
-        over = [*shrink(a, width=a.drill_width, depth=a.drill_depth, steps=a.steps, micro=a.micro_batch,
-                        global_batch=a.global_batch, every=1000), "train.name=preempt", "train.log_every=2",
-                "train.resize_check_s=1", "certify.during_training=false", f"train.steps={end}"]
-        job = submit(url, launcher(self.data, self.storage, f"{low}-{high}", over,
-                                   resume=str(self.storage / "drill" / f"step_{at:08d}")))
-        alive, submitted = running(url, job), time.monotonic()
-        wait_for(lambda: at in valid_steps(run), "the start", alive=alive)
-        started_s = time.monotonic() - submitted
-        wait_for(lambda: len(train_workers()) == high, "training at the full size", alive=alive)
-        node_id = train_workers()[-1].node_id
-        drained = time.monotonic()
-        subprocess.run([RAY, "drain-node", "--address", self.cluster.address, "--node-id", node_id, "--reason",
-                        "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (rehearsal)",
-                        "--deadline-remaining-seconds", "60"], check=True, capture_output=True, timeout=60)
-        (notice,) = wait_for(lambda: [s for s in valid_steps(run) if s != at], "the checkpoint on the notice",
-                             alive=alive)
-        notice_s = time.monotonic() - drained
-        self.cluster.remove_node(node_id)
-        self.cluster.refresh()
-        wait_job(url, job, timeout=900)
-        written = valid_steps(run)
-        self.results["preempt"] = {"submit_to_start_s": round(started_s, 1), "resumed_from_step": at, "notice_checkpoint_step": notice,
-                                   "drain_to_checkpoint_s": round(notice_s, 1), "checkpoints": written,
-                                   "finished_step": max(written), "finished_world_size": written[max(written)]}
-        if not (at < notice < end and written.get(end) == low):
-            raise AssertionError(f"preemption: checkpoints {written}, notice at {notice}, end {end}")
 
     # width --------------------------------------------------------------------------------------------
     def width(self) -> None:
@@ -625,14 +610,14 @@ def parse_args(argv=None):
     import math
 
     sizes = list(range(args.nodes_min * w, args.nodes * w + 1))
-    args.resume_workers = args.nodes * w - 1 if w > 1 else args.nodes_min * w
+    # the drill ends at the range's low end (after the preemption): the resume goes to another count
+    args.resume_workers = args.nodes * w - 1 if w > 1 else args.nodes * w
     args.global_batch = math.lcm(*sizes, args.resume_workers)
     args.micro_batch = max(1, args.global_batch // min(sizes))
     args.ckpt_every = 4 if args.quick else 5
     args.classes = 10
     args.train_per_class, args.val_per_class, args.shard_size = (6, 2, 6) if args.quick else (24, 8, 10)
     args.certify_actors = 2
-    args.preempt_steps = 60 if args.quick else 40
     return args
 
 
@@ -650,11 +635,8 @@ def main(argv=None) -> int:
         r.timed("data", r.prepare_data)
         r.timed("drill", r.drill)
         r.timed("resume", r.resume)
-        # Elastic jobs last: Ray's autoscaling coordinator keeps a stopped elastic job's resource request for up
-        # to 180 s (its expiry), and a new elastic job on the cluster waits that out (measured in "preempt").
         r.timed("width", r.width)
         r.timed("certify", r.certify)
-        r.timed("preempt", r.preempt)
     except BaseException as e:
         r.results["error"] = f"{type(e).__name__}: {e}"[:4000]  # what ran is still written, with why it stopped
         raise

@@ -5,9 +5,9 @@ token auth) serves the module: a head with the Jobs API on 127.0.0.1 behind toke
 nodes on their own loopback addresses; an ImageNet look-alike (folders layout, 224 px) prepared by the
 `data_prep/imagenet.py` Ray job; `launchers/train_2b.py --num-workers 2-3` (the 2B recipe shrunk by --set:
 width 64, depth 1, patch 16 at 224 px, fp32) on the multi-node ZeRO config the launcher picks itself; a node
-killed mid-run (restart at 2 from the last checkpoint, lost steps counted) and added back (3 again); the job
-stopped and resumed with --resume at another count (bit-identical state); a preemption drain (checkpoint on
-the notice, the run finishes on the nodes left); width steps measured; in-run certification and a final
+killed mid-run (restart at 2 from the last checkpoint, lost steps counted) and added back (3 again); a preemption
+drain (checkpoint on the notice, the run continues on the nodes left); the job stopped and resumed with --resume
+at another count (bit-identical state); width steps measured; in-run certification and a final
 `launchers/certify.py` job with actors on 2 nodes at the default tolerance.
 
 This replaces tests/integration/test_cluster_elastic.py (distinct nodes, node loss and return, exact resume at
@@ -66,7 +66,7 @@ def test_launcher_picks_the_multinode_config_and_hpz_is_sized_per_world_size(reh
 
 def test_node_loss_restarts_smaller_from_the_last_checkpoint_and_a_node_back_grows_it(rehearsal):
     drill = rehearsal["drill"]
-    assert [s["world_size"] for s in drill["starts"]] == [3, 2, 3], drill["starts"]
+    assert [s["world_size"] for s in drill["starts"]] == [3, 2, 3, 2], drill["starts"]  # loss, return, preemption
     loss, add = drill["node_loss"], drill["node_add"]
     assert loss["world_size_after"] == 2 and add["world_size_after"] == 3
     every = rehearsal["conditions"]["args"]["ckpt_every"]
@@ -75,23 +75,27 @@ def test_node_loss_restarts_smaller_from_the_last_checkpoint_and_a_node_back_gro
     assert loss["restarted_from_step"] % every == 0 and 0 <= loss["lost_steps"] <= 2 * every, loss
     assert loss["lost_steps"] == loss["at_step_reached"] - loss["restarted_from_step"]
     written = {int(k): v for k, v in drill["checkpoints"].items()}
-    assert sorted(written) == list(range(every, drill["stopped_after_step"] + 1, every))
+    assert set(range(every, drill["stopped_after_step"] + 1, every)) <= set(written)
     shrunk, grown = loss["restarted_from_step"], add["restarted_from_step"]
-    assert written == {s: 3 if s <= shrunk or s > grown else 2 for s in written}
+    preempted = drill["preemption"]["restarted_from_step"]
+    assert written == {s: 3 if s <= shrunk or grown < s <= preempted else 2 for s in written}
 
 
 def test_resume_at_another_worker_count_continues_exactly(rehearsal):
     resume = rehearsal["resume"]
     assert resume["state_identical"] and resume["data_position_exact"]
     assert set(resume["tensors_compared"]) >= {"weights", "manifold state"}
-    assert resume["to_workers"] == 2 and "at 3 workers" in resume["from"]
-    assert resume["finished_world_size"] == 2
+    assert resume["to_workers"] == 3 and "at 2 workers" in resume["from"]
+    assert resume["finished_world_size"] == 3
 
 
-def test_preemption_notice_checkpoints_and_the_run_finishes_on_the_nodes_left(rehearsal):
-    preempt = rehearsal["preempt"]
-    assert preempt["resumed_from_step"] < preempt["notice_checkpoint_step"] < preempt["finished_step"]
-    assert preempt["finished_world_size"] == 2
+def test_preemption_notice_checkpoints_and_the_run_continues_on_the_nodes_left(rehearsal):
+    drill = rehearsal["drill"]
+    preempt = drill["preemption"]
+    assert drill["node_add"]["restarted_from_step"] < preempt["notice_checkpoint_step"]
+    assert preempt["restarted_from_step"] >= preempt["notice_checkpoint_step"]  # nothing before the notice redone
+    assert preempt["world_size_after"] == 2
+    assert int(max(drill["checkpoints"], key=int)) > preempt["restarted_from_step"]
 
 
 def test_width_phase_measures_memory_fast_exp_and_the_step_split(rehearsal):
