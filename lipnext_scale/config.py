@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lipnext_scale.eps import parse_eps_list
+from lipnext_scale.errors import LipnextError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,7 +26,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
+class ConfigError(LipnextError, ValueError):
     """A config file, key or value is wrong; the message names it and the fix."""
 
 

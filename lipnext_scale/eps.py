@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+from lipnext_scale.errors import LipnextError
+
 DEFAULT_EPS = "36/255,72/255,108/255"
 
 
-class CertifyInputError(ValueError):
+class CertifyInputError(LipnextError, ValueError):
     """Input to the certification math is unusable; the message names the value and the allowed range."""
 
 

@@ -29,6 +29,8 @@ from typing import Callable, Iterator, TypeVar
 
 import fsspec
 
+from lipnext_scale.errors import LipnextError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -102,7 +104,7 @@ def _failure(url: str, what: str, e: BaseException) -> str:
 storage_failure = _failure  # for the few callers that need fsspec's own API under the same retries and wording
 
 
-class StorageError(ValueError):
+class StorageError(LipnextError, ValueError):
     """A URL cannot be opened or written; the message names it and the fix."""
 
 

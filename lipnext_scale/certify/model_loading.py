@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lipnext_scale.errors import LipnextError
 
-class CertifyError(RuntimeError):
+
+class CertifyError(LipnextError, RuntimeError):
     """The certification job cannot run as asked; the message names the input and the fix."""
 
 

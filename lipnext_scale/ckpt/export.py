@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lipnext_scale.errors import LipnextError
 from lipnext_scale.storage import atomic_write_tree, url_to_fs, versions
 
 FORMAT = "lipnext-exported"
@@ -28,7 +29,7 @@ CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 
 
-class ExportError(ValueError):
+class ExportError(LipnextError, ValueError):
     """An exported model is missing, corrupt or does not match its config; the message names the file."""
 
 

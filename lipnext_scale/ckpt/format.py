@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from lipnext_scale.errors import LipnextError
 from lipnext_scale.storage import atomic_write_bytes, join_url, storage_failure, url_to_fs, with_retries
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ META_FILE = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LipnextError, ValueError):
     """A checkpoint is missing, incomplete or corrupt; the message names the file and what to do."""
 
 

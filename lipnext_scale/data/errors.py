@@ -3,6 +3,8 @@ so a bad URL, shard, source layout or manifest surfaces as a DataError naming th
 
 from __future__ import annotations
 
+from lipnext_scale.errors import LipnextError
 
-class DataError(ValueError):
+
+class DataError(LipnextError, ValueError):
     """A data URL, shard, source layout or manifest is wrong; the message names it and the fix."""

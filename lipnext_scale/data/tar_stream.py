@@ -13,12 +13,14 @@ import gzip
 import io
 from typing import Callable, Iterator
 
+from lipnext_scale.errors import LipnextError
+
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 SKIP_CHUNK = 1 << 20  # bytes read at a time when skipping over a member of an unseekable stream
 
 
-class TarError(ValueError):
+class TarError(LipnextError, ValueError):
     """The tar stream is corrupt or truncated; `member` is the member being read, if any."""
 
     def __init__(self, message: str, member: str | None = None):

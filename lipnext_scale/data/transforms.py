@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from lipnext_scale.config import Dataset, choices
+from lipnext_scale.errors import LipnextError
 
 DATASETS = choices(Dataset)  # the one list, shared with config validation
 # Augmentation family per data set: ImageNet crops at random scale, the small-image sets
@@ -30,7 +31,7 @@ IMAGENET_EVAL_CROP = 0.875  # resize to size/0.875 then center crop (224 from 25
 MAX_DECODED_PIXELS = 4096 * 4096
 
 
-class SampleError(ValueError):
+class SampleError(LipnextError, ValueError):
     """One sample cannot be used (corrupt image, missing member, bad label); the reason says which."""
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lipnext_scale.errors import LipnextError
 from lipnext_scale.model.layers import (
     SHIFT_MODES, L2SpatialPool, LipNeXtBlock, NormalizedLinear, OrthogonalProjection, Patchify, fan_flops,
 )
@@ -26,7 +27,7 @@ from lipnext_scale.model.layers import (
 SOURCES = ("paper", "inferred", "ours")
 
 
-class ModelInputError(ValueError):
+class ModelInputError(LipnextError, ValueError):
     """Images handed to a LipNeXt are not what it was built for; the message says what is expected."""
 
 

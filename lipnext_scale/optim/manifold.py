@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import torch
 
+from lipnext_scale.errors import LipnextError
 from lipnext_scale.model.layers import orthogonality_error  # one definition, shared with certification
 from lipnext_scale.optim.retraction import orthogonalize_exact, retract
 
 
-class ManifoldParameterError(ValueError):
+class ManifoldParameterError(LipnextError, ValueError):
     """A parameter tagged orthogonal cannot be trained on the manifold; the message names it and the fix."""
 
 

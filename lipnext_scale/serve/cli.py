@@ -13,6 +13,8 @@ import argparse
 import ipaddress
 import sys
 
+from lipnext_scale.errors import LipnextError
+
 DEVICES = ("cpu", "cuda")
 
 
@@ -47,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
 
 
-class ServeArgumentError(ValueError):
+class ServeArgumentError(LipnextError, ValueError):
     """A flag no server could run with; the message names it and the fix."""
 
 

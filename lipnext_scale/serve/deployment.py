@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, Response
 
 from lipnext_scale.certify.certify import certified_mask
 from lipnext_scale.certify.worker import ShardCertifier, certify_logits
+from lipnext_scale.errors import LipnextError
 from lipnext_scale.serve.requests import BadRequest, ServedModel, answers, check_length, decode_request
 
 APP_NAME = "lipnext"
@@ -138,7 +139,7 @@ def _one_line(error: Exception) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-class ServeStartError(RuntimeError):
+class ServeStartError(LipnextError, RuntimeError):
     """Serve could not start the application; the message is one line."""
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lipnext_scale.errors import LipnextError
+
 JSON_TYPES = ("application/json",)
 IMAGE_TYPES = ("image/png", "image/jpeg", "application/octet-stream")
 # What `curl --data-binary` sends when told nothing, and no header at all: the body's first byte decides.
@@ -25,7 +27,7 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 BYTES_PER_VALUE = 32  # a JSON pixel value with full float64 digits and its separator, rounded up
 
 
-class BadRequest(ValueError):
+class BadRequest(LipnextError, ValueError):
     """The request cannot be certified; `status` is its 4xx code and the message one line saying why."""
 
     def __init__(self, status: int, reason: str):

@@ -14,15 +14,18 @@ from typing import Any
 
 from lipnext_scale.ckpt import CheckpointManager
 from lipnext_scale.config import JobConfig, config_from_dict, config_to_dict
+from lipnext_scale.errors import LipnextError
 from lipnext_scale.train import validation
 from lipnext_scale.train.preflight import check_job, write_run_config
 
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(LipnextError, RuntimeError):
     """The loss or the weights became NaN/Inf; no checkpoint of them was written. The message says where
     the last good checkpoint is and what to change."""
+
+    exit_code = 1  # the input was fine; the run failed
 
 
 def _worker_entry(config: dict[str, Any]) -> None:

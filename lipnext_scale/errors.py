@@ -1,0 +1,17 @@
+"""The one base class of the library's user-facing errors.
+
+Each component keeps its own error class (ConfigError, StorageError, CheckpointError, ...) with its old
+built-in base as well (`class ConfigError(LipnextError, ValueError)`), so `except ValueError` still works;
+the `lipnext` console script catches LipnextError in one place (`lipnext_scale.cli.run_command`) and prints
+`lipnext <command>: error: <message>` instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class LipnextError(Exception):
+    """A user-facing error whose message is one line naming the thing that was wrong and the fix. The CLI
+    prints it as `lipnext <command>: error: <message>` and exits with `exit_code` (2: bad input or refused
+    weights; a subclass for a failed run, such as a diverged training, sets 1)."""
+
+    exit_code = 2
