@@ -1,5 +1,11 @@
 """Every byte the library reads or writes goes through here: fsspec URLs, one opener, one atomic writer.
 
+The helpers the rest of the code uses instead of fsspec, `open`, `os`, `shutil` or pathlib (a test,
+tests/unit/test_io_home.py, enforces it): `open_url`, `read_bytes`, `atomic_write_bytes`, `atomic_write_files`
+(a directory in one step), `read_json` / `write_json` / `parse_json`, `exists`, `is_dir`, `is_file`, `file_size`,
+`list_dir`, `glob`, `find_files`, `makedirs`, `move`, `remove`, and checksums (`digest`, `file_digest`,
+`HashingReader`, `verify_digest`). Local paths are just the `file://` case.
+
 Atomic means: bytes go to a temporary sibling name, then are renamed, so a reader (or a resumed job) never
 sees a half-written file under its final name. On object stores a single PUT is already atomic and `mv`
 is copy + delete of the temporary object. A directory (an export, a checkpoint) is written under a
@@ -20,12 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
 import logging
 import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import fsspec
 
@@ -227,9 +235,51 @@ def open_url(url: str, mode: str = "rb", error: type[Exception] = StorageError) 
         f.close()
 
 
-def read_bytes(url: str, error: type[Exception] = StorageError) -> bytes:
-    with open_url(url, "rb", error) as f:
+def read_bytes(url: str, error: type[Exception] = StorageError, *, missing_ok: bool = False) -> bytes | None:
+    """The whole file (retried, resumed mid-stream). A missing file raises `error` naming the URL, or with
+    `missing_ok` returns None; a read that fails for good raises `error` saying after how many attempts."""
+    fs, path = url_to_fs(url, error)
+    try:
+        f = with_retries(url, "opening", lambda: ResumingReader(fs, path, url, "rb"))
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise error(f"{url!r} does not exist") from None
+    except OSError as e:
+        raise error(_failure(url, "open", e)) from None
+    try:
         return f.read()
+    except OSError as e:
+        raise error(_failure(url, "read", e)) from None
+    finally:
+        f.close()
+
+
+def parse_json(data: bytes, where: str, fix: str, error: type[Exception] = StorageError) -> Any:
+    """The one JSON parser of stored bytes: anything unparsable (not UTF-8, zero-filled, cut short) raises
+    `error`: "{where} is not valid JSON (...); {fix}"."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{where} is not valid JSON ({_one_line(e)}); {fix}") from None
+
+
+def read_json(url: str, fix: str, error: type[Exception] = StorageError, *, missing_ok: bool = False) -> Any:
+    """The one JSON reader: the parsed file at `url` (None for a missing file with `missing_ok`). A file that
+    is not JSON raises `error` naming the URL and `fix`; so does one that cannot be read."""
+    data = read_bytes(url, error, missing_ok=missing_ok)
+    return None if data is None else parse_json(data, repr(url), fix, error)
+
+
+def json_bytes(value: Any, *, indent: int | None = 2, sort_keys: bool = False) -> bytes:
+    """How a JSON file is spelled on storage (UTF-8), for files that are also hashed before writing."""
+    return json.dumps(value, indent=indent, sort_keys=sort_keys).encode()
+
+
+def write_json(url: str, value: Any, error: type[Exception] = StorageError, *, indent: int | None = 2,
+               sort_keys: bool = False) -> None:
+    """The one JSON writer: `value` written atomically (`atomic_write_bytes`)."""
+    atomic_write_bytes(url, json_bytes(value, indent=indent, sort_keys=sort_keys), error)
 
 
 def atomic_write_bytes(url: str, data: bytes, error: type[Exception] = StorageError) -> None:
@@ -287,6 +337,218 @@ def atomic_write_tree(url: str, write: Callable[[object, str], None], *, replace
         raise
     if old is not None:
         _remove_quietly(fs, old, recursive=True)
+
+
+def atomic_write_files(url: str, files: dict[str, bytes], *, replace: bool = False,
+                       error: type[Exception] = StorageError) -> None:
+    """A directory of `files` (name -> bytes) at `url`, written in one step (`atomic_write_tree`)."""
+
+    def write(fs, tmp: str) -> None:
+        for name, data in files.items():
+            with fs.open(f"{tmp}/{name}", "wb") as f:
+                f.write(data)
+
+    atomic_write_tree(url, write, replace=replace, error=error)
+
+
+# --------------------------------------------------------------------------------------------------
+# Listing, moving, removing. Each is retried on transient errors; a permanent one raises `error` naming
+# the URL (fsspec's own isdir/isfile/exists answer False to any error: a flaky store is never taken for
+# "not there" here).
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry directly under a directory URL. type: "file", "directory", "dangling" (a symlink whose
+    target is gone) or what the filesystem says; symlinks are followed."""
+
+    name: str
+    url: str
+    type: str
+    size: int | None
+
+
+def list_dir(url: str, error: type[Exception] = StorageError, *, missing_ok: bool = False) -> list[Entry]:
+    """The entries directly under `url`, in the filesystem's order. A missing directory raises `error`
+    ("does not exist or is not a directory"), or with `missing_ok` gives []."""
+    fs, path = url_to_fs(url, error)
+    try:
+        listed = with_retries(url, "listing", lambda: fs.ls(path, detail=True))
+    except (FileNotFoundError, NotADirectoryError):
+        if missing_ok:
+            return []
+        raise error(f"{url!r} does not exist or is not a directory") from None
+    except OSError as e:
+        raise error(_failure(url, "list", e)) from None
+    out = []
+    for e in listed:
+        name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+        kind = e.get("type")
+        if e.get("islink"):  # the local filesystem lists a symlink as "other": look at its target
+            try:
+                kind = fs.info(e["name"])["type"]
+            except OSError:
+                kind = "dangling"
+        out.append(Entry(name, join_url(url, name), kind, e.get("size")))
+    return out
+
+
+def glob(pattern: str, error: type[Exception] = StorageError) -> list[str]:
+    """Sorted URLs (with their protocol) of what matches a glob pattern URL."""
+    fs, path = url_to_fs(pattern, error)
+    try:
+        found = with_retries(pattern, "listing", lambda: fs.glob(path))
+    except OSError as e:
+        raise error(_failure(pattern, "list", e)) from None
+    return [fs.unstrip_protocol(p) for p in sorted(found)]
+
+
+def find_files(url: str, error: type[Exception] = StorageError) -> list[str]:
+    """URLs of every file under the directory `url`, at any depth (`url` joined with each relative path)."""
+    fs, path = url_to_fs(url, error)
+    try:
+        found = with_retries(url, "listing", lambda: fs.find(path))
+    except OSError as e:
+        raise error(_failure(url, "list", e)) from None
+    root = path.rstrip("/")
+    return [join_url(url, p[len(root):].lstrip("/")) if p.startswith(root + "/") else fs.unstrip_protocol(p)
+            for p in found]
+
+
+def _info(url: str, error: type[Exception]) -> dict | None:
+    fs, path = url_to_fs(url, error)
+
+    def probe() -> dict | None:
+        try:
+            return fs.info(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    try:
+        return with_retries(url, "checking", probe)
+    except OSError as e:
+        raise error(_failure(url, "check", e)) from None
+
+
+def is_dir(url: str, error: type[Exception] = StorageError) -> bool:
+    info = _info(url, error)
+    return info is not None and info.get("type") == "directory"
+
+
+def is_file(url: str, error: type[Exception] = StorageError) -> bool:
+    info = _info(url, error)
+    return info is not None and info.get("type") == "file"
+
+
+def file_size(url: str, error: type[Exception] = StorageError) -> int:
+    """Size in bytes of the file at `url`; a missing one raises `error`."""
+    info = _info(url, error)
+    if info is None:
+        raise error(f"{url!r} does not exist")
+    return int(info["size"])
+
+
+def local_path(url: str, error: type[Exception] = StorageError) -> str | None:
+    """The local-disk path of `url`, None when it lives elsewhere (an object store, memory://): for
+    libraries that write files themselves (TensorBoard's event writer)."""
+    fs, path = url_to_fs(url, error)
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return path if ("file" in protocols or "local" in protocols) else None
+
+
+def makedirs(url: str, error: type[Exception] = StorageError) -> None:
+    """Create the directory `url` and its parents (nothing when it exists; object stores have none)."""
+    fs, path = url_to_fs(url, error)
+    try:
+        with_retries(url, "creating", lambda: fs.makedirs(path, exist_ok=True))
+    except OSError as e:
+        raise error(_failure(url, "create", e)) from None
+
+
+def move(src: str, dst: str, error: type[Exception] = StorageError) -> None:
+    """Move a file or a whole directory to `dst` on the same filesystem (a rename where it has one)."""
+    fs, src_path = url_to_fs(src, error)
+    _, dst_path = url_to_fs(dst, error)
+    try:
+        with_retries(src, "moving", lambda: fs.mv(src_path, dst_path, recursive=True))
+    except FileNotFoundError:
+        raise error(f"{src!r} does not exist (moving it to {dst!r})") from None
+    except OSError as e:
+        raise error(_failure(src, "move", e)) from None
+
+
+def remove(url: str, error: type[Exception] = StorageError, *, recursive: bool = False,
+           missing_ok: bool = False) -> None:
+    """Delete the file (or with `recursive`, the directory tree) at `url`. A missing one raises `error`,
+    or with `missing_ok` is nothing to do (another remover got there first)."""
+    fs, path = url_to_fs(url, error)
+    try:
+        with_retries(url, "removing", lambda: fs.rm(path, recursive=recursive))
+    except FileNotFoundError:
+        if not missing_ok:
+            raise error(f"{url!r} does not exist") from None
+    except OSError as e:
+        raise error(_failure(url, "remove", e)) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Checksums: a file's size and sha256 (`Digest`), computed from bytes in hand, from a stream as it is read
+# (`HashingReader`: a shard is checked while the tar reader streams it, no second read) or from a URL
+# (`file_digest`), and one comparison (`verify_digest`) whose mismatch each caller words with its fix.
+
+
+@dataclass(frozen=True)
+class Digest:
+    """What a manifest says a file is: its size and sha256 (hex)."""
+
+    bytes: int
+    sha256: str
+
+
+def digest(data: bytes) -> Digest:
+    return Digest(len(data), hashlib.sha256(data).hexdigest())
+
+
+class HashingReader:
+    """A read-only stream that hashes every byte read through it. It reports itself unseekable: a reader
+    that skips data then reads it in bounded chunks (it must be hashed too), never holds it whole."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, f):
+        self.f, self.hash, self.size = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.hash.update(data)
+        self.size += len(data)
+        return data
+
+    def seekable(self) -> bool:
+        return False
+
+    def finish(self) -> Digest:
+        """Hash what is left unread and return the digest of the whole stream."""
+        while self.read(self.CHUNK):
+            pass
+        return Digest(self.size, self.hash.hexdigest())
+
+
+def file_digest(url: str, error: type[Exception] = StorageError) -> Digest:
+    """Size and sha256 of a whole file, read in bounded chunks (with the opener's retries)."""
+    with open_url(url, "rb", error) as f:
+        try:
+            return HashingReader(f).finish()
+        except OSError as e:
+            raise error(_failure(url, "read", e)) from None
+
+
+def verify_digest(got: Digest, expected: Digest, mismatch: Callable[[str], Exception]) -> None:
+    """The one checksum check: when `got` is not `expected`, raise `mismatch(what differs)`, the caller's
+    one-line error ("12 bytes, sha256 0a1b2c3d4e5f6a7b... where the manifest has 10 bytes, ...")."""
+    if got != expected:
+        raise mismatch(f"{got.bytes} bytes, sha256 {got.sha256[:16]}... where the manifest has "
+                       f"{expected.bytes} bytes, {str(expected.sha256)[:16]}...")
 
 
 def _remove_quietly(fs, path: str, recursive: bool = False) -> None:
