@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lipnext_scale.config import Architecture
 from lipnext_scale.errors import LipnextError
 from lipnext_scale.model.layers import (
     SHIFT_MODES, L2SpatialPool, LipNeXtBlock, NormalizedLinear, OrthogonalProjection, Patchify, fan_flops,
@@ -32,16 +33,9 @@ class ModelInputError(LipnextError, ValueError):
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    width: int
-    depth: int
-    patch_size: int
-    image_size: int
-    num_classes: int
-    beta: float = 0.5  # share of channels under |x| in beta-Abs (paper: default not stated; LiResNet's 0.5)
-    shift_alpha: float = 0.125  # share of channels shifted per direction (paper: 1/8 or 1/16 best)
-    shift_mode: str = "circular"  # paper: circular + positional encoding beats zero padding
-    positional: bool = True  # the learnable positional encoding p of each block
+class ModelSpec(Architecture):
+    # width, depth, patch_size, image_size, num_classes, beta, shift_alpha, shift_mode, positional: the
+    # architecture (config/sections.py `Architecture`, where the job config sees them as model.<name> overrides)
     input_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     source: str = "paper"  # where the size comes from: "paper", "inferred" (from its counts) or "ours"
     description: str = ""

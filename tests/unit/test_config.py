@@ -113,3 +113,52 @@ def test_extends_loop_and_non_utf8_are_named(tmp_path):
     latin.write_bytes(b'[train]\nname = "caf\xe9"\n')
     with pytest.raises(ConfigError, match="is not UTF-8 text"):
         load_config(latin)
+
+
+# Issue 24: a model knob is one field of config's `Architecture`; ModelSpec and the model.<knob> overrides
+# both follow it.
+def test_model_overrides_follow_the_architecture_fields():
+    import dataclasses
+
+    from lipnext_scale.config import Architecture, ModelConfig
+    from lipnext_scale.model import ModelSpec, get_spec
+
+    knobs = [f.name for f in dataclasses.fields(Architecture)]
+    assert [f.name for f in dataclasses.fields(ModelSpec)][:len(knobs)] == knobs
+    assert list(ModelConfig.OVERRIDES) == [k for k in knobs if k not in ("num_classes", "image_size")]
+    assert [f.name for f in dataclasses.fields(ModelConfig)] == ["name", "num_classes", "image_size",
+                                                                 *ModelConfig.OVERRIDES]
+    assert load_config().model.overrides() == {}
+    cfg = load_config(None, ["model.shift_mode=zero", "model.beta=0.25", "model.positional=false"])
+    assert cfg.model.overrides() == {"beta": 0.25, "shift_mode": "zero", "positional": False}
+    spec = get_spec(cfg.model.name, **cfg.model.overrides())
+    assert (spec.beta, spec.shift_mode, spec.positional, spec.width) == (0.25, "zero", False, 64)
+    with pytest.raises(ConfigError, match="model.shift_mode='diagonal': choose one of circular, zero"):
+        load_config(None, ["model.shift_mode=diagonal"])
+    with pytest.raises(ConfigError, match="model.width='wide': expected an integer"):
+        load_config(None, ["model.width=wide"])
+
+
+def test_one_migration_table_for_files_and_stored_configs():
+    from lipnext_scale.config import MIGRATIONS, config_from_dict, config_to_dict
+
+    stored = config_to_dict(load_config())
+    for (section, old), migration in MIGRATIONS.items():
+        with pytest.raises(ConfigError, match=f"config key {section}.{old} was replaced by"):
+            load_config(None, [f"{section}.{old}=1"])
+        old_style = {k: dict(v) if isinstance(v, dict) else v for k, v in stored.items()}
+        if migration.new is not None:
+            old_style[section][old] = old_style[section].pop(migration.new)
+        else:
+            old_style[section][old] = 1
+        assert config_to_dict(config_from_dict(old_style)) == stored
+
+
+def test_batch_plan_is_the_split_and_the_global_batch():
+    from lipnext_scale.config import BatchPlan, TrainConfig
+
+    tc = TrainConfig(num_workers="1-4", global_batch=48)
+    assert tc.batch_plan(4, 8) == BatchPlan(micro=6, accumulation=2, global_batch=48)
+    assert tc.batch_split(4, 8) == (6, 2)
+    plan = tc.batch_plan(3, 8)
+    assert plan.micro * plan.accumulation * 3 == plan.global_batch == 48

@@ -1,34 +1,22 @@
-"""One typed job config: dataclasses, loaded from TOML files under `configs/`, with `--set a.b=value`.
+"""The job config's sections: one typed dataclass per component, and the choices their fields take.
 
 Every component receives its section of one `JobConfig`; nothing reads `os.environ` except entry points.
-Loading validates early: unknown keys are rejected with the list of valid ones, values are checked
-against the field types, and each section's `validate()` checks ranges with messages that say the fix.
+Each section's `validate()` checks ranges with messages that say the fix (loading, config/load.py, checks
+keys and types first). Only dataclasses and choices live here: no file is read.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import sys
-import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+from lipnext_scale.config import batch
+from lipnext_scale.config.batch import BatchPlan
+from lipnext_scale.config.errors import ConfigError
 from lipnext_scale.eps import parse_eps_list
-from lipnext_scale.errors import LipnextError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-
-class ConfigError(LipnextError, ValueError):
-    """A config file, key or value is wrong; the message names it and the fix."""
-
 
 # Choices: one source each. Loading checks a value against its Literal and lists the choices on error;
 # code that needs the list reads it with `choices(Type)`.
@@ -42,6 +30,7 @@ LossKind = Literal["emma", "margin"]
 Attack = Literal["", "pgd", "fmn"]
 Precision = Literal["bf16", "fp32"]
 ShiftMode = Literal["circular", "zero"]
+CheckpointUpload = Literal["async", "sync"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -58,28 +47,42 @@ def check_choices(section: Any, where: str) -> None:
             raise ConfigError(f"{where}.{name}={value!r}: choose one of {shown}")
 
 
-# Keys that used to exist: loading them says what replaced them instead of a bare "unknown key".
-RENAMED_KEYS = {
-    "data.num_workers": "data.loader_processes (DataLoader processes per training rank)",
-    "certify.workers": "certify.actors (Ray actors that certify shards)",
-    "optim.total_steps": "nothing: the schedule length is train.steps (set that instead)",
-    "optim.polish": "optim.polish_every (1: a Newton-Schulz polish every update, as polish = true did; 0: never)",
-}
+@dataclass(frozen=True)
+class Architecture:
+    """A LipNeXt's shape: the fields of a registry entry (model/lipnext.py's ModelSpec extends this class) and,
+    each one, an optional `model.<field>` override of the job config (`ModelConfig`). Declared here, below the
+    model, because loading checks model keys before any model code is imported: a new knob is one field here."""
+    width: int
+    depth: int
+    patch_size: int
+    image_size: int
+    num_classes: int
+    beta: float = 0.5  # share of channels under |x| in beta-Abs (paper: default not stated; LiResNet's 0.5)
+    shift_alpha: float = 0.125  # share of channels shifted per direction (paper: 1/8 or 1/16 best)
+    shift_mode: ShiftMode = "circular"  # paper: circular + positional encoding beats zero padding
+    positional: bool = True  # the learnable positional encoding p of each block
+
+
+def _architecture_overrides(cls: type) -> type:
+    """Adds to a section (before @dataclass) each `Architecture` field it does not declare, as an optional
+    override `name: T | None = None` (None keeps the registry entry's value); `cls.OVERRIDES` lists them."""
+    cls.OVERRIDES = tuple(f.name for f in dataclasses.fields(Architecture) if f.name not in cls.__annotations__)
+    for f in dataclasses.fields(Architecture):
+        if f.name in cls.OVERRIDES:
+            cls.__annotations__[f.name] = f"{f.type} | None"  # a string: this module defers annotations
+            setattr(cls, f.name, None)
+    return cls
 
 
 @dataclass
+@_architecture_overrides
 class ModelConfig:
     name: str = "lipnext-tiny"
     num_classes: int = 10
     image_size: int = 32
-    # Architecture overrides of the registry entry (lipnext_scale.model.ModelSpec); None keeps its value.
-    width: int | None = None
-    depth: int | None = None
-    patch_size: int | None = None
-    beta: float | None = None
-    shift_alpha: float | None = None
-    shift_mode: ShiftMode | None = None
-    positional: bool | None = None
+    # Then every other `Architecture` field (width, depth, patch_size, beta, shift_alpha, shift_mode,
+    # positional, ...) as an override of the registry entry; None keeps its value.
+    OVERRIDES: ClassVar[tuple[str, ...]] = ()
 
     def validate(self) -> None:
         check_choices(self, "model")
@@ -89,8 +92,8 @@ class ModelConfig:
             raise ConfigError(f"model.image_size={self.image_size}: must be a positive pixel count")
 
     def overrides(self) -> dict[str, Any]:
-        keys = ("width", "depth", "patch_size", "beta", "shift_alpha", "shift_mode", "positional")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        """The architecture overrides that are set, as keyword arguments of `create_model`."""
+        return {k: getattr(self, k) for k in self.OVERRIDES if getattr(self, k) is not None}
 
 
 @dataclass
@@ -285,7 +288,6 @@ class CertifyConfig:
 
 
 _RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
-_WORKER_RANGE = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")
 
 
 @dataclass
@@ -344,20 +346,7 @@ class TrainConfig:
     @property
     def worker_range(self) -> tuple[int, int]:
         """(fewest, most) workers: (n, n) for a fixed count, else the elastic range of train.num_workers."""
-        value, how = self.num_workers, 'use a count such as 4 or a range such as "2-4" or [2, 4]'
-        if isinstance(value, int):
-            low = high = value
-        elif isinstance(value, str) and _WORKER_RANGE.fullmatch(value):
-            found = _WORKER_RANGE.fullmatch(value)
-            low = int(found[1])
-            high = int(found[2]) if found[2] else low
-        elif isinstance(value, list) and len(value) == 2:
-            low, high = value
-        else:
-            raise ConfigError(f"train.num_workers={value!r}: {how}")
-        if not 1 <= low <= high:
-            raise ConfigError(f"train.num_workers={value!r}: need 1 <= fewest <= most workers; {how}")
-        return low, high
+        return batch.worker_range(self.num_workers)
 
     @property
     def elastic(self) -> bool:
@@ -365,35 +354,23 @@ class TrainConfig:
 
     def global_batch_for(self, max_micro_batch: int) -> int:
         """train.global_batch, or its default: data.batch_size (`max_micro_batch`) x grad_accum x most workers."""
-        return self.global_batch or max_micro_batch * self.grad_accum * self.worker_range[1]
+        return batch.global_batch_for(self, max_micro_batch)
 
     def check_global_batch(self, max_micro_batch: int, world: int | None = None) -> int:
         """The global batch, checked to split evenly over every allowed world size (and `world`, if given);
         raises ConfigError naming the fix."""
-        global_batch, (low, high) = self.global_batch_for(max_micro_batch), self.worker_range
-        bad = [w for w in (*range(low, high + 1), *([world] if world else [])) if global_batch % w]
-        if bad:
-            step = math.lcm(*range(low, high + 1))
-            what = (f"train.global_batch={global_batch}" if self.global_batch else f"the global batch {global_batch} "
-                    f"(data.batch_size={max_micro_batch} x train.grad_accum={self.grad_accum} x {high} workers)")
-            raise ConfigError(f"{what} does not split evenly over {bad[0]} workers (train.num_workers="
-                              f"{self.num_workers!r}); set train.global_batch to a multiple of {step}, e.g. "
-                              f"--set train.global_batch={max(step, global_batch // step * step)}"
-                              + ("" if step <= 64 * global_batch else
-                                 f", or a narrower range or a fixed count: every size of {low}-{high} takes an "
-                                 "equal share of each step's images"))
-        return global_batch
+        return batch.check_global_batch(self, max_micro_batch, world)
+
+    def batch_plan(self, world: int, max_micro_batch: int) -> BatchPlan:
+        """(micro, accumulation, global batch) at `world` workers (config/batch.py); raises ConfigError."""
+        return batch.plan_batch(self, world, max_micro_batch)
 
     def batch_split(self, world: int, max_micro_batch: int) -> tuple[int, int]:
         """(micro-batch per worker, accumulation steps) at `world` workers: the global batch stays what the
         config says; the micro-batch is the largest divisor of the worker's share within data.batch_size
         (`max_micro_batch`), which makes the fewest accumulation steps. Raises ConfigError."""
-        share = self.check_global_batch(max_micro_batch, world) // world
-        accum = next(a for a in range(-(-share // max_micro_batch), share + 1) if share % a == 0)
-        return share // accum, accum
-
-
-CheckpointUpload = Literal["async", "sync"]
+        plan = self.batch_plan(world, max_micro_batch)
+        return plan.micro, plan.accumulation
 
 
 @dataclass
@@ -449,185 +426,3 @@ class JobConfig:
             if hasattr(section, "validate"):
                 section.validate()
 
-
-# --------------------------------------------------------------------------------------------------
-# Loading: TOML file -> nested dict -> dataclasses, then `--set` overrides, then validation.
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check (and minimally convert) `value` against the annotated type `tp`."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed or isinstance(value, bool):
-            shown = ", ".join(repr(a) if a == "" else str(a) for a in allowed)
-            raise ConfigError(f"{where}={value!r}: choose one of {shown}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where}={value!r}: expected a list of {len(args)} values")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list:
-        (arg,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}={value!r}: expected a list")
-        return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}={value!r}: expected a number")
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}={value!r}: must be a finite number")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}={value!r}: expected an integer")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}={value!r}: expected true or false")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}={value!r}: expected a string")
-        return value
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}={value!r}: expected a table")
-        return value
-    raise ConfigError(f"{where}: unsupported field type {tp!r}")
-
-
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    prefix = f"{where}." if where else ""
-    for key in unknown:
-        if prefix + key in RENAMED_KEYS:
-            raise ConfigError(f"config key {prefix + key} was replaced by {RENAMED_KEYS[prefix + key]}")
-    if where == "optim" and "total_steps" in data:
-        raise ConfigError(f"config key optim.total_steps was replaced by {RENAMED_KEYS['optim.total_steps']}")
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-            f"valid keys{' in [' + where + ']' if where else ''}: {', '.join(sorted(fields))}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        key = f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"[{key}] must be a table, got {value!r}")
-            kwargs[name] = _build(tp, value, key)
-        else:
-            kwargs[name] = _coerce(value, tp, key)
-    return cls(**kwargs)
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b=value` -> (["a", "b"], value); the value is read as a TOML value, else kept as a string."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set optim.lr=0.1")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"--set {text!r}: the key must be dotted names, e.g. model.width")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()  # a bare word such as lipnext-tiny or s3://bucket/x
-    return key.split("."), value
-
-
-def _nest(path: list[str], value: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {path[-1]: value}
-    for part in reversed(path[:-1]):
-        out = {part: out}
-    return out
-
-
-def read_toml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a TOML config; `extends = "other.toml"` (relative to this file) layers this one on top."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist; pass a path such as configs/train/demo.toml")
-    if p.resolve() in _chain:
-        loop = " -> ".join(str(c) for c in (*_chain, p.resolve()))
-        raise ConfigError(f"config file {str(p)!r}: `extends` forms a loop ({loop}); remove one of them")
-    try:
-        data = tomllib.loads(p.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
-    except OSError as e:
-        raise ConfigError(f"config file {str(p)!r} cannot be read ({type(e).__name__}: {e})") from None
-    parent = data.pop("extends", None)
-    if parent is not None:
-        if not isinstance(parent, str):
-            raise ConfigError(f"config file {str(p)!r}: extends={parent!r} must be a file name")
-        data = _merge(read_toml(p.parent / parent, (*_chain, p.resolve())), data)
-    return data
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                cls: type = JobConfig) -> Any:
-    data: dict[str, Any] = read_toml(path) if path else {}
-    for text in overrides:
-        keys, value = parse_override(text)
-        data = _merge(data, _nest(keys, value))
-    cfg = _build(cls, data, "")
-    cfg.validate()
-    return cfg
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as stored (run config.json, checkpoints): derived values left out."""
-    out = dataclasses.asdict(cfg)
-    if isinstance(cfg, JobConfig):
-        out["optim"].pop("total_steps", None)
-    return out
-
-
-# Stored configs of older versions: a key's old name -> its new one (derived keys map to None: dropped).
-_STORED_KEY_MIGRATIONS = {("data", "num_workers"): "loader_processes", ("certify", "workers"): "actors",
-                          ("optim", "total_steps"): None, ("optim", "polish"): "polish_every"}
-_STORED_VALUE_MIGRATIONS = {("optim", "polish"): lambda on: 1 if on else 0}  # a bool became a period
-
-
-def config_from_dict(data: dict[str, Any], cls: type = JobConfig) -> Any:
-    """Inverse of `config_to_dict` (e.g. a config stored in a checkpoint), validated like a loaded file;
-    configs stored by older versions are read with their keys' new names."""
-    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
-    if cls is JobConfig:
-        for (section, old), new in _STORED_KEY_MIGRATIONS.items():
-            if isinstance(data.get(section), dict) and old in data[section]:
-                value = data[section].pop(old)
-                value = _STORED_VALUE_MIGRATIONS.get((section, old), lambda v: v)(value)
-                if new is not None:
-                    data[section].setdefault(new, value)
-    cfg = _build(cls, data, "")
-    cfg.validate()
-    return cfg
