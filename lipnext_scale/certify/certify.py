@@ -22,7 +22,8 @@ import math
 
 import torch
 
-from lipnext_scale.eps import DEFAULT_EPS, CertifyInputError, format_eps, parse_eps, parse_eps_list  # noqa: F401
+from lipnext_scale.eps import CertifyInputError, format_eps
+
 
 def _check_logits(logits: torch.Tensor) -> torch.Tensor:
     if logits.dim() != 2 or logits.shape[1] < 2:
@@ -106,7 +107,8 @@ def _allowance(name: str, value: torch.Tensor | float, shape: tuple[int, ...]) -
 
 def head_logits64(features: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Logits in float64 from (fp32) features and exactly the rows and biases the forward uses: every
-    input is converted without rounding, so only float64 rounding remains (`fp_error.head_gap_error`).
+    input is converted without rounding, so only float64 rounding remains (bounded by the
+    gamma(d + 2, u64) term of the head allowance in `fp_error.float_error_model`).
     This is what makes a huge common bias harmless: 2^20 + f keeps ~2^-32 resolution here, 1/8 in fp32.
     One matrix-vector product per sample, not one matrix product per batch: BLAS picks its kernel (so its
     summation order) by the batch's size, which moved float64 logits by ~1e-15 with the company a sample

@@ -24,12 +24,12 @@ import posixpath
 import time
 
 from lipnext_scale.config import Attack, choices
-from lipnext_scale.certify.certify import DEFAULT_EPS, format_eps, parse_eps_list
 from lipnext_scale.certify.data_access import data_fingerprint, preflight, resolve_shards, shard_name
 from lipnext_scale.certify.fp_error import float_error_model
 from lipnext_scale.certify.model_loading import CertifyError, load_model, verify_model
 from lipnext_scale.certify.report import build_report, merge_shard_tables, read_shard_result, write_outputs
 from lipnext_scale.certify.worker import RESULTS_DIR, ShardCertifier, shard_result_url
+from lipnext_scale.eps import DEFAULT_EPS, format_eps, parse_eps_list
 from lipnext_scale.storage import atomic_write_bytes, exists, is_process_local, join_url, read_bytes, url_to_fs
 
 log = logging.getLogger(__name__)

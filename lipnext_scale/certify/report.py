@@ -12,11 +12,11 @@ import json
 
 import numpy as np
 
-from lipnext_scale.certify.certify import format_eps
 from lipnext_scale.certify.model_loading import CertifyError
 from lipnext_scale.certify.worker import (
     ATTACK_DISTANCE, RADIUS_EXACT, broken_column, certified_column, shard_result_url, write_parquet_atomic,
 )
+from lipnext_scale.eps import format_eps
 from lipnext_scale.storage import atomic_write_bytes, join_url, read_bytes, versions
 
 SAMPLES_FILE = "samples.parquet"

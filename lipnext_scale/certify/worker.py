@@ -12,10 +12,11 @@ from __future__ import annotations
 import torch
 
 from lipnext_scale.certify.attack import attack_breaks, fmn_l2_distances
-from lipnext_scale.certify.certify import certified_radius, format_eps, head_logits64, model_pair_distances
+from lipnext_scale.certify.certify import certified_radius, head_logits64, model_pair_distances
 from lipnext_scale.certify.data_access import check_sample, iter_shard_samples, shard_name
 from lipnext_scale.certify.fp_error import FloatErrorModel, batch_allowances, float_error_model
 from lipnext_scale.certify.model_loading import CertifyError, load_model, verify_model
+from lipnext_scale.eps import format_eps
 from lipnext_scale.storage import atomic_write_bytes, join_url
 
 ATTACK_DISTANCE = "attack_distance"  # --attack fmn: smallest adversarial l2 distance found (inf: none)

@@ -26,7 +26,6 @@ Error rules, the same for training, evaluation and certification:
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -172,16 +171,6 @@ def image_bytes(sample: RawSample) -> bytes:
         if ext in sample.members:
             return sample.members[ext]
     raise SampleError("missing image member (.jpg/.png)")
-
-
-def parse_meta(sample: RawSample) -> dict:
-    raw = sample.members.get("json")
-    if raw is None:
-        return {}
-    try:
-        return json.loads(raw)
-    except ValueError as e:
-        raise SampleError("bad .json member") from e
 
 
 def decode_raw(sample: RawSample, num_classes: int | None = None):

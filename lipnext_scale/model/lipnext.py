@@ -193,7 +193,6 @@ def model_info(name: str) -> dict:
     spec = get_spec(name)
     return {
         "name": name, "params": spec.num_params(), "width": spec.width, "depth": spec.depth,
-        "expansion": 1,  # kept for scripts that read it: the paper's block has no expansion
         "patch_size": spec.patch_size, "image_size": spec.image_size, "num_classes": spec.num_classes,
         "flops_per_image": spec.flops_per_image(), "source": spec.source, "description": spec.description,
     }

@@ -83,7 +83,7 @@ def _read_token(path: str) -> str:
 
 def prepare(args: argparse.Namespace):
     """(ServeSettings, description): flags checked, weights loaded and verified on this process."""
-    from lipnext_scale.certify.certify import parse_eps_list
+    from lipnext_scale.eps import parse_eps_list
     from lipnext_scale.certify.fp_error import float_error_model
     from lipnext_scale.certify.model_loading import load_model, verify_model
     from lipnext_scale.config import load_config
@@ -111,7 +111,7 @@ def prepare(args: argparse.Namespace):
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from lipnext_scale.certify.certify import CertifyInputError
+    from lipnext_scale.eps import CertifyInputError
     from lipnext_scale.certify.model_loading import CertifyError
     from lipnext_scale.config import ConfigError
 

@@ -14,10 +14,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from lipnext_scale.certify.certify import certified_radius, head_logits64, model_pair_distances, parse_eps_list
+from lipnext_scale.certify.certify import certified_radius, head_logits64, model_pair_distances
 from lipnext_scale.certify.job import certify_job
 from lipnext_scale.certify.model_loading import CertifyError, CertifyRefused
 from lipnext_scale.config import JobConfig, config_to_dict
+from lipnext_scale.eps import parse_eps_list
 from lipnext_scale.model import create_model
 from lipnext_scale.model.lipschitz import rigorous_lipschitz_bound
 from lipnext_scale.ckpt import save_exported

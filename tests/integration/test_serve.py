@@ -23,10 +23,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from lipnext_scale.certify.certify import parse_eps_list
 from lipnext_scale.certify.job import certify_job
 from lipnext_scale.ckpt import save_exported
 from lipnext_scale.config import JobConfig, config_to_dict
+from lipnext_scale.eps import parse_eps_list
 from lipnext_scale.model import create_model
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

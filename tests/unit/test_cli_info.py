@@ -21,7 +21,7 @@ def test_info_json_one_model(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["name"] == "lipnext-2b" and 1.8e9 < rows[0]["params"] < 2.2e9
     assert rows[0]["source"] == "inferred" and rows[0]["depth"] == 64 and rows[0]["width"] == 4096
-    for key in ("params", "width", "depth", "expansion", "patch_size", "image_size", "num_classes",
+    for key in ("params", "width", "depth", "patch_size", "image_size", "num_classes",
                 "flops_per_image", "description"):  # the fields scripts already read stay
         assert key in rows[0]
 
