@@ -7,9 +7,9 @@ unpickled) into shards:
 
 import sys
 
-from lipnext_scale.data.cli import main_for
+from lipnext_scale.cli import prep_main
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in ("cifar10", "cifar100"):
         sys.exit("usage: python data_prep/cifar.py {cifar10,cifar100} --source ARCHIVE --out URL [...]")
-    sys.exit(main_for(sys.argv[1], sys.argv[2:]))
+    sys.exit(prep_main(sys.argv[1], sys.argv[2:]))

@@ -2,7 +2,7 @@
 
 import sys
 
-from lipnext_scale.data.cli import main_for
+from lipnext_scale.cli import prep_main
 
 if __name__ == "__main__":
-    sys.exit(main_for("digits"))
+    sys.exit(prep_main("digits"))

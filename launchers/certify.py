@@ -7,8 +7,9 @@ import argparse
 import sys
 
 from lipnext_scale.certify.cli import add_arguments, run_certify
+from lipnext_scale.cli import run_command
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="launchers/certify.py", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    sys.exit(run_certify(parser.parse_args()))
+    sys.exit(run_command(parser.prog, run_certify, parser.parse_args()))

@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lipnext_scale.cli import run_command
 from lipnext_scale.train.cli import add_arguments, run_train
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launchers/train.py", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run_train(parser.parse_args(argv))
+    return run_command(parser.prog, run_train, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

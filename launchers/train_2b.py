@@ -14,11 +14,24 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lipnext_scale.config import ConfigError
+from lipnext_scale.cli import run_command
 from lipnext_scale.train.cli import (add_set_argument, build_train_config, cluster_workers_per_node, dataset_overrides,
                                     deepspeed_for_cluster, default_num_workers, run_train_config, toml_string)
 
 CONFIG = "configs/train/imagenet_2b.toml"
+
+
+def train_2b(args: argparse.Namespace) -> int:
+    num_workers = args.num_workers or default_num_workers(args.ray_address)  # no GPUs: LipnextError
+    overrides = [*dataset_overrides(args.data), f"train.storage={toml_string(args.storage)}",
+                 f"train.num_workers={toml_string(num_workers) if '-' in str(num_workers) else num_workers}"]
+    cfg = build_train_config(CONFIG, overrides + args.overrides)  # a bad --set fails before Ray is asked
+    # The ZeRO config follows the cluster's shape: the multi-node one when the nodes that can host a worker
+    # (GPU workers: nodes with GPUs; CPU workers: nodes with train.cpus_per_worker CPUs) are several.
+    # Recorded in the run's config.json; --set train.deepspeed=... wins.
+    zero = deepspeed_for_cluster(cluster_workers_per_node(args.ray_address, cfg.train))
+    overrides += [f"train.deepspeed={toml_string(zero)}", *args.overrides]
+    return run_train_config(CONFIG, overrides, resume=args.resume, ray_address=args.ray_address)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,24 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", default=None, metavar="PATH", help="resume from this checkpoint")
     parser.add_argument("--ray-address", default=None, help="default: RAY_ADDRESS (set by `ray job submit`)")
     add_set_argument(parser)
-    args = parser.parse_args(argv)
-
-    num_workers = args.num_workers or default_num_workers(args.ray_address)
-    if num_workers is None:
-        return 2
-    overrides = [*dataset_overrides(args.data), f"train.storage={toml_string(args.storage)}",
-                 f"train.num_workers={toml_string(num_workers) if '-' in str(num_workers) else num_workers}"]
-    try:
-        cfg = build_train_config(CONFIG, overrides + args.overrides)  # a bad --set fails before Ray is asked
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    # The ZeRO config follows the cluster's shape: the multi-node one when the nodes that can host a worker
-    # (GPU workers: nodes with GPUs; CPU workers: nodes with train.cpus_per_worker CPUs) are several.
-    # Recorded in the run's config.json; --set train.deepspeed=... wins.
-    zero = deepspeed_for_cluster(cluster_workers_per_node(args.ray_address, cfg.train))
-    overrides += [f"train.deepspeed={toml_string(zero)}", *args.overrides]
-    return run_train_config(CONFIG, overrides, resume=args.resume, ray_address=args.ray_address)
+    return run_command(parser.prog, train_2b, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

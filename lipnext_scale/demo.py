@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
+from lipnext_scale.errors import RunFailed
+from lipnext_scale.runtime import connect_ray
 from lipnext_scale.train.cli import add_set_argument, build_train_config, dataset_overrides, toml_string
 
 DEMO_CONFIG = "configs/train/demo.toml"
@@ -75,31 +76,6 @@ def demo_config(out: Path, name: str, steps: int | None, user_overrides: list[st
     return cfg
 
 
-def start_local_ray(num_cpus: int) -> str:
-    """A new local Ray instance for this process only (never an existing cluster); dashboard on 127.0.0.1.
-    Returns the dashboard URL."""
-    import ray
-
-    url = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                   log_to_driver=True).dashboard_url  # the workers' progress bar and warnings
-    restrict_token_file(Path.home() / ".ray" / "auth_token")
-    return url
-
-
-def restrict_token_file(path: Path) -> bool:
-    """Ray 2.60 writes its auth token readable by every local user; the token lets its holder run code on
-    the instance, so it is made owner-only (0600). Returns True if the mode was changed."""
-    try:
-        mode = path.stat().st_mode & 0o777
-    except OSError:
-        return False  # no token file: auth disabled, or the token comes from RAY_AUTH_TOKEN
-    if mode & 0o077 == 0:
-        return False
-    path.chmod(0o600)
-    print(f"[demo] {path} was readable by other users (mode {mode:o}); restricted it to you (0600)")
-    return True
-
-
 def write_json_atomic(path: Path, data: dict) -> None:
     from lipnext_scale.storage import atomic_write_bytes
 
@@ -107,16 +83,10 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from lipnext_scale.config import ConfigError
-
     started = time.perf_counter()
     out = Path(args.out).resolve()  # absolute: Ray workers do not share this process's cwd
     name = args.name or time.strftime("demo-%Y%m%d-%H%M%S")
-    try:
-        cfg = demo_config(out, name, args.steps, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = demo_config(out, name, args.steps, args.overrides)  # a bad --set: ConfigError
     run_dir = out / name
 
     # Entry-point setting, inherited by the Ray workers started below: DeepSpeed's calls of deprecated
@@ -125,13 +95,17 @@ def run_demo(args: argparse.Namespace) -> int:
     import ray
 
     from lipnext_scale.certify.report import format_table
-    from lipnext_scale.train.trainer import TrainingDiverged, run_training
+    from lipnext_scale.train.trainer import run_training
 
-    # One CPU slot more than the machine's cores: the certification of each checkpoint runs beside training.
-    dashboard = start_local_ray(num_cpus=max(2, os.cpu_count() or 2) + cfg.certify.cpus_and_gpus()[0])
+    # A new local Ray instance for this process only (never an existing cluster), its dashboard on 127.0.0.1,
+    # the workers' progress bar and warnings forwarded here; one CPU slot more than the machine's cores: the
+    # certification of each checkpoint runs beside training.
+    context = connect_ray("local", num_cpus=max(2, os.cpu_count() or 2) + cfg.certify.cpus_and_gpus()[0],
+                          dashboard=True, log_to_driver=True)
     seconds: dict[str, float] = {}
     try:
-        print(f"[demo] Ray dashboard: http://{dashboard}", flush=True)
+        if context is not None:
+            print(f"[demo] Ray dashboard: http://{context.dashboard_url}", flush=True)
         t0 = time.perf_counter()
         if ensure_digits(digits_dir(out)):
             print(f"[demo] prepared the digits shards in {digits_dir(out)} (first run only)", flush=True)
@@ -141,17 +115,13 @@ def run_demo(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         result = run_training(cfg)
         seconds["train_and_certify"] = time.perf_counter() - t0
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
+    finally:  # a diverged run raises TrainingDiverged (exit code 1)
         ray.shutdown()
     seconds["total"] = time.perf_counter() - started
 
     certified = last_certified(result)
     if certified is None:
-        print(f"error: no checkpoint of {run_dir} was certified (see {run_dir / 'certify'} for why)", file=sys.stderr)
-        return 1
+        raise RunFailed(f"no checkpoint of {run_dir} was certified (see {run_dir / 'certify'} for why)")
     step, report_path = certified
     report = json.loads(Path(report_path).read_text())
     summary = {"run_dir": str(run_dir), "checkpoint": result["checkpoint"], "steps": cfg.train.steps,

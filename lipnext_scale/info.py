@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from lipnext_scale.errors import LipnextError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,9 +19,8 @@ def run_info(args: argparse.Namespace) -> int:
     names = [args.name] if args.name else list_models()
     try:
         rows = [model_info(n) for n in names]
-    except KeyError as e:
-        print(f"error: {e.args[0]}", file=sys.stderr)
-        return 2
+    except KeyError as e:  # an unknown name: the message lists the registered models
+        raise LipnextError(e.args[0]) from None
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from dataclasses import dataclass
+
+from lipnext_scale.errors import LipnextError
 
 GIB = 2 ** 30
 HEADROOM = 0.9  # use at most 90 % of the device
@@ -226,28 +227,21 @@ def run_plan(args: argparse.Namespace) -> int:
     if not args.gpu_mem > 0 or not math.isfinite(args.gpu_mem):
         bad.append(f"--gpu-mem {args.gpu_mem}")
     if bad:
-        print(f"error: {', '.join(bad)}: counts must be >= 1 and --gpu-mem a positive number of GiB", file=sys.stderr)
-        return 2
+        raise LipnextError(f"{', '.join(bad)}: counts must be >= 1 and --gpu-mem a positive number of GiB")
     if args.model not in list_models():
-        print(f"error: unknown model {args.model!r}; choose one of {', '.join(list_models())}", file=sys.stderr)
-        return 2
+        raise LipnextError(f"unknown model {args.model!r}; choose one of {', '.join(list_models())}")
     overrides = {k: getattr(args, k) for k in ("depth", "width") if getattr(args, k) is not None}
     kw = dict(precision=args.precision, grad_accum=args.grad_accum,
               runtime_bytes=CPU_RUNTIME_BYTES if args.device == "cpu" else RUNTIME_BYTES, **overrides)
     if args.config:
-        from lipnext_scale.config import ConfigError, load_config
+        from lipnext_scale.config import load_config
 
-        try:
-            kw["optim_cfg"] = load_config(args.config).optim
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        kw["optim_cfg"] = load_config(args.config).optim  # a bad file: ConfigError
     try:
         plan = memory_plan(args.model, args.gpus, args.micro_batch, **kw)
         fewest = smallest_gpu_count(args.model, args.gpu_mem, args.micro_batch, **kw)
-    except (KeyError, TypeError, ValueError) as e:
-        print(f"error: {args.model} {overrides or ''}: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+    except (KeyError, TypeError, ValueError) as e:  # the registry's and the spec's checks of the overrides
+        raise LipnextError(f"{args.model} {overrides or ''}: {e.args[0] if e.args else e}") from None
     print(format_plan(plan, args.gpu_mem))
     print(format_owners(plan))
     print(f"  global batch      {plan['global_batch']} = {args.gpus} GPUs x micro-batch {args.micro_batch} x "

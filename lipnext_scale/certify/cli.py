@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lipnext_scale.errors import LipnextError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="a training checkpoint directory (ZeRO-3, any world size) or a `lipnext export` "
@@ -42,35 +44,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_certify(args: argparse.Namespace) -> int:
-    from lipnext_scale.certify.certify import CertifyInputError
     from lipnext_scale.certify.job import certify_job
-    from lipnext_scale.certify.model_loading import CertifyError
     from lipnext_scale.certify.report import format_table
-    from lipnext_scale.config import ConfigError, load_config
+    from lipnext_scale.config import load_config
 
     if args.renamed_workers is not None:
-        print("error: --workers is now --actors (Ray actors, one model copy each; 0: certify in this process)",
-              file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(args.config, args.set).certify
-        for flag, key in (("eps", "eps"), ("actors", "actors"), ("batch_size", "batch_size"),
-                          ("attack", "attack"), ("attack_steps", "attack_steps"), ("allow_approx", "allow_approx")):
-            if getattr(args, flag) is not None:
-                setattr(cfg, key, getattr(args, flag))
-        cfg.validate()
-        if cfg.actors == 0:  # this process certifies: keep freed memory, as actors do (worker.py says why)
-            from lipnext_scale.certify.worker import keep_freed_memory
+        raise LipnextError("--workers is now --actors (Ray actors, one model copy each; 0: certify in this process)")
+    cfg = load_config(args.config, args.set).certify
+    for flag, key in (("eps", "eps"), ("actors", "actors"), ("batch_size", "batch_size"),
+                      ("attack", "attack"), ("attack_steps", "attack_steps"), ("allow_approx", "allow_approx")):
+        if getattr(args, flag) is not None:
+            setattr(cfg, key, getattr(args, flag))
+    cfg.validate()
+    if cfg.actors == 0:  # this process certifies: keep freed memory, as actors do (worker.py says why)
+        from lipnext_scale.certify.worker import keep_freed_memory
 
-            keep_freed_memory()
-        report = certify_job(args.ckpt, args.data, args.out, eps=cfg.eps, actors=cfg.actors,
-                             batch_size=cfg.batch_size, attack=cfg.attack or None, attack_steps=cfg.attack_steps,
-                             allow_approx=cfg.allow_approx, lipschitz_tol=cfg.lipschitz_tol, device=args.device,
-                             threads_per_worker=args.threads_per_worker, progress=not args.no_progress,
-                             ray_address=args.ray_address)
-    except (CertifyError, CertifyInputError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        keep_freed_memory()
+    report = certify_job(args.ckpt, args.data, args.out, eps=cfg.eps, actors=cfg.actors,
+                         batch_size=cfg.batch_size, attack=cfg.attack or None, attack_steps=cfg.attack_steps,
+                         allow_approx=cfg.allow_approx, lipschitz_tol=cfg.lipschitz_tol, device=args.device,
+                         threads_per_worker=args.threads_per_worker, progress=not args.no_progress,
+                         ray_address=args.ray_address)
     print(format_table(report))
     print(f"wrote {args.out.rstrip('/')}/report.json, samples.parquet, certified_accuracy.png")
     alarms = report.get("soundness_alarm") or []

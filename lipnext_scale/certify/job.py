@@ -150,8 +150,9 @@ def _run_ray(pending: list[str], out_url: str, worker_kwargs: dict, actors: int,
     """{samples, seconds, cpu_seconds} of the shard phase, which starts once every actor is ready."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=ray_address)
+    from lipnext_scale.runtime import connect_ray
+
+    connect_ray(ray_address)
     use_gpu = str(worker_kwargs["device"]).startswith("cuda")
     # An actor whose process dies (killed, out of memory, its node lost) is restarted by Ray and its shards
     # certified again: a shard's result is written atomically once the shard is done, so nothing half-done

@@ -9,23 +9,31 @@
   retention.py which checkpoints prune keeps (newest, best certified, under certification) and the
               certification records `{run}/certify/step_X/status.json` it reads
   export.py   the exported-model format (`lipnext export` writes it, `lipnext certify` reads it)
+  cli.py      `lipnext export`: its flags and command
 The ZeRO-3 partition arithmetic is `lipnext_scale.optim.partition`, shared with the optimizer.
 """
 
-from lipnext_scale.ckpt.export import (
-    ExportError, check_state_dict, export_checkpoint, is_exported, load_exported, model_kwargs, save_exported,
-)
-from lipnext_scale.ckpt.format import (
-    FORMAT_VERSION, CheckpointError, checkpoint_dir_name, find_latest_valid, list_checkpoints, read_meta,
-    resolve_checkpoint, validate_checkpoint, write_rank_files,
-)
-from lipnext_scale.ckpt.manager import CheckpointManager, NonFiniteState, Restored, StartPoint
-from lipnext_scale.ckpt.state import TrainState, consolidate_checkpoint, load_manifold_state, load_train_state
+from __future__ import annotations
 
-__all__ = [
-    "FORMAT_VERSION", "CheckpointError", "CheckpointManager", "ExportError", "NonFiniteState", "Restored",
-    "StartPoint", "TrainState", "check_state_dict", "checkpoint_dir_name", "consolidate_checkpoint",
-    "export_checkpoint", "find_latest_valid", "is_exported", "list_checkpoints", "load_exported",
-    "load_manifold_state", "load_train_state", "model_kwargs", "read_meta", "resolve_checkpoint",
-    "save_exported", "validate_checkpoint", "write_rank_files",
-]
+import importlib
+
+# Each public name and the module defining it, imported on first use: `lipnext --help` imports ckpt.cli (the
+# flags of `lipnext export`) without torch, which export, format, manager and state need.
+_DEFINED_IN = {
+    **dict.fromkeys(("ExportError", "check_state_dict", "export_checkpoint", "is_exported", "load_exported",
+                     "model_kwargs", "save_exported"), "export"),
+    **dict.fromkeys(("FORMAT_VERSION", "CheckpointError", "checkpoint_dir_name", "find_latest_valid",
+                     "list_checkpoints", "read_meta", "resolve_checkpoint", "validate_checkpoint",
+                     "write_rank_files"), "format"),
+    **dict.fromkeys(("CheckpointManager", "NonFiniteState", "Restored", "StartPoint"), "manager"),
+    **dict.fromkeys(("TrainState", "consolidate_checkpoint", "load_manifold_state", "load_train_state"), "state"),
+}
+__all__ = sorted(_DEFINED_IN)
+
+
+def __getattr__(name: str):
+    if name not in _DEFINED_IN:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_DEFINED_IN[name]}"), name)
+    globals()[name] = value
+    return value

@@ -1,4 +1,5 @@
-"""`lipnext prep KIND --out URL ...` and the `data_prep/*.py` scripts: parse, call `prepare`, print a summary.
+"""`lipnext prep KIND --out URL ...` and the `data_prep/*.py` scripts (`lipnext_scale.cli.prep_main`): parse,
+call `prepare`, print a summary.
 
 No torch/ray import at module level: `lipnext --help` imports this module to build its parser.
 """
@@ -7,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from lipnext_scale.data.sources import KINDS  # light: PIL, no torch/ray
+from lipnext_scale.errors import LipnextError
 
 
 def add_arguments(p: argparse.ArgumentParser, kind: str | None = None) -> None:
@@ -31,15 +32,15 @@ def add_arguments(p: argparse.ArgumentParser, kind: str | None = None) -> None:
 
 def run_prep(args: argparse.Namespace) -> int:
     from lipnext_scale.data.prep import prepare
-    from lipnext_scale.data.errors import DataError
 
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
     try:
         summary = prepare(args.kind, args.source, args.out, shard_size=args.shard_size, image_size=args.image_size,
                           quality=args.quality, workers=args.workers, splits=splits, progress=not args.no_progress)
-    except (DataError, ValueError, OSError) as e:  # OSError: a source or output the library could not name
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except LipnextError:  # DataError, StorageError: the message names the input and the fix
+        raise
+    except (ValueError, OSError) as e:  # a source or output the library could not name
+        raise LipnextError(str(e)) from None
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -53,13 +54,3 @@ def run_prep(args: argparse.Namespace) -> int:
         for origin, reason in summary["files_skipped_examples"]:
             print(f"    {origin}: {reason}")
     return 0
-
-
-def main_for(kind: str, argv: list[str] | None = None) -> int:
-    """Entry point of `data_prep/<kind>.py`."""
-    p = argparse.ArgumentParser(prog=f"data_prep/{kind.replace('-', '_')}.py",
-                                description=f"Preprocess {kind} into WebDataset shards (a Ray job).")
-    add_arguments(p, kind=kind)
-    args = p.parse_args(argv)
-    args.kind = kind
-    return run_prep(args)

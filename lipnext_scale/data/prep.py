@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -36,13 +35,9 @@ SETTINGS_KEYS = ("kind", "image_size", "quality", "shard_size", "image_format", 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Connect to the cluster when submitted as a Ray job (RAY_ADDRESS), else start a local instance."""
-    import ray
+    from lipnext_scale.runtime import connect_ray
 
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, num_cpus=None if address else num_cpus, dashboard_host="127.0.0.1",
-             log_to_driver=True)
+    connect_ray(num_cpus=num_cpus)
 
 
 def plan_digest(split: str, index: int, settings: dict[str, Any], samples: list[SourceSample]) -> str:

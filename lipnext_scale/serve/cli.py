@@ -111,22 +111,14 @@ def prepare(args: argparse.Namespace):
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from lipnext_scale.eps import CertifyInputError
-    from lipnext_scale.certify.model_loading import CertifyError
-    from lipnext_scale.config import ConfigError
-
     try:
         import ray
         from ray import serve  # noqa: F401  (the extra's presence, checked before any work)
     except ImportError:
-        print("error: `lipnext serve` needs Ray Serve: pip install 'lipnext_scale[serve]'", file=sys.stderr)
-        return 2
-    try:
-        settings, description = prepare(args)
-    except (CertifyError, CertifyInputError, ConfigError, ServeArgumentError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from lipnext_scale.serve.deployment import ServeStartError, shut_down, start, stop_on_sigterm, wait_forever
+        raise LipnextError("`lipnext serve` needs Ray Serve: pip install 'lipnext_scale[serve]'") from None
+    settings, description = prepare(args)  # bad flags, config or weights: a LipnextError naming them
+    from lipnext_scale.runtime import connect_ray
+    from lipnext_scale.serve.deployment import shut_down, start, stop_on_sigterm, wait_forever
 
     lip = description["lipschitz"]
     print(f"[serve] verified {description['model']['name']} (weights sha256 {settings.weights_sha256[:12]}..., "
@@ -134,10 +126,9 @@ def run_serve(args: argparse.Namespace) -> int:
           f"{lip['max_orthogonality_error']:.2e})", flush=True)
     owns_ray = args.ray_address is None and not ray.is_initialized()
     try:
-        if owns_ray:
-            ray.init(address="local", include_dashboard=False, log_to_driver=False)
-        elif not ray.is_initialized():
-            ray.init(address=args.ray_address, log_to_driver=False)
+        # A Ray instance of its own unless told to join one; a failed replica start raises ServeStartError.
+        connect_ray("local" if owns_ray else args.ray_address, dashboard=False if owns_ray else None,
+                    log_to_driver=False)
         stop_on_sigterm()
         start(settings, args.replicas, args.host, args.port)
         url = f"http://{args.host}:{args.port}"
@@ -149,9 +140,6 @@ def run_serve(args: argparse.Namespace) -> int:
         wait_forever()
     except KeyboardInterrupt:
         pass
-    except ServeStartError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         shut_down(owns_ray)
     print("[serve] stopped", flush=True)

@@ -1,4 +1,4 @@
-"""`lipnext train` and `lipnext export`: parse flags, build the one JobConfig, call the library.
+"""`lipnext train`: parse flags, build the one JobConfig, call the library.
 
 The launchers under `launchers/` reuse `build_train_config` and `run_train_config`, so a job submitted
 with `ray job submit ... python launchers/train.py` and a local `lipnext train` run the same code.
@@ -12,6 +12,9 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from lipnext_scale.errors import LipnextError
+from lipnext_scale.runtime import connect_ray
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,13 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "run's later checkpoints, if any, are moved to {run}/superseded-*/)")
     p.add_argument("--ray-address", default=None,
                    help="Ray cluster to run on (default: RAY_ADDRESS, else a new local instance)")
-
-
-def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a training checkpoint directory (path or URL), any world size, or a run "
-                                      "directory (its newest checkpoint)")
-    p.add_argument("out", help="output directory (path or URL) for model.safetensors + config.json")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is an existing export")
 
 
 def resolve_config_path(path: str) -> Path:
@@ -70,17 +66,15 @@ def dataset_overrides(data_url: str) -> list[str]:
             f"data.eval_url={toml_string(root + '/val-manifest.parquet')}"]
 
 
-def default_num_workers(ray_address: str | None) -> int | None:
-    """One worker per GPU of the Ray cluster; None (after printing why) when it has none."""
+def default_num_workers(ray_address: str | None) -> int:
+    """One worker per GPU of the Ray cluster; raises LipnextError when it has none."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=ray_address)
+    connect_ray(ray_address)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus < 1:
-        print("error: the Ray cluster offers no GPUs; pass --num-workers N (and --set train.use_gpu=false "
-              "to train on CPU workers)", file=sys.stderr)
-        return None
+        raise LipnextError("the Ray cluster offers no GPUs; pass --num-workers N (and --set train.use_gpu=false "
+                           "to train on CPU workers)")
     return gpus
 
 
@@ -109,8 +103,7 @@ def cluster_workers_per_node(ray_address: str | None, train) -> list[int]:
 
     from lipnext_scale.train.trainer import trains_on_gpu, worker_resources
 
-    if not ray.is_initialized():
-        ray.init(address=ray_address)
+    connect_ray(ray_address)
     need = worker_resources(train, trains_on_gpu(train.use_gpu, ray))
     return worker_slots([n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")], need)
 
@@ -127,26 +120,15 @@ def print_summary(result: dict[str, Any], out=sys.stdout) -> None:
 
 def run_train_config(config_path: str, overrides: list[str], *, resume: str | None = None,
                      ray_address: str | None = None) -> int:
-    """Build the config and train; a bad config or input prints one clear line and returns 2."""
-    from lipnext_scale.config import ConfigError
-
-    try:
-        cfg = build_train_config(config_path, overrides, resume=resume)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from lipnext_scale.train.trainer import TrainingDiverged, run_training
+    """Build the config and train. A bad config or input raises a LipnextError naming it (ConfigError, or at
+    job start for unreachable data/storage URLs and bad checkpoints); a diverged run TrainingDiverged."""
+    cfg = build_train_config(config_path, overrides, resume=resume)
+    from lipnext_scale.train.trainer import run_training
 
     try:
         result = run_training(cfg, ray_address=ray_address)
-    except (ConfigError, FileNotFoundError) as e:
-        # Raised at job start for unreachable data/storage URLs and bad checkpoints: the message names
-        # the thing and the fix; a traceback would only hide it.
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except FileNotFoundError as e:  # the message names the thing and the fix; a traceback would only hide it
+        raise LipnextError(str(e)) from None
     print(f"training finished: {cfg.train.name}")
     print_summary(result)
     return 0
@@ -154,18 +136,3 @@ def run_train_config(config_path: str, overrides: list[str], *, resume: str | No
 
 def run_train(args: argparse.Namespace) -> int:
     return run_train_config(args.config, args.overrides, resume=args.resume, ray_address=args.ray_address)
-
-
-def run_export(args: argparse.Namespace) -> int:
-    """Consolidate a (ZeRO-3, any world size) checkpoint and write it in the exported format."""
-    from lipnext_scale.ckpt import export_checkpoint
-
-    try:
-        url, state_dict, config = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
-    except ValueError as e:  # CheckpointError, ExportError, StorageError: one line naming the input and the fix
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    params = sum(t.numel() for t in state_dict.values())
-    print(f"exported {url} -> {args.out} ({len(state_dict)} tensors, {params:,} values, "
-          f"model {config['model']['name']})")
-    return 0

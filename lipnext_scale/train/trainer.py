@@ -14,18 +14,17 @@ from typing import Any
 
 from lipnext_scale.ckpt import CheckpointManager
 from lipnext_scale.config import JobConfig, config_from_dict, config_to_dict
-from lipnext_scale.errors import LipnextError
+from lipnext_scale.errors import RunFailed
+from lipnext_scale.runtime import connect_ray
 from lipnext_scale.train import validation
 from lipnext_scale.train.preflight import check_job, write_run_config
 
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(LipnextError, RuntimeError):
+class TrainingDiverged(RunFailed, RuntimeError):
     """The loss or the weights became NaN/Inf; no checkpoint of them was written. The message says where
     the last good checkpoint is and what to change."""
-
-    exit_code = 1  # the input was fine; the run failed
 
 
 def _worker_entry(config: dict[str, Any]) -> None:
@@ -91,14 +90,13 @@ def run_training(cfg: JobConfig, *, ray_address: str | None = None) -> dict[str,
     validation.check_validation(cfg)
     cfg.train.check_global_batch(cfg.data.batch_size)  # every allowed world size splits it evenly
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     CheckpointManager(job.run_url).set_aside_after(job.start)
     _forget_ray_checkpoint_list(job.run_url)
     write_run_config(cfg, job.run_url)
-    if not ray.is_initialized():
-        ray.init(address=ray_address, dashboard_host="127.0.0.1")
+    connect_ray(ray_address)
     use_gpu = trains_on_gpu(cfg.train.use_gpu, ray)
     tc = cfg.train
     env = {"OMP_NUM_THREADS": str(tc.cpus_per_worker)}
@@ -117,7 +115,10 @@ def run_training(cfg: JobConfig, *, ray_address: str | None = None) -> dict[str,
         # No Ray checkpoint retention: the CheckpointManager prunes (ckpt.keep_last, keep_best) after each save.
         validation_config=certify,
         run_config=RunConfig(name=name, storage_path=storage, worker_runtime_env={"env_vars": env},
-                             failure_config=FailureConfig(max_failures=tc.max_failures)),
+                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             # Ray Train's own INFO lines (each validation queued and run, each report) go
+                             # to its log files under Ray's log folder, not the console
+                             logging_config=LoggingConfig(log_level="WARNING")),
     )
     result = trainer.fit()
     metrics = dict(result.metrics or {})

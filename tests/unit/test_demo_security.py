@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def test_demo_makes_the_ray_token_private(tmp_path):
     """Issue 12, item 14: Ray writes ~/.ray/auth_token world-readable; the demo restricts it to the user."""
-    from lipnext_scale.demo import restrict_token_file
+    from lipnext_scale.runtime import restrict_token_file
 
     token = tmp_path / "auth_token"
     token.write_text("secret")

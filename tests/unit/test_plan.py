@@ -132,7 +132,7 @@ def test_plan_cli_bad_values_are_one_line_errors(capsys, argv, message):
 
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert err.startswith("lipnext plan: error: ") and message in err and err.count("\n") == 1, err
 
 
 def test_plan_of_the_scale_smoke_is_within_20_percent_of_its_measured_rss():
