@@ -96,14 +96,14 @@ def data_fingerprint(shards: list[str]) -> str:
     """sha256 over the shard list (names and sizes) and the split's manifest when there is one
     (`{split}-manifest.parquet`, which holds every shard's sha256): identifies the evaluation data in
     the report without reading every shard."""
-    from lipnext_scale.storage import join_url, read_bytes, url_to_fs
+    from lipnext_scale.data.manifest import manifest_url
+    from lipnext_scale.storage import file_size, is_file, read_bytes
 
     h = hashlib.sha256()
-    fs, _ = url_to_fs(shards[0], CertifyError)
     for url in shards:
-        h.update(f"{shard_name(url)}|{fs.size(url_to_fs(url, CertifyError)[1])}\n".encode())
+        h.update(f"{shard_name(url)}|{file_size(url, CertifyError)}\n".encode())
     for split in sorted({shard_name(s).rsplit("-", 1)[0] for s in shards}):
-        manifest = join_url(_data_dir(shards), f"{split}-manifest.parquet")
-        if fs.isfile(url_to_fs(manifest, CertifyError)[1]):
+        manifest = manifest_url(_data_dir(shards), split)
+        if is_file(manifest, CertifyError):
             h.update(read_bytes(manifest, CertifyError))
     return h.hexdigest()

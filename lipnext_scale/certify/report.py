@@ -8,7 +8,6 @@ through `lipnext_scale.storage` (written atomically: never half a file under its
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 
@@ -17,7 +16,7 @@ from lipnext_scale.certify.worker import (
     ATTACK_DISTANCE, RADIUS_EXACT, broken_column, certified_column, shard_result_url, write_parquet_atomic,
 )
 from lipnext_scale.eps import format_eps
-from lipnext_scale.storage import atomic_write_bytes, join_url, read_bytes, versions
+from lipnext_scale.storage import atomic_write_bytes, join_url, read_bytes, versions, write_json
 
 SAMPLES_FILE = "samples.parquet"
 REPORT_FILE = "report.json"
@@ -188,7 +187,7 @@ def write_outputs(out_url: str, table, report: dict, eps_list: list[float]) -> N
     write_parquet_atomic(table, join_url(out_url, SAMPLES_FILE))
     title = f"{report['checkpoint'].get('model', '')} ({report['samples']} samples)"
     atomic_write_bytes(join_url(out_url, PLOT_FILE), plot_certified_accuracy(table, eps_list, title), CertifyError)
-    atomic_write_bytes(join_url(out_url, REPORT_FILE), json.dumps(report, indent=2).encode(), CertifyError)
+    write_json(join_url(out_url, REPORT_FILE), report, CertifyError)
 
 
 def format_table(report: dict) -> str:

@@ -4,7 +4,7 @@ A directory (any fsspec URL) holding
   model.safetensors  fp32 weights (safetensors: no pickle, safe to load from anywhere)
   config.json        the resolved JobConfig dict (at least its `model` section)
   manifest.json      format version, sha256 + size of each file above, library versions
-It is built under a temporary name and moved into place (`storage.atomic_write_tree`), so a reader sees
+It is built under a temporary name and moved into place (`storage.atomic_write_files`), so a reader sees
 all of it or none; overwriting replaces only an existing export, never another file or folder.
 `load_exported` checks the manifest's hashes before it parses anything, and checks the weight names
 and shapes against the model the config describes, so a corrupt or mismatched export fails clearly.
@@ -12,15 +12,16 @@ and shapes against the model the config describes, so a corrupt or mismatched ex
 
 from __future__ import annotations
 
-import hashlib
 import json
-import posixpath
 from typing import Any
 
 import torch
 
 from lipnext_scale.errors import LipnextError
-from lipnext_scale.storage import atomic_write_tree, url_to_fs, versions
+from lipnext_scale.storage import (
+    Digest, atomic_write_files, digest, exists, is_dir, is_file, join_url, json_bytes, read_bytes, read_json,
+    verify_digest, versions,
+)
 
 FORMAT = "lipnext-exported"
 FORMAT_VERSION = 1
@@ -34,7 +35,8 @@ class ExportError(LipnextError, ValueError):
 
 
 def _file_entry(data: bytes) -> dict[str, Any]:
-    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    d = digest(data)
+    return {"sha256": d.sha256, "size": d.bytes}
 
 
 def _model_section(config: dict) -> dict:
@@ -92,16 +94,12 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], config: dict, where: s
                           "trained with")
 
 
-def _read_manifest(fs, path: str, url: str) -> dict:
-    manifest_path = posixpath.join(path, MANIFEST_FILE)
-    if not fs.isfile(manifest_path):
+def _read_manifest(url: str) -> dict:
+    manifest_url = join_url(url, MANIFEST_FILE)
+    if not is_file(manifest_url, ExportError):
         raise ExportError(f"{url!r} has no manifest.json: it is not an exported model (write one with "
                           "`lipnext export`)")
-    try:
-        with fs.open(manifest_path, "rb") as f:
-            manifest = json.loads(f.read().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{url!r}: manifest.json is not valid JSON ({e}); export the model again") from None
+    manifest = read_json(manifest_url, "export the model again", ExportError)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(
             manifest.get("files"), dict):
         raise ExportError(f"{url!r}: manifest.json is not a {FORMAT} manifest; export the model again")
@@ -116,54 +114,43 @@ def save_exported(state_dict: dict[str, torch.Tensor], config: dict, out_url: st
     from safetensors.torch import save
 
     check_state_dict(state_dict, config, f"export to {out_url!r}")
-    fs, path = url_to_fs(out_url, ExportError)
-    path = path.rstrip("/")
-    if fs.exists(path):
+    if exists(out_url, ExportError):
         if not overwrite:
             raise ExportError(f"{out_url!r} already exists; choose a new output URL or pass overwrite=True "
                               "(--overwrite) to replace the export there")
-        if not fs.isdir(path):
+        if not is_dir(out_url, ExportError):
             raise ExportError(f"{out_url!r} is a file, not an exported model: --overwrite replaces only an "
                               "existing export; choose another output URL")
         try:
-            _read_manifest(fs, path, out_url)
+            _read_manifest(out_url)
         except ExportError as e:
             raise ExportError(f"{out_url!r} is a folder that is not an exported model ({e}); --overwrite "
                               "replaces only an existing export: choose another output URL") from None
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     files = {
         WEIGHTS_FILE: save(tensors, metadata={"format": FORMAT}),
-        CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True).encode(),
+        CONFIG_FILE: json_bytes(config, sort_keys=True),
     }
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(),
                 "files": {name: _file_entry(data) for name, data in files.items()}}
-    files[MANIFEST_FILE] = json.dumps(manifest, indent=2, sort_keys=True).encode()
-
-    def write(tree_fs, tmp: str) -> None:
-        for name, data in files.items():
-            with tree_fs.open(posixpath.join(tmp, name), "wb") as f:
-                f.write(data)
-
-    atomic_write_tree(out_url, write, replace=overwrite, error=ExportError)
+    files[MANIFEST_FILE] = json_bytes(manifest, sort_keys=True)
+    atomic_write_files(out_url, files, replace=overwrite, error=ExportError)
 
 
 def is_exported(url: str) -> bool:
-    fs, path = url_to_fs(url, ExportError)
-    return fs.isfile(posixpath.join(path.rstrip("/"), MANIFEST_FILE))
+    return is_file(join_url(url, MANIFEST_FILE), ExportError)
 
 
-def _read_verified(fs, path: str, name: str, manifest: dict, url: str) -> bytes:
+def _read_verified(url: str, name: str, manifest: dict) -> bytes:
     entry = manifest["files"].get(name)
     if not isinstance(entry, dict):
         raise ExportError(f"{url!r}: manifest.json lists no {name}; the export is incomplete, export it again")
-    file_path = posixpath.join(path, name)
-    if not fs.isfile(file_path):
+    data = read_bytes(join_url(url, name), ExportError, missing_ok=True)
+    if data is None:
         raise ExportError(f"{url!r}: {name} is missing; the export is incomplete, export it again")
-    with fs.open(file_path, "rb") as f:
-        data = f.read()
-    if len(data) != entry.get("size") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-        raise ExportError(f"{url!r}: {name} does not match its sha256/size in manifest.json (corrupt or "
-                          "modified file); copy or export the model again")
+    verify_digest(digest(data), Digest(entry.get("size"), entry.get("sha256")), lambda what: ExportError(
+        f"{url!r}: {name} does not match its sha256/size in manifest.json ({what}: corrupt or modified file); "
+        "copy or export the model again"))
     return data
 
 
@@ -171,16 +158,14 @@ def load_exported(url: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(fp32 state_dict, config dict) of an exported model, after verifying every file's hash."""
     from safetensors.torch import load
 
-    fs, path = url_to_fs(url, ExportError)
-    path = path.rstrip("/")
-    if not fs.exists(path):
+    if not exists(url, ExportError):
         raise ExportError(f"exported model {url!r} does not exist; check the URL")
-    manifest = _read_manifest(fs, path, url)
+    manifest = _read_manifest(url)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"{url!r}: format_version {manifest.get('format_version')!r} is not supported "
                           f"(this code reads {FORMAT_VERSION}); upgrade lipnext_scale or export again")
-    config_bytes = _read_verified(fs, path, CONFIG_FILE, manifest, url)
-    weights_bytes = _read_verified(fs, path, WEIGHTS_FILE, manifest, url)
+    config_bytes = _read_verified(url, CONFIG_FILE, manifest)
+    weights_bytes = _read_verified(url, WEIGHTS_FILE, manifest)
     try:
         config = json.loads(config_bytes)
         state_dict = load(weights_bytes)

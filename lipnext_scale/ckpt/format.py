@@ -18,10 +18,7 @@ is still read.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import posixpath
 import re
 from typing import Any
 
@@ -30,7 +27,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from lipnext_scale.errors import LipnextError
-from lipnext_scale.storage import atomic_write_bytes, join_url, storage_failure, url_to_fs, with_retries
+from lipnext_scale.storage import (
+    Digest, atomic_write_bytes, digest, exists, is_file, join_url, json_bytes, list_dir, parse_json, read_bytes,
+    verify_digest, write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,6 @@ def manifest_file(rank: int) -> str:
     return f"manifest-rank-{rank:05d}.json"
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def tensor_blob(tensors: dict[str, torch.Tensor]) -> bytes:
     return save_safetensors({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
 
@@ -78,18 +74,17 @@ def write_rank_files(dir_url: str, rank: int, tensors: dict[str, torch.Tensor], 
     only; `manifold` is the state of the manifold matrices this rank owns (`{key}/{name}` -> tensor)."""
     blobs = {
         rank_tensor_file(rank): tensor_blob(tensors),
-        rank_json_file(rank): json.dumps(extra, sort_keys=True).encode(),
+        rank_json_file(rank): json_bytes(extra, indent=None, sort_keys=True),
     }
     if manifold is not None:
         blobs[manifold_file(rank)] = tensor_blob(manifold)
     if meta is not None:
-        blobs[META_FILE] = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **meta},
-                                      indent=2, sort_keys=True).encode()
+        blobs[META_FILE] = json_bytes({"format": FORMAT, "format_version": FORMAT_VERSION, **meta}, sort_keys=True)
     for name, data in blobs.items():
         atomic_write_bytes(join_url(dir_url, name), data, CheckpointError)
-    manifest = {name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in blobs.items()}
-    atomic_write_bytes(join_url(dir_url, manifest_file(rank)), json.dumps(manifest, indent=2).encode(),
-                       CheckpointError)
+    manifest = {name: {"sha256": d.sha256, "bytes": d.bytes} for name, d in
+                ((name, digest(data)) for name, data in blobs.items())}
+    write_json(join_url(dir_url, manifest_file(rank)), manifest, CheckpointError)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,24 +94,16 @@ def write_rank_files(dir_url: str, rank: int, tensors: dict[str, torch.Tensor], 
 def _read(url: str, name: str) -> bytes:
     """One file of a checkpoint, read with the storage layer's retries (a flaky object store while resuming or
     certifying costs retries, not the run); a missing file means an incomplete checkpoint."""
-    fs, path = url_to_fs(url, CheckpointError)
-    file_url = join_url(url, name)
-    try:
-        return with_retries(file_url, "reading", lambda: fs.cat_file(posixpath.join(path, name)))
-    except FileNotFoundError:
+    data = read_bytes(join_url(url, name), CheckpointError, missing_ok=True)
+    if data is None:
         raise CheckpointError(f"checkpoint {url!r} lacks {name}: it is incomplete (interrupted upload?); "
-                              "resume from an earlier checkpoint") from None
-    except OSError as e:
-        raise CheckpointError(storage_failure(file_url, "read", e)) from None
+                              "resume from an earlier checkpoint")
+    return data
 
 
 def _parse_json(data: bytes, where: str) -> Any:
     """JSON of a checkpoint file; anything unparsable (not UTF-8, zero-filled, truncated) is corruption."""
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{where} is not valid JSON ({type(e).__name__}: {e}): the checkpoint is "
-                              "corrupt; use an earlier checkpoint") from None
+    return parse_json(data, where, "the checkpoint is corrupt; use an earlier checkpoint", CheckpointError)
 
 
 def _check_manifest(entries: Any, where: str) -> dict[str, dict]:
@@ -161,10 +148,8 @@ class VerifiedReader:
             raise CheckpointError(f"{self.url}: {name} is not listed in any manifest; the checkpoint is corrupt")
         data = _read(self.url, name)
         want = self.expected[name]
-        if len(data) != want["bytes"] or _sha256(data) != want["sha256"]:
-            raise CheckpointError(
-                f"{self.url}/{name} is corrupt: {len(data)} bytes, sha256 {_sha256(data)[:12]}..., manifest "
-                f"says {want['bytes']} bytes, {want['sha256'][:12]}...; use an earlier checkpoint")
+        verify_digest(digest(data), Digest(want["bytes"], want["sha256"]), lambda what: CheckpointError(
+            f"{self.url}/{name} is corrupt ({what}); use an earlier checkpoint"))
         return data
 
     def verify_all(self) -> None:
@@ -199,12 +184,9 @@ def validate_checkpoint(url: str) -> dict[str, Any]:
 
 def list_checkpoints(run_url: str) -> list[tuple[int, str]]:
     """(step, url) of every `step_XXXXXXXX` directory under the run, oldest first (valid or not)."""
-    fs, path = url_to_fs(run_url, CheckpointError)
-    if not fs.isdir(path):
-        return []
     out = []
-    for entry in fs.ls(path, detail=False):
-        m = _STEP_DIR.match(posixpath.basename(entry.rstrip("/")))
+    for entry in list_dir(run_url, CheckpointError, missing_ok=True):
+        m = _STEP_DIR.match(entry.name)
         if m:
             out.append((int(m.group(1)), join_url(run_url, m.group(0))))
     return sorted(out)
@@ -225,17 +207,15 @@ def find_latest_valid(run_url: str, after_step: int = -1) -> str | None:
 
 
 def is_checkpoint(url: str) -> bool:
-    fs, path = url_to_fs(url, CheckpointError)
-    return fs.isfile(posixpath.join(path.rstrip("/"), META_FILE)) or fs.isfile(
-        posixpath.join(path.rstrip("/"), manifest_file(0)))
+    return is_file(join_url(url, META_FILE), CheckpointError) or is_file(join_url(url, manifest_file(0)),
+                                                                         CheckpointError)
 
 
 def resolve_checkpoint(url: str) -> str:
     """The training checkpoint a user means by `url`: the checkpoint itself, or for a run directory its
     newest `step_*` checkpoint (never an older one: a corrupt newest one fails when it is read, rather
     than silently giving older weights). `lipnext export` and `lipnext certify` both resolve with this."""
-    fs, path = url_to_fs(url, CheckpointError)
-    if not fs.exists(path):
+    if not exists(url, CheckpointError):
         raise CheckpointError(f"checkpoint {url!r} does not exist; pass a training checkpoint (a step_* "
                               "directory), a run directory or a `lipnext export` output")
     if is_checkpoint(url):

@@ -27,12 +27,10 @@ upload in progress, or one left by a crash: resume skips it and the next start s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
-import os
-import posixpath
-import shutil
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,7 +49,9 @@ from lipnext_scale.ckpt.retention import (
 )
 from lipnext_scale.ckpt.state import load_manifold_state, load_train_state, manifold_tensors
 from lipnext_scale.ckpt.zero import collect_local_state, param_shapes, restore_local_state
-from lipnext_scale.storage import join_url, url_to_fs, versions
+from lipnext_scale.storage import (
+    atomic_write_bytes, is_dir, join_url, list_dir, makedirs, move, read_bytes, remove, versions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +69,19 @@ def wait_until_staged(local: str, poll_s: float = 0.05) -> None:
     """Block until a staging directory `save` writes in the background is complete (its manifest, written
     last, is there); raise CheckpointError when the write failed."""
     while True:
-        names = os.listdir(local)
+        names = [e.name for e in list_dir(local, CheckpointError)]
         if STAGING_FAILED in names:
-            with open(os.path.join(local, STAGING_FAILED)) as f:
-                raise CheckpointError(f"writing checkpoint files to {local} failed: {f.read()}")
+            why = read_bytes(join_url(local, STAGING_FAILED), CheckpointError).decode("utf-8", errors="replace")
+            raise CheckpointError(f"writing checkpoint files to {local} failed: {why}")
         if any(n.startswith("manifest-rank-") and n.endswith(".json") for n in names):
             return
         time.sleep(poll_s)
 
 
-def _path(url: str) -> str:
-    return url_to_fs(url, CheckpointError)[1]
+def _discard(local: str) -> None:
+    """Delete a local staging directory, whatever state it is in (nothing to report when that fails)."""
+    with contextlib.suppress(Exception):
+        remove(local, CheckpointError, recursive=True, missing_ok=True)
 
 
 class NonFiniteState(CheckpointError):
@@ -152,11 +154,10 @@ class CheckpointManager:
         later = [url for step, url in self.checkpoints() if step > after]
         if not later:
             return []
-        fs, _ = url_to_fs(self.run_url, CheckpointError)
         aside = join_url(self.run_url, f"superseded-{time.strftime('%Y%m%d-%H%M%S')}")
-        fs.makedirs(_path(aside), exist_ok=True)
+        makedirs(aside, CheckpointError)
         for url in later:
-            fs.mv(_path(url), _path(join_url(aside, url.rsplit("/", 1)[1])), recursive=True)
+            move(url, join_url(aside, url.rsplit("/", 1)[1]), CheckpointError)
         log.warning("this job starts from %s: moved the run's later checkpoints %s to %s (not deleted)",
                     start.url if start else "scratch", [u.rsplit("/", 1)[1] for u in later], aside)
         return later
@@ -199,12 +200,12 @@ class CheckpointManager:
             taken = self.report(metrics, local, checkpoint_dir_name(step))
         except BaseException:
             if self._writing is None or self._writing.done():
-                shutil.rmtree(local, ignore_errors=True)
+                _discard(local)
             raise
         if taken:
             self._uploading = (local, join_url(self.run_url, checkpoint_dir_name(step)))
         else:
-            shutil.rmtree(local, ignore_errors=True)
+            _discard(local)
         if self.rank == 0 and self._writing is None:
             self.prune()  # only complete checkpoints are candidates: no need to wait for the other ranks
 
@@ -224,7 +225,7 @@ class CheckpointManager:
             return
         local, url = self._uploading
         started, warned = time.monotonic(), False
-        while os.path.isdir(local) and not self._stored(local, url):
+        while is_dir(local, CheckpointError) and not self._stored(local, url):
             waited = time.monotonic() - started
             if waited > self.UPLOAD_WAIT_S:
                 self._uploading = None
@@ -244,7 +245,7 @@ class CheckpointManager:
         """Every file of a staging directory is in storage at `url` with its size."""
         try:
             stored = _stored_sizes(url)
-            return all(stored.get(name) == os.path.getsize(os.path.join(local, name)) for name in os.listdir(local))
+            return all(stored.get(e.name) == e.size for e in list_dir(local, CheckpointError))
         except (OSError, CheckpointError):
             return False
 
@@ -323,12 +324,9 @@ class CheckpointManager:
                     scores[step] = self._score(step)
         keep = retained(complete, scores, unfinished, r.keep_last, r.keep_best)
         doomed = [url for step, url in found if step in complete and step not in keep]
-        fs, _ = url_to_fs(self.run_url, CheckpointError)
         for url in doomed:
-            try:
-                fs.rm(_path(url), recursive=True)
-            except FileNotFoundError:
-                pass  # another pruner (the driver's final one) got there first
+            # missing_ok: another pruner (the driver's final one) got there first
+            remove(url, CheckpointError, recursive=True, missing_ok=True)
             self._complete.discard(url)
         if doomed:
             log.info("pruned %s (kept %s)", [u.rsplit("/", 1)[1] for u in doomed],
@@ -338,8 +336,7 @@ class CheckpointManager:
 
 def _stored_sizes(url: str) -> dict[str, int | None]:
     """File name -> size of what storage holds directly under checkpoint `url` (raises OSError, CheckpointError)."""
-    fs, path = url_to_fs(url, CheckpointError)
-    return {posixpath.basename(e["name"].rstrip("/")): e.get("size") for e in fs.ls(path, detail=True)}
+    return {e.name: e.size for e in list_dir(url, CheckpointError)}
 
 
 @functools.cache
@@ -353,6 +350,6 @@ def _write_staging(local: str, rank: int, tensors: dict[str, torch.Tensor], extr
     try:
         write_rank_files(local, rank, tensors, extra, meta, manifold=manifold)
     except BaseException as e:
-        with open(os.path.join(local, STAGING_FAILED), "w") as f:
-            f.write(" ".join(f"{type(e).__name__}: {e}".split()))
+        atomic_write_bytes(join_url(local, STAGING_FAILED), " ".join(f"{type(e).__name__}: {e}".split()).encode(),
+                           CheckpointError)
         raise

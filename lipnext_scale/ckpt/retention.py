@@ -16,7 +16,6 @@ imported by this module.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -25,7 +24,7 @@ from typing import Any
 
 from lipnext_scale.ckpt.format import CheckpointError, checkpoint_dir_name
 from lipnext_scale.eps import format_eps
-from lipnext_scale.storage import atomic_write_bytes, join_url, read_bytes
+from lipnext_scale.storage import join_url, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +78,10 @@ def read_status(run_url: str, step: int) -> dict[str, Any] | None:
     """Checkpoint `step`'s status.json as written (state, figures, lag, reason, ...); None when none was written.
     Raises ValueError when it is unreadable."""
     url = join_url(certification_url(run_url, step), STATUS_FILE)
-    try:
-        raw = read_bytes(url, CheckpointError)
-    except CheckpointError:
+    data = read_json(url, "its checkpoint is kept until the record is rewritten", CheckpointError,
+                     missing_ok=True)  # CheckpointError is a ValueError
+    if data is None:
         return None
-    data = json.loads(raw.decode("utf-8"))  # UnicodeDecodeError and JSONDecodeError are ValueErrors
     if not isinstance(data, dict):
         raise ValueError(f"{url} holds {type(data).__name__}, not a JSON object")
     return data
@@ -106,8 +104,7 @@ def read_certification(run_url: str, step: int) -> Certification:
 def write_certification(run_url: str, step: int, record: Certification, **extra: Any) -> None:
     body = {"step": step, **dataclasses.asdict(record), **extra, "time": time.time()}
     body["deadline"] = None if math.isinf(record.deadline) else record.deadline
-    atomic_write_bytes(join_url(certification_url(run_url, step), STATUS_FILE),
-                       json.dumps(body, indent=2, sort_keys=True).encode(), CheckpointError)
+    write_json(join_url(certification_url(run_url, step), STATUS_FILE), body, CheckpointError, sort_keys=True)
 
 
 class UnreadableScore(ValueError):
@@ -120,15 +117,13 @@ def certified_score(run_url: str, step: int, eps: float | None) -> float | None:
     None when there is no report (never certified, or given up). Raises UnreadableScore when a report is
     there but its figure cannot be read or is not finite."""
     url = join_url(certification_url(run_url, step), REPORT_FILE)
-    try:
-        raw = read_bytes(url, CheckpointError)
-    except CheckpointError:
+    what = "clean_accuracy" if eps is None else f"certified_accuracy[{format_eps(eps)!r}]"
+    report = read_json(url, f"{what} cannot be ranked: its checkpoint is kept", UnreadableScore, missing_ok=True)
+    if report is None:
         return None
     try:
-        report = json.loads(raw.decode("utf-8"))
         value = float(report["clean_accuracy"] if eps is None else report["certified_accuracy"][format_eps(eps)])
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-        what = "clean_accuracy" if eps is None else f"certified_accuracy[{format_eps(eps)!r}]"
+    except (ValueError, KeyError, TypeError) as e:
         raise UnreadableScore(f"{url}: {what} unreadable ({type(e).__name__}: {' '.join(str(e).split())})") from None
     if not math.isfinite(value):
         raise UnreadableScore(f"{url}: the score is {value}, not a finite number")

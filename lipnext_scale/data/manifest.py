@@ -6,23 +6,24 @@ One manifest row per completed shard: `shard` is the file name relative to the m
 planned with: resume only skips a shard whose plan is unchanged). The schema metadata holds the
 prep settings and `complete` (false while a prep is still running or was interrupted).
 
-A shard is checked against its row (`ShardDigest`) while it streams: `HashingReader` hashes the bytes
+A shard is checked against its row (`ShardDigest`) while it streams: `storage.HashingReader` hashes the bytes
 the tar reader reads anyway, so the check costs no second read. Prep's resume checks the same way.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lipnext_scale.data.errors import DataError
-from lipnext_scale.storage import atomic_write_bytes, exists, join_url, open_url, parent_url, read_bytes
+from lipnext_scale.storage import (
+    Digest, atomic_write_bytes, exists, join_url, parent_url, read_bytes, read_json, write_json,
+)
+from lipnext_scale.storage import file_digest as storage_file_digest
 
 _META_KEY = b"lipnext_scale.prep"
 
@@ -38,8 +39,17 @@ MANIFEST_SCHEMA = pa.schema([
 ])
 
 
+MANIFEST_SUFFIX = "-manifest.parquet"  # the one spelling of a split's manifest name: `{split}-manifest.parquet`
+CLASSES_FILE = "classes.json"
+
+
+def prefix_manifest_url(prefix: str) -> str:
+    """The manifest of the split a prefix names: "s3://b/out/train" -> "s3://b/out/train-manifest.parquet"."""
+    return f"{prefix.rstrip('/')}{MANIFEST_SUFFIX}"
+
+
 def manifest_url(out_url: str, split: str) -> str:
-    return join_url(out_url, f"{split}-manifest.parquet")
+    return prefix_manifest_url(join_url(out_url, split))
 
 
 def shard_name(split: str, index: int) -> str:
@@ -94,15 +104,11 @@ def manifest_shard_urls(url: str, table: pa.Table) -> list[str]:
 
 
 def write_classes(out_url: str, info: dict[str, Any]) -> None:
-    atomic_write_bytes(join_url(out_url, "classes.json"), json.dumps(info, indent=1).encode(), DataError)
+    write_json(join_url(out_url, CLASSES_FILE), info, DataError, indent=1)
 
 
 def read_classes(out_url: str) -> dict[str, Any]:
-    url = join_url(out_url, "classes.json")
-    try:
-        return json.loads(read_bytes(url, DataError))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{url!r} is not valid JSON ({e}); re-create the data set with `lipnext prep`") from None
+    return read_json(join_url(out_url, CLASSES_FILE), "re-create the data set with `lipnext prep`", DataError)
 
 
 def dataset_classes(shard_urls: list[str]) -> tuple[int | None, int | None, str]:
@@ -119,7 +125,7 @@ def dataset_classes(shard_urls: list[str]) -> tuple[int | None, int | None, str]
         present = max((i + 1 for c in counts for i, n in enumerate(c) if n), default=None)
         declared = manifest_meta(table).get("num_classes") or max((len(c) for c in counts), default=None)
         return declared, present, manifest
-    classes = join_url(folder, "classes.json")
+    classes = join_url(folder, CLASSES_FILE)
     if exists(classes, DataError):
         info = read_classes(folder)
         if isinstance(info, list):
@@ -131,11 +137,7 @@ def dataset_classes(shard_urls: list[str]) -> tuple[int | None, int | None, str]
     return None, None, ""
 
 
-@dataclass(frozen=True)
-class ShardDigest:
-    """What a manifest row says a shard is: its size and sha256."""
-    bytes: int
-    sha256: str
+ShardDigest = Digest  # what a manifest row says a shard is: its size and sha256 (storage's one digest type)
 
 
 def shard_digests(shard_urls: list[str]) -> dict[str, ShardDigest]:
@@ -164,33 +166,6 @@ def mismatch_error(shard_url: str, what: str) -> DataError:
                      "rewrites the bad ones)")
 
 
-class HashingReader:
-    """A read-only stream that hashes every byte read through it, so a shard is checked against its
-    manifest while the tar reader streams it. It reports itself unseekable: skipped members are then
-    read in bounded chunks (they must be hashed too), never held whole."""
-
-    CHUNK = 1 << 20
-
-    def __init__(self, f):
-        self.f, self.hash, self.size = f, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n)
-        self.hash.update(data)
-        self.size += len(data)
-        return data
-
-    def seekable(self) -> bool:
-        return False
-
-    def finish(self) -> ShardDigest:
-        """Hash what is left (the tar's zero padding after its end-of-archive block) and return the digest."""
-        while self.read(self.CHUNK):
-            pass
-        return ShardDigest(self.size, self.hash.hexdigest())
-
-
 def file_digest(url: str) -> ShardDigest:
     """Size and sha256 of a whole file, read in bounded chunks (prep's check of finished shards)."""
-    with open_url(url, "rb", DataError) as f:
-        return HashingReader(f).finish()
+    return storage_file_digest(url, DataError)

@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Iterator
 from braceexpand import braceexpand
 
 from lipnext_scale.data.errors import DataError
-from lipnext_scale.data.manifest import manifest_meta, manifest_shard_urls, read_manifest, shard_digests
+from lipnext_scale.data.manifest import (
+    manifest_meta, manifest_shard_urls, prefix_manifest_url, read_manifest, shard_digests,
+)
 from lipnext_scale.data.tar_reader import SkipStats, decode_raw, iter_raw_samples
 from lipnext_scale.data.transforms import SampleError, check_dataset, eval_transform, to_float_chw
-from lipnext_scale.storage import exists, parent_url, url_to_fs
+from lipnext_scale.storage import exists, glob, is_dir, list_dir, parent_url
 
 if TYPE_CHECKING:
     import torch
@@ -43,18 +45,13 @@ def _from_manifest(url: str) -> list[str]:
 
 
 def _check_all_exist(urls: list[str], pattern: str) -> None:
-    fs, _ = url_to_fs(urls[0], DataError)
-    listed: dict[str, set[str]] = {}
+    listed: dict[str, set[str]] = {}  # one listing per folder, not one request per shard
     missing = []
     for u in urls:
-        path = fs._strip_protocol(u)
-        parent = path.rsplit("/", 1)[0]
+        parent, name = parent_url(u), u.rstrip("/").rsplit("/", 1)[-1]
         if parent not in listed:
-            try:
-                listed[parent] = {p.rstrip("/") for p in fs.ls(parent, detail=False)}
-            except (FileNotFoundError, NotADirectoryError):
-                listed[parent] = set()
-        if path not in listed[parent]:
+            listed[parent] = {e.name for e in list_dir(parent, DataError, missing_ok=True)}
+        if name not in listed[parent]:
             missing.append(u)
     if missing:
         raise DataError(f"{len(missing)} of {len(urls)} shards of {pattern!r} do not exist (first: "
@@ -62,8 +59,7 @@ def _check_all_exist(urls: list[str], pattern: str) -> None:
 
 
 def _glob(pattern: str) -> list[str]:
-    fs, path = url_to_fs(pattern, DataError)
-    return [fs.unstrip_protocol(p) for p in sorted(fs.glob(path)) if p.endswith(".tar")]
+    return [u for u in glob(pattern, DataError) if u.endswith(".tar")]
 
 
 def resolve_shards(url: str | list[str], *, split: str | None = None) -> list[str]:
@@ -87,16 +83,15 @@ def resolve_shards(url: str | list[str], *, split: str | None = None) -> list[st
         if not urls:
             raise DataError(f"no .tar shard matches {url!r}; {_HOW}")
         return urls
-    fs, path = url_to_fs(url, DataError)
-    if path.endswith(".tar"):
-        if not fs.exists(path):
+    if url.rstrip("/").endswith(".tar"):
+        if not exists(url, DataError):
             raise DataError(f"shard {url!r} does not exist; {_HOW}")
         return [url]
-    if fs.isdir(path):
+    if is_dir(url, DataError):
         if split is None:
             raise DataError(f"{url!r} is a directory: say which split to read (e.g. {url.rstrip('/')}/train); {_HOW}")
         url = f"{url.rstrip('/')}/{split}"
-    manifest = f"{url}-manifest.parquet"
+    manifest = prefix_manifest_url(url)
     if exists(manifest, DataError):
         return _from_manifest(manifest)
     urls = _glob(f"{url}-*.tar")

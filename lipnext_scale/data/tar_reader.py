@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from lipnext_scale.data.errors import DataError
-from lipnext_scale.data.manifest import HashingReader, ShardDigest, mismatch_error
+from lipnext_scale.data.manifest import ShardDigest, mismatch_error
 from lipnext_scale.data.tar_stream import TarError, iter_tar_members
 from lipnext_scale.data.transforms import SampleError, decode_image
-from lipnext_scale.storage import open_url
+from lipnext_scale.storage import HashingReader, open_url, verify_digest
 
 log = logging.getLogger("lipnext_scale.data")
 
@@ -105,9 +105,8 @@ def iter_raw_samples(shard_url: str, stats: SkipStats, suffixes: frozenset[str] 
                     current.problem = f"oversized .{ext} member (over MAX_MEMBER_BYTES = {MAX_MEMBER_BYTES} bytes)"
                 else:
                     current.members[ext] = data
-            if expected is not None and (got := reader.finish()) != expected:
-                raise mismatch_error(shard_url, f"{got.bytes} bytes, sha256 {got.sha256[:16]}... where the "
-                                                f"manifest has {expected.bytes} bytes, {expected.sha256[:16]}...")
+            if expected is not None:
+                verify_digest(reader.finish(), expected, lambda what: mismatch_error(shard_url, what))
     except DataError as e:
         if opened:  # the manifest check itself
             raise

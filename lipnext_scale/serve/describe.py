@@ -9,7 +9,6 @@ weights' is named but not shown: it describes other weights.
 
 from __future__ import annotations
 
-import json
 import math
 import posixpath
 
@@ -34,7 +33,7 @@ def find_report(loaded: LoadedModel, report_url: str | None) -> dict | None:
     """{"url", "report"} of the certification report beside the checkpoint, {"url", "ignored"} when it
     describes other weights or cannot be read, None when there is none. An explicit --report that is
     missing is an error."""
-    from lipnext_scale.storage import exists, read_bytes
+    from lipnext_scale.storage import exists, read_json
 
     if report_url is not None and not exists(report_url, CertifyError):
         raise CertifyError(f"--report {report_url!r} does not exist; pass a `lipnext certify` report.json")
@@ -42,9 +41,9 @@ def find_report(loaded: LoadedModel, report_url: str | None) -> dict | None:
         if not exists(url, CertifyError):
             continue
         try:
-            report = json.loads(read_bytes(url, CertifyError).decode("utf-8"))
+            report = read_json(url, "certify the served model again", CertifyError)
             sha = report["checkpoint"]["weights_sha256"]
-        except (CertifyError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        except (CertifyError, KeyError, TypeError) as e:
             return {"url": url, "ignored": f"unreadable ({type(e).__name__}: {' '.join(str(e).split())})"}
         if sha != loaded.weights_sha256:
             return {"url": url, "ignored": f"it certifies other weights (weights_sha256 {str(sha)[:12]}..., "

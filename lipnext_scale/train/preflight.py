@@ -8,7 +8,6 @@ inside a worker after start-up. `check_job(cfg)` runs them all and returns what 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Any
 
 from lipnext_scale.ckpt import CheckpointError, CheckpointManager, ExportError, StartPoint, model_kwargs
 from lipnext_scale.config import ConfigError, DataConfig, JobConfig, ModelConfig, config_to_dict
-from lipnext_scale.storage import atomic_write_bytes, join_url, url_to_fs
+from lipnext_scale.storage import atomic_write_bytes, is_file, join_url, makedirs, read_json, remove, write_json
 from lipnext_scale.train.engine import deepspeed_config
 from lipnext_scale.train.resume import batch_split_config
 
@@ -45,11 +44,9 @@ def read_deepspeed_config(path: str) -> dict[str, Any]:
     """The DeepSpeed JSON: relative paths are tried from the working directory, then the repository."""
     candidates = [Path(path)] if Path(path).is_absolute() else [Path.cwd() / path, _REPO_ROOT / path]
     for p in candidates:
-        if p.is_file():
-            try:
-                return json.loads(p.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ConfigError(f"train.deepspeed={path!r}: {p} is not valid JSON ({e})") from None
+        if is_file(str(p), ConfigError):
+            return read_json(str(p), f"fix train.deepspeed={path!r} or use one of configs/deepspeed/*.json",
+                             ConfigError)
     raise ConfigError(f"train.deepspeed={path!r} not found (looked in {', '.join(str(c) for c in candidates)}); "
                       "use one of configs/deepspeed/*.json")
 
@@ -58,10 +55,9 @@ def check_storage(run_url: str) -> None:
     """Create the run directory and write + delete a probe file, so an unwritable storage fails now."""
     probe = join_url(run_url, f".write-probe-{uuid.uuid4().hex[:8]}")
     try:
-        fs, path = url_to_fs(run_url, ConfigError)
-        fs.makedirs(path, exist_ok=True)
+        makedirs(run_url, ConfigError)
         atomic_write_bytes(probe, b"ok", ConfigError)
-        fs.rm(url_to_fs(probe, ConfigError)[1])
+        remove(probe, ConfigError)
     except Exception as e:  # any backend error: credentials, missing bucket, permissions, bad protocol
         raise ConfigError(f"train.storage: cannot write the run directory {run_url!r} ({type(e).__name__}: {e}); "
                           "give a writable local path or a reachable s3:// / gs:// URL with credentials") from None
@@ -183,5 +179,4 @@ def check_job(cfg: JobConfig) -> JobStart:
 
 
 def write_run_config(cfg: JobConfig, run_url: str) -> None:
-    atomic_write_bytes(join_url(run_url, "config.json"), json.dumps(config_to_dict(cfg), indent=2).encode(),
-                       ConfigError)
+    write_json(join_url(run_url, "config.json"), config_to_dict(cfg), ConfigError)

@@ -7,16 +7,9 @@ writer appends to files, which object stores cannot do.
 
 from __future__ import annotations
 
-import os
 import tempfile
 
-from lipnext_scale.storage import atomic_write_bytes, join_url, url_to_fs
-
-
-def _local_path(url: str) -> str | None:
-    fs, path = url_to_fs(url)
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return path if ("file" in protocols or "local" in protocols) else None
+from lipnext_scale.storage import atomic_write_bytes, join_url, list_dir, local_path, makedirs, read_bytes
 
 
 class ScalarLog:
@@ -30,11 +23,11 @@ class ScalarLog:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        local = _local_path(self.url)
+        local = local_path(self.url)
         if local is None:
             self._staging = tempfile.mkdtemp(prefix="lipnext-tb-")
             local = self._staging
-        os.makedirs(local, exist_ok=True)
+        makedirs(local)
         self.writer = SummaryWriter(log_dir=local)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
@@ -48,9 +41,8 @@ class ScalarLog:
             return
         self.writer.flush()
         if self._staging is not None:  # whole files, each replaced atomically: a reader never sees half of one
-            for name in os.listdir(self._staging):
-                with open(os.path.join(self._staging, name), "rb") as f:
-                    atomic_write_bytes(join_url(self.url, name), f.read())
+            for entry in list_dir(self._staging):
+                atomic_write_bytes(join_url(self.url, entry.name), read_bytes(entry.url))
 
     def close(self) -> None:
         if self.writer is None:

@@ -26,7 +26,6 @@ the controller took it (the checkpoint is on disk, unregistered): `finish` certi
 
 from __future__ import annotations
 
-import json
 import logging
 import posixpath
 import time
@@ -40,7 +39,7 @@ from lipnext_scale.ckpt.retention import (
 )
 from lipnext_scale.config import ConfigError, JobConfig, config_from_dict, config_to_dict
 from lipnext_scale.eps import format_eps, parse_eps_list
-from lipnext_scale.storage import atomic_write_bytes, exists, is_process_local, join_url, with_retries
+from lipnext_scale.storage import exists, is_process_local, join_url, list_dir, with_retries, write_json
 from lipnext_scale.train.evaluate import cra_key
 
 log = logging.getLogger(__name__)
@@ -170,8 +169,7 @@ def finish(cfg: JobConfig, run_url: str) -> dict[str, Any]:
     if not enabled(cfg):
         return {}
     summary = summarise(run_url, cfg.ckpt.best_eps())
-    atomic_write_bytes(join_url(run_url, CERTIFY_DIR, SUMMARY_FILE), json.dumps(summary, indent=2).encode(),
-                       ConfigError)
+    write_json(join_url(run_url, CERTIFY_DIR, SUMMARY_FILE), summary, ConfigError)
     return summary
 
 
@@ -202,11 +200,8 @@ def _certify_missed(cfg: JobConfig, run_url: str, manager: CheckpointManager) ->
 def summarise(run_url: str, best_eps: float | None) -> dict[str, Any]:
     """Every checkpoint's certification of the run: state and figures by step, the newest certified one
     and the best kept one (by ckpt.best_metric)."""
-    from lipnext_scale.storage import url_to_fs
-
-    fs, path = url_to_fs(join_url(run_url, CERTIFY_DIR), ConfigError)
-    steps = sorted(int(p.rstrip("/").rsplit("_", 1)[1]) for p in (fs.ls(path, detail=False) if fs.isdir(path) else [])
-                   if posixpath.basename(p.rstrip("/")).startswith("step_"))
+    steps = sorted(int(e.name.rsplit("_", 1)[1]) for e in list_dir(join_url(run_url, CERTIFY_DIR), ConfigError,
+                                                                   missing_ok=True) if e.name.startswith("step_"))
     kept = {step for step, _ in list_checkpoints(run_url)}
     rows = []
     for step in steps:

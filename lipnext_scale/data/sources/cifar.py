@@ -16,7 +16,7 @@ import numpy as np
 
 from lipnext_scale.data.errors import DataError
 from lipnext_scale.data.sources.base import PixelsRef, SourcePlan, SourceSample
-from lipnext_scale.storage import open_url, url_to_fs
+from lipnext_scale.storage import exists, find_files, is_dir, open_url, read_bytes
 
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -57,14 +57,13 @@ def load_array_pickle(data: bytes):
 
 def _read_files(source: str) -> dict[str, bytes]:
     """basename -> bytes of every regular file in the archive (any compression) or folder tree."""
-    fs, path = url_to_fs(source, DataError)
-    if not fs.exists(path):
+    if not exists(source, DataError):
         raise DataError(f"CIFAR source {source!r} does not exist; pass the release archive "
                         "(cifar-10-python.tar.gz, cifar-100-binary.tar.gz, ...) or its extracted folder")
     files: dict[str, bytes] = {}
-    if fs.isdir(path):
-        for p in fs.find(path):
-            files[p.rsplit("/", 1)[-1]] = fs.cat_file(p)
+    if is_dir(source, DataError):
+        for url in find_files(source, DataError):
+            files[url.rsplit("/", 1)[-1]] = read_bytes(url, DataError)
         return files
     with open_url(source, "rb", DataError) as f, tarfile.open(fileobj=f, mode="r:*") as tar:
         for m in tar:

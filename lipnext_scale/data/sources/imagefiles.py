@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from lipnext_scale.data.errors import DataError
-from lipnext_scale.storage import read_bytes, url_to_fs
+from lipnext_scale.storage import list_dir, read_bytes
 
 log = logging.getLogger("lipnext_scale.data")
 
@@ -21,24 +21,13 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 def _entries(url: str, skipped: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """(name, "file" | "directory" | "dangling" | other type) of the entries directly in `url`, symlinks
     followed; dangling symlinks are logged and recorded in `skipped`."""
-    fs, path = url_to_fs(url, DataError)
-    try:
-        entries = fs.ls(path, detail=True)
-    except (FileNotFoundError, NotADirectoryError) as e:
-        raise DataError(f"{url!r} does not exist or is not a directory") from e
     out = []
-    for e in entries:
-        name = e["name"].rstrip("/").rsplit("/", 1)[-1]
-        kind = e["type"]
-        if e.get("islink"):  # the local filesystem lists a symlink as "other": look at its target
-            try:
-                kind = fs.info(e["name"])["type"]
-            except (FileNotFoundError, OSError):
-                kind = "dangling"
-                origin = f"{url.rstrip('/')}/{name}"
-                skipped.append((origin, "dangling symlink"))
-                log.warning("%s is a dangling symlink: skipped", origin)
-        out.append((name, kind))
+    for e in list_dir(url, DataError):  # raises "does not exist or is not a directory"
+        if e.type == "dangling":
+            origin = f"{url.rstrip('/')}/{e.name}"
+            skipped.append((origin, "dangling symlink"))
+            log.warning("%s is a dangling symlink: skipped", origin)
+        out.append((e.name, e.type))
     return out
 
 

@@ -17,20 +17,18 @@ import tarfile
 from lipnext_scale.data.errors import DataError
 from lipnext_scale.data.sources.base import FileRef, SourcePlan, SourceSample, TarMemberRef, safe_key
 from lipnext_scale.data.sources.imagefiles import IMAGE_EXTENSIONS, list_images, read_text, subdirs
-from lipnext_scale.storage import join_url, open_url, url_to_fs
+from lipnext_scale.storage import file_size, is_dir, is_file, join_url, open_url
 
 TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
 CLS_LOC = "ILSVRC/Data/CLS-LOC"
 
 
 def _isdir(url: str) -> bool:
-    fs, path = url_to_fs(url, DataError)
-    return fs.isdir(path)
+    return is_dir(url, DataError)
 
 
 def _isfile(url: str) -> bool:
-    fs, path = url_to_fs(url, DataError)
-    return fs.isfile(path)
+    return is_file(url, DataError)
 
 
 def list_imagenet(source: str | None) -> SourcePlan:
@@ -148,10 +146,9 @@ def _from_archives(source: str) -> SourcePlan:
     train_url = join_url(source, TRAIN_TAR)
     if not _isfile(train_url):
         raise DataError(f"{train_url} is missing: the class list (sorted wnids) comes from the training archive")
-    fs, path = url_to_fs(train_url, DataError)
     by_wnid: dict[str, list[tuple[str, int, int]]] = {}
     with open_url(train_url, "rb", DataError) as f:
-        for name, offset, size in _tar_members(f, 0, fs.size(path)):
+        for name, offset, size in _tar_members(f, 0, file_size(train_url, DataError)):
             wnid = name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
             if name.endswith(".tar"):
                 by_wnid[wnid] = _tar_members(f, offset, size)
@@ -168,9 +165,9 @@ def _from_archives(source: str) -> SourcePlan:
         if not _isfile(devkit_url):
             raise DataError(f"{val_url} needs {devkit_url} for its labels (meta.mat + validation ground truth)")
         id_to_wnid, ground_truth, words = _read_devkit(devkit_url)
-        fs_v, path_v = url_to_fs(val_url, DataError)
         with open_url(val_url, "rb", DataError) as f:
-            members = sorted(m for m in _tar_members(f, 0, fs_v.size(path_v)) if m[0].lower().endswith(IMAGE_EXTENSIONS))
+            members = sorted(m for m in _tar_members(f, 0, file_size(val_url, DataError))
+                             if m[0].lower().endswith(IMAGE_EXTENSIONS))
         if len(members) != len(ground_truth):
             raise DataError(f"{val_url} has {len(members)} images but the devkit lists {len(ground_truth)} labels")
         val = []

@@ -9,15 +9,14 @@ from __future__ import annotations
 from lipnext_scale.data.errors import DataError
 from lipnext_scale.data.sources.base import FileRef, SourcePlan, SourceSample, safe_key
 from lipnext_scale.data.sources.imagefiles import list_images, read_text, subdirs
-from lipnext_scale.storage import exists, join_url, url_to_fs
+from lipnext_scale.storage import exists, is_dir, join_url
 
 
 def list_tiny_imagenet(source: str | None) -> SourcePlan:
     if not source:
         raise DataError("tiny-imagenet needs --source: the extracted tiny-imagenet-200 folder")
-    fs, path = url_to_fs(source, DataError)
-    root = join_url(source, "tiny-imagenet-200") if fs.isdir(join_url(path, "tiny-imagenet-200")) else source
-    if not fs.isdir(url_to_fs(join_url(root, "train"), DataError)[1]):
+    root = join_url(source, "tiny-imagenet-200") if is_dir(join_url(source, "tiny-imagenet-200"), DataError) else source
+    if not is_dir(join_url(root, "train"), DataError):
         raise DataError(f"{source!r} is not a tiny-imagenet-200 folder: no train/ directory in it")
     skipped: list[tuple[str, str]] = []
     wnids, dangling = subdirs(join_url(root, "train"), skipped)
