@@ -15,7 +15,8 @@ fast_exp (paper.md A, [K]):
   Procrustes solution by O(1) in tests/unit/test_optim_optimizer.py); these moments vanish at critical points.
   normalised    optim.normalize_step (ablation): D scaled per matrix to ||D||_F = sqrt(p), so ||A||_F = lr sqrt(p)
   rotation      in optim.rotation_dtype (float64: the first author's choice; the result is rounded to fp32)
-  polish        one Newton-Schulz step every optim.polish_every steps (0: never)
+  polish        one Newton-Schulz step every optim.polish_every steps (0: never); a square matrix's is skipped on a
+                Lookahead step, whose result (the polished slow copy) does not depend on it
   lookahead     every k steps, and at a requested synchronisation (before evaluations and checkpoints). Square: slow <- slow FastExp(1/2 sum of the k generators A), as in the paper.
                 Tall: the k generators live in the n x n algebra (rank 2pk), so the slow copy moves half way
                 to the fast one instead (the same first-order move): FastExp(1/2 (D S^T - S D^T)) S with
@@ -114,12 +115,12 @@ def manifold_update(x: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.
         d = _t(_direction(_t(riemannian, wide), state, step, cfg), wide)  # state in the parameter's orientation
         d = _normalized(d, cfg)
         y = stiefel_exp_action(xt.to(rot), d.to(rot), -0.5 * lr, **_branching(cfg, stats), stats=stats).to(dtype)
-    if _due(step, cfg.polish_every):
-        y = ns_polish(y)
+    lookahead_now = cfg.lookahead_k > 0 and (_due(step, cfg.lookahead_k) or sync_lookahead)
+    if _due(step, cfg.polish_every) and not (lookahead_now and square):  # square: the Lookahead step below
+        y = ns_polish(y)  # replaces y by the polished slow copy without reading y (tall: delta = y - slow does)
     if cfg.lookahead_k > 0:
         if square:
             state["delta_sum"] = state["delta_sum"].add_(a) if "delta_sum" in state else a.clone()
-        lookahead_now = _due(step, cfg.lookahead_k) or sync_lookahead
         if lookahead_now:
             slow = _t(state["slow"].to(dtype), wide)
             if square:
