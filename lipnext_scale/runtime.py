@@ -10,6 +10,7 @@ module of the package.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -25,11 +26,29 @@ CONSOLE_NOISE = (
     r"DeepSpeed \S+ built successfully",
 )
 
+# Ray's notice, in this process, that a new local instance has token authentication on (its default, which we
+# keep: `connect_ray` makes the token private). Ray's warning that it is off stays.
+TOKEN_AUTH_NOTICE = ("ray._private.authentication.authentication_token_setup",
+                     "Token authentication is enabled for this Ray cluster")
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
 
 def quiet_console() -> None:
     """Keep CONSOLE_NOISE off the console (Ray's RAY_DEDUP_LOGS_SKIP_REGEX, read when Ray is imported, so
-    call it first); a value the user set is kept."""
+    call it first; a value the user set is kept) and Ray's TOKEN_AUTH_NOTICE."""
     os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "|".join(f"(?:{p})" for p in CONSOLE_NOISE))
+    logger_name, text = TOKEN_AUTH_NOTICE
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _DropMessage) for f in logger.filters):
+        logger.addFilter(_DropMessage(text))
 
 
 def connect_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool | None = None,

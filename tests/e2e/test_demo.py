@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,22 @@ def test_export_of_the_demo_checkpoint_loads_as_a_1_lipschitz_model(demo_run, tm
                            env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already exists" in again.stderr
     assert torch.equal(load_exported(str(exported))[0]["head.direction"], state_dict["head.direction"])
+
+
+# A level word of Python's logging (Ray's, Ray Train's, DeepSpeed's, ours), or the E/W severity of Ray's
+# core (C++) log lines, "[2026-01-01 12:00:00,000 E 123 456] core_worker.cc:...".
+ERROR_OR_WARNING = re.compile(r"\b(ERROR|WARNING)\b|\[\d{4}-\d\d-\d\d [\d:,.]+ [EW] \d+ \d+\]")
+
+
+@pytest.mark.timeout(450)
+def test_a_successful_demo_prints_no_error_or_warning_line(demo_run):
+    """Issue 24: the console of a successful run shows our lines and progress; what Ray, Ray Train and
+    DeepSpeed log without asking anything of the user (the preemption watcher's ERROR, validations queued at
+    every checkpoint, DeepSpeed's untested-optimizer warning, its JIT op builds) stays in Ray's log folder."""
+    proc, _, _ = demo_run
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    flagged = [line for line in output.splitlines() if ERROR_OR_WARNING.search(line)]
+    assert not flagged, "\n".join(flagged[:20])
+    for noise in ("Running validations for checkpoint", "Staged validations", "built successfully"):
+        assert noise not in output, noise
