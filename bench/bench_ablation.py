@@ -71,8 +71,8 @@ def prepare_digits(work: Path) -> Path:
 def train_and_certify(overrides: list[str], seed: int, steps: int, data: Path, work: Path) -> dict:
     import torch
 
-    from lipnext_scale.certify.job import certify_job
-    from lipnext_scale.config import config_to_dict, load_config
+    from lipnext_scale.certify.job import CertifyRuntime, certify_job
+    from lipnext_scale.config import CertifyConfig, config_to_dict, load_config
     from lipnext_scale.data.shards import make_train_loader
     from lipnext_scale.model import create_model
     from lipnext_scale.optim import ManifoldOptimizer
@@ -103,7 +103,7 @@ def train_and_certify(overrides: list[str], seed: int, steps: int, data: Path, w
     export = work / f"export-{os.getpid()}-{time.monotonic_ns()}"
     save_exported(model.state_dict(), config_to_dict(cfg), str(export))
     report = certify_job(str(export), str(data / "val-manifest.parquet"), str(export / "certify"),
-                         eps=cfg.certify.eps, actors=0, progress=False)
+                         CertifyConfig(eps=cfg.certify.eps, actors=0), CertifyRuntime(progress=False))
     return {"seed": seed, "clean": report["clean_accuracy"],
             **{f"cra@{k}": report["certified_accuracy"][k] for k in EPS_KEYS},
             "train_seconds": round(train_s, 1), "final_loss": float(loss.detach())}

@@ -9,7 +9,7 @@
   certify 1 worker   the job on one Ray actor
   certify 2 workers  the job on two Ray actors
 
-"N workers" in these names (and the result keys) is `certify_job(actors=N)`: N Ray actors, 0 in process.
+"N workers" in these names (and the result keys) is `CertifyConfig(actors=N)`: N Ray actors, 0 in process.
 `certify_ratio_vs_forward` = certified images/s of the 1-worker Ray job (its shard phase, once the actor
 has loaded and verified the model: reading, forward, float64 radii, parquet writes) / forward images/s,
 both on one CPU thread. `speedup_2_workers` = 2-worker / 1-worker certified images/s. Every job runs
@@ -112,9 +112,9 @@ def forward_images_per_s(ckpt: str, shards: list[str], batch_size: int) -> dict:
 def certify_images_per_s(ckpt: str, data: str, out: Path, actors: int, batch_size: int) -> dict:
     import shutil
 
-    from lipnext_scale.certify.job import certify_job
-
     from lipnext_scale.certify import worker
+    from lipnext_scale.certify.job import CertifyRuntime, certify_job
+    from lipnext_scale.config import CertifyConfig
 
     shutil.rmtree(out, ignore_errors=True)
     reference = out.name.endswith("no_fp_allowance")
@@ -123,8 +123,8 @@ def certify_images_per_s(ckpt: str, data: str, out: Path, actors: int, batch_siz
     try:
         # fp32-initialised matrices of a deep random model can sum to a rigorous bound just above 1 + 1e-4;
         # a throughput bench certifies them anyway (the radii are divided by the bound, as always)
-        report = certify_job(ckpt, data, str(out), actors=actors, batch_size=batch_size, progress=False,
-                             lipschitz_tol=1e-3)
+        report = certify_job(ckpt, data, str(out), CertifyConfig(actors=actors, batch_size=batch_size,
+                                                                 lipschitz_tol=1e-3), CertifyRuntime(progress=False))
     finally:
         worker.certify_batch = allowed
     t = report["timing"]

@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from lipnext_scale.ckpt import export_checkpoint
-    from lipnext_scale.certify.job import certify_job
+    from lipnext_scale.certify.job import CertifyRuntime, certify_job
+    from lipnext_scale.config import CertifyConfig
     from lipnext_scale.data.prep import prepare
     from lipnext_scale.plan import CPU_RUNTIME_BYTES, MANIFOLD_UPDATE_WORKSPACE
 
@@ -271,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         # 4096-wide fp32 matrices: the rigorous bound from max|W^T W - I| is ~1 + 1e-4 even right after training
         # steps, above the default 1e-4 allowance; certification uses the bound it measured (sound either way).
         report = certify_job(str(tmp / "export"), str(tmp / "digits224" / "val-000000.tar"), str(tmp / "certify"),
-                             eps="36/255", actors=0, batch_size=16, progress=False, lipschitz_tol=1e-3)
+                             CertifyConfig(eps="36/255", actors=0, batch_size=16, lipschitz_tol=1e-3),
+                             CertifyRuntime(progress=False))
         phases["certify_16_images_s"] = round(time.perf_counter() - t0, 1)
         certified = {k: report.get(k) for k in ("n", "samples", "results", "verification") if k in report}
 

@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_certify(args: argparse.Namespace) -> int:
-    from lipnext_scale.certify.job import certify_job
+    from lipnext_scale.certify.job import CertifyRuntime, certify_job
     from lipnext_scale.certify.report import format_table
     from lipnext_scale.config import load_config
 
@@ -60,11 +60,9 @@ def run_certify(args: argparse.Namespace) -> int:
         from lipnext_scale.certify.worker import keep_freed_memory
 
         keep_freed_memory()
-    report = certify_job(args.ckpt, args.data, args.out, eps=cfg.eps, actors=cfg.actors,
-                         batch_size=cfg.batch_size, attack=cfg.attack or None, attack_steps=cfg.attack_steps,
-                         allow_approx=cfg.allow_approx, lipschitz_tol=cfg.lipschitz_tol, device=args.device,
-                         threads_per_worker=args.threads_per_worker, progress=not args.no_progress,
-                         ray_address=args.ray_address)
+    runtime = CertifyRuntime(device=args.device, threads_per_worker=args.threads_per_worker,
+                             progress=not args.no_progress, ray_address=args.ray_address)
+    report = certify_job(args.ckpt, args.data, args.out, cfg, runtime)
     print(format_table(report))
     print(f"wrote {args.out.rstrip('/')}/report.json, samples.parquet, certified_accuracy.png")
     alarms = report.get("soundness_alarm") or []

@@ -22,14 +22,15 @@ import json
 import logging
 import posixpath
 import time
+from dataclasses import dataclass
 
-from lipnext_scale.config import Attack, choices
+from lipnext_scale.config import Attack, CertifyConfig, choices
 from lipnext_scale.certify.data_access import data_fingerprint, preflight, resolve_shards, shard_name
 from lipnext_scale.certify.fp_error import float_error_model
 from lipnext_scale.certify.model_loading import CertifyError, load_model, verify_model
 from lipnext_scale.certify.report import build_report, merge_shard_tables, read_shard_result, write_outputs
 from lipnext_scale.certify.worker import RESULTS_DIR, ShardCertifier, shard_result_url
-from lipnext_scale.eps import DEFAULT_EPS, format_eps, parse_eps_list
+from lipnext_scale.eps import format_eps, parse_eps_list
 from lipnext_scale.storage import atomic_write_bytes, exists, is_process_local, join_url, read_bytes, url_to_fs
 
 log = logging.getLogger(__name__)
@@ -145,14 +146,13 @@ def _unwrap(error: Exception) -> Exception:
     return cause if isinstance(cause, CertifyError) else error
 
 
-def _run_ray(pending: list[str], out_url: str, worker_kwargs: dict, actors: int, progress: bool,
-             ray_address: str | None) -> dict:
+def _run_ray(pending: list[str], out_url: str, worker_kwargs: dict, actors: int, runtime: CertifyRuntime) -> dict:
     """{samples, seconds, cpu_seconds} of the shard phase, which starts once every actor is ready."""
     import ray
 
     from lipnext_scale.runtime import connect_ray
 
-    connect_ray(ray_address)
+    connect_ray(runtime.ray_address)
     use_gpu = str(worker_kwargs["device"]).startswith("cuda")
     # An actor whose process dies (killed, out of memory, its node lost) is restarted by Ray and its shards
     # certified again: a shard's result is written atomically once the shard is done, so nothing half-done
@@ -170,7 +170,7 @@ def _run_ray(pending: list[str], out_url: str, worker_kwargs: dict, actors: int,
         queue = list(pending)
         # Two shards queued per actor: it starts the next one without waiting for the driver to answer.
         in_flight = {a.certify_shard.remote(queue.pop(0), out_url): a for _ in range(2) for a in pool if queue}
-        with _progress(len(pending), progress) as bar:
+        with _progress(len(pending), runtime.progress) as bar:
             while in_flight:
                 (done,), _ = ray.wait(list(in_flight), num_returns=1)
                 actor = in_flight.pop(done)
@@ -189,20 +189,36 @@ def _run_ray(pending: list[str], out_url: str, worker_kwargs: dict, actors: int,
     return {**totals, "seconds": time.perf_counter() - started}
 
 
-def certify_job(ckpt_url: str, data_url: str, out_url: str, *, eps: str | list = DEFAULT_EPS, actors: int = 2,
-                batch_size: int = 256, attack: str | None = None, attack_steps: int = 10,
-                allow_approx: bool = False, lipschitz_tol: float = 1e-4, device: str = "cpu",
-                threads_per_worker: int = 1, progress: bool = True, ray_address: str | None = None) -> dict:
+@dataclass(frozen=True)
+class CertifyRuntime:
+    """Facts of the process that runs a certification job, not choices of the job (those are `CertifyConfig`):
+    `device` of every certifying process ("cpu", or "cuda": one GPU per actor), `threads_per_worker` (each
+    actor's torch threads and Ray CPUs), a progress bar or not, and the Ray cluster to join (None: connect_ray's
+    default)."""
+
+    device: str = "cpu"
+    threads_per_worker: int = 1
+    progress: bool = True
+    ray_address: str | None = None
+
+
+def certify_job(ckpt_url: str, data_url: str, out_url: str, cfg: CertifyConfig | None = None,
+                runtime: CertifyRuntime | None = None) -> dict:
     """Certify every sample of `data_url` with the model at `ckpt_url`; write and return the report.
 
-    actors=0 certifies in this process (no Ray); actors>=1 starts that many Ray actors, one model copy
-    each (connecting to `ray_address`, or starting/joining Ray as `ray.init()` does, when Ray is not
-    initialised yet). `threads_per_worker` sets each actor's torch threads and Ray CPUs.
+    `cfg` is the job config's certify section (eps, actors, batch_size, attack, attack_steps, allow_approx,
+    lipschitz_tol; None: its defaults). cfg.actors=0 certifies in this process (no Ray); actors>=1 starts that
+    many Ray actors, one model copy each (connecting to `runtime.ray_address`, or starting/joining Ray as
+    `connect_ray` does, when Ray is not initialised yet).
     """
-    eps_list = parse_eps_list(eps)  # distinct radii: two spellings of one value are an error
+    cfg = cfg or CertifyConfig()
+    runtime = runtime or CertifyRuntime()
+    actors, batch_size, lipschitz_tol = cfg.actors, cfg.batch_size, cfg.lipschitz_tol
+    eps_list = parse_eps_list(cfg.eps)  # distinct radii: two spellings of one value are an error
+    attack = cfg.attack
     if attack not in (None, "", "none") + ATTACKS:
         raise CertifyError(f"--attack {attack!r}: choose one of {', '.join(ATTACKS)} (or leave it out)")
-    attack_steps = attack_steps if attack in ATTACKS else 0
+    attack_steps = cfg.attack_steps if attack in ATTACKS else 0
     attack = attack if attack_steps > 0 else None
     if attack == "fmn":
         from lipnext_scale.certify.attack import require_foolbox
@@ -218,7 +234,7 @@ def certify_job(ckpt_url: str, data_url: str, out_url: str, *, eps: str | list =
     started = time.perf_counter()
 
     loaded = load_model(ckpt_url)
-    verification = verify_model(loaded.model, lipschitz_tol, allow_approx)
+    verification = verify_model(loaded.model, lipschitz_tol, cfg.allow_approx)
     spec = loaded.model.spec
     shards = resolve_shards(data_url)
     names = [shard_name(s) for s in shards]
@@ -241,17 +257,17 @@ def certify_job(ckpt_url: str, data_url: str, out_url: str, *, eps: str | list =
 
     pending, broken = _pending(out_url, shards)
     worker_kwargs = dict(ckpt_url=ckpt_url, eps_list=eps_list, batch_size=batch_size, lipschitz_tol=lipschitz_tol,
-                         allow_approx=allow_approx, attack_steps=attack_steps, attack=attack or "pgd",
-                         device=device,
-                         threads=threads_per_worker if actors > 0 else 0,
+                         allow_approx=cfg.allow_approx, attack_steps=attack_steps, attack=attack or "pgd",
+                         device=runtime.device,
+                         threads=runtime.threads_per_worker if actors > 0 else 0,
                          expected_sha256=identity["weights_sha256"])
     run_started = time.perf_counter()
     if not pending:
         phase = {"samples": 0, "seconds": 0.0, "cpu_seconds": 0.0}
     elif actors == 0:
-        phase = _run_in_process(pending, out_url, worker_kwargs, progress)
+        phase = _run_in_process(pending, out_url, worker_kwargs, runtime.progress)
     else:
-        phase = _run_ray(pending, out_url, worker_kwargs, actors, progress, ray_address)
+        phase = _run_ray(pending, out_url, worker_kwargs, actors, runtime)
     run_seconds = time.perf_counter() - run_started
 
     table = merge_shard_tables(out_url, shards)

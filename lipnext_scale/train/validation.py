@@ -249,7 +249,7 @@ def summary_metrics(summary: dict[str, Any]) -> dict[str, Any]:
 def certify_checkpoint(checkpoint, *, job: dict[str, Any], run_url: str) -> dict[str, Any]:
     """Certify one stored checkpoint with `certify_job`; return `certify/*` figures (merged by Ray Train into
     the checkpoint's metrics). A failure is recorded, logged and raised (Ray retries it certify.retries times)."""
-    from lipnext_scale.certify.job import certify_job
+    from lipnext_scale.certify.job import CertifyRuntime, certify_job
 
     cfg = config_from_dict(job)
     cc = cfg.certify
@@ -278,10 +278,8 @@ def certify_checkpoint(checkpoint, *, job: dict[str, Any], run_url: str) -> dict
                                                      started + cc.timeout_s + DEADLINE_GRACE_S), started=started)
     cpus, gpus = cc.cpus_and_gpus()
     try:
-        report = certify_job(ckpt_url, certify_data(cfg), out_url, eps=cc.eps, actors=cc.actors,
-                             batch_size=cc.batch_size, attack=cc.attack or None, attack_steps=cc.attack_steps,
-                             allow_approx=cc.allow_approx, lipschitz_tol=cc.lipschitz_tol,
-                             device="cuda" if gpus else "cpu", threads_per_worker=cpus, progress=False)
+        report = certify_job(ckpt_url, certify_data(cfg), out_url, cc,
+                             CertifyRuntime(device="cuda" if gpus else "cpu", threads_per_worker=cpus, progress=False))
     except Exception as e:
         error = " ".join(f"{type(e).__name__}: {e}".split())[:2000]
         write_certification(run_url, step, Certification("failed", attempt, attempts, error=error),

@@ -15,9 +15,9 @@ import webdataset as wds
 from PIL import Image
 
 from lipnext_scale.certify.certify import certified_radius, head_logits64, model_pair_distances
-from lipnext_scale.certify.job import certify_job
+from lipnext_scale.certify.job import CertifyRuntime, certify_job
 from lipnext_scale.certify.model_loading import CertifyError, CertifyRefused
-from lipnext_scale.config import JobConfig, config_to_dict
+from lipnext_scale.config import CertifyConfig, JobConfig, config_to_dict
 from lipnext_scale.eps import parse_eps_list
 from lipnext_scale.model import create_model
 from lipnext_scale.model.lipschitz import rigorous_lipschitz_bound
@@ -25,6 +25,7 @@ from lipnext_scale.ckpt import save_exported
 
 pytestmark = [pytest.mark.distributed]
 EPS = "16/255,36/255,72/255"
+QUIET = CertifyRuntime(progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +114,10 @@ def _check_equal_to_brute_force(table, model, digits, eps):
 @pytest.mark.slow
 def test_two_actors_equal_one_and_brute_force(trained, digits, tmp_path):
     model, ckpt = trained
-    one = certify_job(ckpt, str(digits / "val"), str(tmp_path / "one"), eps=EPS, actors=1, batch_size=64,
-                      progress=False)
-    two = certify_job(ckpt, str(digits / "val-manifest.parquet"), str(tmp_path / "two"), eps=EPS, actors=2,
-                      batch_size=64, progress=False)
+    one = certify_job(ckpt, str(digits / "val"), str(tmp_path / "one"),
+                      CertifyConfig(eps=EPS, actors=1, batch_size=64), QUIET)
+    two = certify_job(ckpt, str(digits / "val-manifest.parquet"), str(tmp_path / "two"),
+                      CertifyConfig(eps=EPS, actors=2, batch_size=64), QUIET)
     t1 = pq.read_table(tmp_path / "one" / "samples.parquet")
     t2 = pq.read_table(tmp_path / "two" / "samples.parquet")
     assert t1.equals(t2)
@@ -133,25 +134,25 @@ def test_two_actors_equal_one_and_brute_force(trained, digits, tmp_path):
 def test_resume_skips_done_shards(trained, digits, tmp_path):
     _, ckpt = trained
     out = tmp_path / "out"
-    first = certify_job(ckpt, str(digits / "val"), str(out), eps=EPS, actors=0, progress=False)
+    first = certify_job(ckpt, str(digits / "val"), str(out), CertifyConfig(eps=EPS, actors=0), QUIET)
     full = pq.read_table(out / "samples.parquet")
     # A job killed after two of three shards: one result missing, a temp file half-written, no report.
     (out / "shards" / "val-000001.parquet").unlink()
     (out / "shards" / "val-000001.parquet.tmp-dead").write_bytes(b"half")
     (out / "samples.parquet").unlink()
     (out / "report.json").unlink()
-    again = certify_job(ckpt, str(digits / "val"), str(out), eps=EPS, actors=0, progress=False)
+    again = certify_job(ckpt, str(digits / "val"), str(out), CertifyConfig(eps=EPS, actors=0), QUIET)
     assert again["timing"]["shards_certified_now"] == 1 and again["timing"]["shards_resumed"] == 2
     assert pq.read_table(out / "samples.parquet").equals(full)
     assert again["certified_accuracy"] == first["certified_accuracy"]
     assert again["timing"]["shards_recomputed"] == 0
     with pytest.raises(CertifyError, match="different job"):  # other eps into the same --out
-        certify_job(ckpt, str(digits / "val"), str(out), eps="0.5", actors=0, progress=False)
+        certify_job(ckpt, str(digits / "val"), str(out), CertifyConfig(eps="0.5", actors=0), QUIET)
     # A result file cut short outside the job (a copy, a full disk): a Ray actor certifies it again and
     # replaces it; the report counts it.
     result = out / "shards" / "val-000002.parquet"
     result.write_bytes(result.read_bytes()[:100])
-    fixed = certify_job(ckpt, str(digits / "val"), str(out), eps=EPS, actors=1, progress=False)
+    fixed = certify_job(ckpt, str(digits / "val"), str(out), CertifyConfig(eps=EPS, actors=1), QUIET)
     assert fixed["timing"]["shards_recomputed"] == 1 and fixed["timing"]["shards_certified_now"] == 1
     assert pq.read_table(out / "samples.parquet").equals(full)
     assert fixed["certified_accuracy"] == first["certified_accuracy"]
@@ -165,11 +166,11 @@ def test_scaled_matrix_is_refused_or_certified_with_the_bound(trained, digits, t
         bad.blocks[1].mix.mul_(1.1)
     ckpt = _export(bad, tmp_path / "scaled")
     with pytest.raises(CertifyRefused, match=r"Lipschitz bound .* --allow-approx"):
-        certify_job(ckpt, str(digits / "val"), str(tmp_path / "refused"), eps=EPS, actors=0, progress=False)
+        certify_job(ckpt, str(digits / "val"), str(tmp_path / "refused"), CertifyConfig(eps=EPS, actors=0), QUIET)
     assert not (tmp_path / "refused").exists()  # refused before any work
 
-    report = certify_job(ckpt, str(digits / "val"), str(tmp_path / "approx"), eps=EPS, actors=0,
-                         allow_approx=True, progress=False)
+    report = certify_job(ckpt, str(digits / "val"), str(tmp_path / "approx"),
+                         CertifyConfig(eps=EPS, actors=0, allow_approx=True), QUIET)
     bound = rigorous_lipschitz_bound(bad.eval())
     assert report["lipschitz"]["approx"] and report["lipschitz"]["lipschitz_used"] == pytest.approx(bound)
     assert bound > 1.1 and "divided by the rigorous Lipschitz bound" in report["note"]
@@ -179,8 +180,8 @@ def test_scaled_matrix_is_refused_or_certified_with_the_bound(trained, digits, t
 @pytest.mark.slow
 def test_pgd_never_breaks_a_certified_point(trained, digits, tmp_path):
     _, ckpt = trained
-    report = certify_job(ckpt, str(digits / "val"), str(tmp_path / "pgd"), eps=EPS, actors=2, attack="pgd",
-                         attack_steps=10, progress=False)
+    report = certify_job(ckpt, str(digits / "val"), str(tmp_path / "pgd"),
+                         CertifyConfig(eps=EPS, actors=2, attack="pgd", attack_steps=10), QUIET)
     assert report["certified_accuracy"]["16/255"] > 0  # the check is not vacuous
     assert report["attack"]["broken_certified_points"] == 0 and report["soundness_alarm"] == []
     table = pq.read_table(tmp_path / "pgd" / "samples.parquet")
@@ -211,8 +212,8 @@ def test_false_certificate_raises_the_soundness_alarm(trained, digits, tmp_path,
 def test_fmn_reports_empirical_robust_accuracy_and_never_enters_a_certificate(trained, digits, tmp_path):
     pytest.importorskip("foolbox")  # the `attack` extra (in `dev`, so CI runs this)
     _, ckpt = trained
-    report = certify_job(ckpt, str(digits / "val-000000.tar"), str(tmp_path / "fmn"), eps=EPS, actors=0,
-                         attack="fmn", attack_steps=30, progress=False)
+    report = certify_job(ckpt, str(digits / "val-000000.tar"), str(tmp_path / "fmn"),
+                         CertifyConfig(eps=EPS, actors=0, attack="fmn", attack_steps=30), QUIET)
     attack = report["attack"]
     assert attack["broken_certified_points"] == 0 and report["soundness_alarm"] == []
     for eps in report["eps"]:  # lower bound <= upper bound <= clean accuracy
@@ -268,7 +269,7 @@ def test_bad_input_fails_before_any_work(trained, digits, tmp_path, case, messag
             (tmp_path / "data" / "classes.json").write_text('{"num_classes": 100}')
         data = str(tmp_path / "data" / "val")
     with pytest.raises(CertifyError, match=message):
-        certify_job(ckpt, data, str(tmp_path / "out"), eps=EPS, actors=2, progress=False)
+        certify_job(ckpt, data, str(tmp_path / "out"), CertifyConfig(eps=EPS, actors=2), QUIET)
     assert not (tmp_path / "out").exists()
 
 
@@ -298,10 +299,10 @@ def test_training_checkpoint_gives_the_exported_models_results(trained, digits, 
     model, ckpt = trained
     run = tmp_path / "run"
     _write_training_checkpoint(model, run / "step_00000005")
-    exported = certify_job(ckpt, str(digits / "val-000002.tar"), str(tmp_path / "e"), eps=EPS, actors=0,
-                           progress=False)
-    training = certify_job(str(run), str(digits / "val-000002.tar"), str(tmp_path / "t"), eps=EPS, actors=0,
-                           progress=False)
+    exported = certify_job(ckpt, str(digits / "val-000002.tar"), str(tmp_path / "e"),
+                           CertifyConfig(eps=EPS, actors=0), QUIET)
+    training = certify_job(str(run), str(digits / "val-000002.tar"), str(tmp_path / "t"),
+                           CertifyConfig(eps=EPS, actors=0), QUIET)
     assert training["checkpoint"]["kind"] == "training"
     assert training["checkpoint"]["url"].endswith("step_00000005")
     assert training["checkpoint"]["weights_sha256"] == exported["checkpoint"]["weights_sha256"]
@@ -309,10 +310,10 @@ def test_training_checkpoint_gives_the_exported_models_results(trained, digits, 
 
     (run / "step_00000005" / "rank-00001.safetensors").write_bytes(b"truncated")
     with pytest.raises(CertifyError, match="cannot load training checkpoint .*corrupt"):
-        certify_job(str(run), str(digits / "val"), str(tmp_path / "bad"), eps=EPS, actors=0, progress=False)
+        certify_job(str(run), str(digits / "val"), str(tmp_path / "bad"), CertifyConfig(eps=EPS, actors=0), QUIET)
     with pytest.raises(CertifyError, match="neither an exported model"):
-        certify_job(str(tmp_path / "e"), str(digits / "val"), str(tmp_path / "bad"), eps=EPS, actors=0,
-                    progress=False)
+        certify_job(str(tmp_path / "e"), str(digits / "val"), str(tmp_path / "bad"),
+                    CertifyConfig(eps=EPS, actors=0), QUIET)
 
 
 def test_launcher_runs_the_same_command(trained, digits, tmp_path):

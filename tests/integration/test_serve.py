@@ -23,9 +23,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from lipnext_scale.certify.job import certify_job
+from lipnext_scale.certify.job import CertifyRuntime, certify_job
 from lipnext_scale.ckpt import save_exported
-from lipnext_scale.config import JobConfig, config_to_dict
+from lipnext_scale.config import CertifyConfig, JobConfig, config_to_dict
 from lipnext_scale.eps import parse_eps_list
 from lipnext_scale.model import create_model
 
@@ -74,8 +74,8 @@ def certified(tmp_path_factory):
     with wds.TarWriter(str(root / "data" / "val-000000.tar")) as sink:
         for i, (key, png) in enumerate(images.items()):
             sink.write({"__key__": key, "png": png, "cls": str(i % 10).encode()})
-    certify_job(str(root / "export"), str(root / "data" / "val"), str(root / "out"), eps=EPS, actors=0,
-                batch_size=256, progress=False)
+    certify_job(str(root / "export"), str(root / "data" / "val"), str(root / "out"),
+                CertifyConfig(eps=EPS, actors=0, batch_size=256), CertifyRuntime(progress=False))
     shutil.copy(root / "out" / "report.json", root / "export" / "report.json")
     table = pq.read_table(root / "out" / "samples.parquet").to_pylist()
     return root / "export", images, {row["key"]: row for row in table}

@@ -265,9 +265,9 @@ def test_a_certification_actor_killed_halfway_through_a_shard_changes_nothing(tm
     import psutil
     import pyarrow.parquet as pq
 
-    from lipnext_scale.certify.job import certify_job
+    from lipnext_scale.certify.job import CertifyRuntime, certify_job
     from lipnext_scale.ckpt import save_exported
-    from lipnext_scale.config import JobConfig, config_to_dict
+    from lipnext_scale.config import CertifyConfig, JobConfig, config_to_dict
     from lipnext_scale.model import create_model
 
     torch.manual_seed(0)
@@ -275,12 +275,15 @@ def test_a_certification_actor_killed_halfway_through_a_shard_changes_nothing(tm
     save_exported(create_model("lipnext-tiny").state_dict(), config_to_dict(JobConfig()), ckpt)
     fx.prepared_digits(tmp_path / "data", "val", shard_size=100)
     data = str(tmp_path / "data" / "val-manifest.parquet")
-    kw = dict(eps="36/255", batch_size=2, progress=False)
-    reference = certify_job(ckpt, data, str(tmp_path / "reference"), actors=0, **kw)
+    kw = dict(eps="36/255", batch_size=2)
+    reference = certify_job(ckpt, data, str(tmp_path / "reference"), CertifyConfig(actors=0, **kw),
+                            CertifyRuntime(progress=False))
 
     out = tmp_path / "killed"
     result: dict = {}
-    job = threading.Thread(target=lambda: result.update(certify_job(ckpt, data, str(out), actors=1, **kw)))
+    killed_job = CertifyConfig(actors=1, **kw)
+    job = threading.Thread(target=lambda: result.update(certify_job(ckpt, data, str(out), killed_job,
+                                                                     CertifyRuntime(progress=False))))
     job.start()
     deadline = time.monotonic() + 120
     while not (out / "shards" / "val-000000.parquet").exists():

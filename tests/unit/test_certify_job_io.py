@@ -18,8 +18,8 @@ from PIL import Image
 
 from lipnext_scale import cli, storage
 from lipnext_scale.certify import job
-from lipnext_scale.certify.job import certify_job
-from lipnext_scale.config import JobConfig, config_to_dict
+from lipnext_scale.certify.job import CertifyRuntime, certify_job
+from lipnext_scale.config import CertifyConfig, JobConfig, config_to_dict
 from lipnext_scale.model import create_model
 from lipnext_scale.ckpt import save_exported
 
@@ -45,7 +45,8 @@ def inputs(tmp_path_factory):
 
 
 def _run(inputs, out, **kw):
-    return certify_job(*inputs, str(out), eps=EPS, actors=0, batch_size=4, progress=False, **kw)
+    return certify_job(*inputs, str(out), CertifyConfig(eps=EPS, actors=0, batch_size=4, **kw),
+                       CertifyRuntime(progress=False))
 
 
 def _cli(capsys, *argv) -> tuple[int, str]:
