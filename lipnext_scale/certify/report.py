@@ -1,4 +1,5 @@
-"""Reports of a certification job: merged per-sample parquet, report.json, a PNG plot, a terminal table.
+"""Reports of a certification job: merged per-sample parquet, report.json, a PNG plot, a terminal table,
+and the one reader of a report.json (`read_report`: retention's score, serve's GET /model, the run summary).
 
 Everything here is computed from the merged per-sample table, so a resumed job (some shards from an
 earlier run) reports exactly what a single uninterrupted run would. Every file is read and written
@@ -8,6 +9,7 @@ through `lipnext_scale.storage` (written atomically: never half a file under its
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 
@@ -15,12 +17,47 @@ from lipnext_scale.certify.model_loading import CertifyError
 from lipnext_scale.certify.worker import (
     ATTACK_DISTANCE, RADIUS_EXACT, broken_column, certified_column, shard_result_url, write_parquet_atomic,
 )
+from lipnext_scale.ckpt.layout import REPORT_FILE, RunLayout
+from lipnext_scale.ckpt.retention import UnreadableScore
 from lipnext_scale.eps import format_eps
-from lipnext_scale.storage import atomic_write_bytes, join_url, read_bytes, versions, write_json
+from lipnext_scale.storage import atomic_write_bytes, join_url, read_bytes, read_json, versions, write_json
 
 SAMPLES_FILE = "samples.parquet"
-REPORT_FILE = "report.json"
 PLOT_FILE = "certified_accuracy.png"
+
+
+def cra_key(eps: float) -> str:
+    """The metric name of certified accuracy at `eps` ("cra_36_255"), in estimates and certificates alike."""
+    return f"cra_{format_eps(eps).replace('/', '_')}"
+
+
+def read_report(url: str, fix: str, error: type[Exception] = CertifyError, *,
+                missing_ok: bool = False) -> dict | None:
+    """The certification report at `url` (a report.json) as written; None when there is none and `missing_ok`.
+    Anything else that is not a JSON object raises `error` naming the file and `fix`."""
+    report = read_json(url, fix, error, missing_ok=missing_ok)
+    if report is not None and not isinstance(report, dict):
+        raise error(f"{url} holds a JSON {type(report).__name__}, not a certification report; {fix}")
+    return report
+
+
+def certified_score(run_url: str, step: int, eps: float | None) -> float | None:
+    """Clean accuracy (eps None) or certified accuracy at `eps` from checkpoint `step`'s certification report
+    (its in-run certification, `RunLayout.report`); None when there is no report (never certified, or given
+    up). Raises UnreadableScore when a report is there but its figure cannot be read or is not finite.
+    Retention ranks checkpoints by it (`Retention.score`)."""
+    url = RunLayout(run_url).report(step)
+    what = "clean_accuracy" if eps is None else f"certified_accuracy[{format_eps(eps)!r}]"
+    report = read_report(url, f"{what} cannot be ranked: its checkpoint is kept", UnreadableScore, missing_ok=True)
+    if report is None:
+        return None
+    try:
+        value = float(report["clean_accuracy"] if eps is None else report["certified_accuracy"][format_eps(eps)])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UnreadableScore(f"{url}: {what} unreadable ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    if not math.isfinite(value):
+        raise UnreadableScore(f"{url}: the score is {value}, not a finite number")
+    return value
 
 
 def read_shard_result(url: str):

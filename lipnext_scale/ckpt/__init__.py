@@ -1,5 +1,7 @@
 """Checkpoints and exports: everything that writes or reads trained weights (below train/ and certify/).
 
+  layout.py   RunLayout: a run directory's paths (config.json, tensorboard/, step_X/, certify/step_X/), and
+              the one step <-> directory-name mapping
   format.py   the training-checkpoint layout, per-rank sha256 manifests, validation, discovery and the one
               resolver of "a checkpoint or a run directory" (`resolve_checkpoint`, used by export and certify)
   state.py    reading a checkpoint at any world size: full tensors, one new rank's ZeRO-3 partitions,

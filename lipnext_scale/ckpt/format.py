@@ -19,13 +19,14 @@ is still read.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from lipnext_scale.ckpt.layout import STEP_DIR as _STEP_DIR
+from lipnext_scale.ckpt.layout import step_dir_name as checkpoint_dir_name
 from lipnext_scale.errors import LipnextError
 from lipnext_scale.storage import (
     Digest, atomic_write_bytes, digest, exists, is_file, join_url, json_bytes, list_dir, parse_json, read_bytes,
@@ -37,15 +38,10 @@ log = logging.getLogger(__name__)
 FORMAT = "lipnext-train-checkpoint"
 FORMAT_VERSION = 2  # 2: manifold state per owner rank (1: all of it in rank 0's tensor file)
 META_FILE = "meta.json"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 class CheckpointError(LipnextError, ValueError):
     """A checkpoint is missing, incomplete or corrupt; the message names the file and what to do."""
-
-
-def checkpoint_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def rank_tensor_file(rank: int) -> str:

@@ -19,7 +19,7 @@ while training goes on; Ray's own checkpoint bookkeeping is not used to find, ke
 
 Retention (`prune`, rank 0 after each save, and the driver once the run is over; the rule is
 `ckpt/retention.py`): the newest `keep_last` complete checkpoints (resume points), plus the `keep_best` best by
-certified accuracy (their certification reports, `{run}/certify/step_XXXXXXXX/report.json`), plus every
+certified accuracy (their certification reports, `RunLayout.report`, read by `Retention.score`), plus every
 checkpoint whose report is there but unreadable or not finite (logged: a score that cannot be read never costs
 a checkpoint), plus every checkpoint whose certification has not finished, plus every incomplete one (an
 upload in progress, or one left by a crash: resume skips it and the next start sets it aside).
@@ -40,12 +40,12 @@ from typing import Any, Callable
 import torch
 
 from lipnext_scale.ckpt.format import (
-    CheckpointError, VerifiedReader, checkpoint_dir_name, find_latest_valid, list_checkpoints, read_meta,
-    validate_checkpoint, write_rank_files,
+    CheckpointError, VerifiedReader, find_latest_valid, list_checkpoints, read_meta, validate_checkpoint,
+    write_rank_files,
 )
+from lipnext_scale.ckpt.layout import RunLayout, step_dir_name
 from lipnext_scale.ckpt.retention import (
-    Certification, Retention, UnreadableScore, certified_score, read_certification, retained, superseded,
-    write_certification,
+    Certification, Retention, UnreadableScore, read_certification, retained, superseded, write_certification,
 )
 from lipnext_scale.ckpt.state import load_manifold_state, load_train_state, manifold_tensors
 from lipnext_scale.ckpt.zero import collect_local_state, param_shapes, restore_local_state
@@ -116,6 +116,7 @@ class CheckpointManager:
     def __init__(self, run_url: str, *, keep_last: int = 3, retention: Retention | None = None, rank: int = 0,
                  world: int = 1, report: Report | None = None, device: str | torch.device = "cpu"):
         self.run_url = run_url.rstrip("/")
+        self.layout = RunLayout(self.run_url)
         self.retention = retention or Retention(keep_last=keep_last)
         self.rank, self.world, self.report, self.device = rank, world, report, device
         self._complete: set[str] = set()  # checkpoints seen complete (they never change afterwards)
@@ -154,7 +155,7 @@ class CheckpointManager:
         later = [url for step, url in self.checkpoints() if step > after]
         if not later:
             return []
-        aside = join_url(self.run_url, f"superseded-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside = self.layout.superseded(time.strftime('%Y%m%d-%H%M%S'))
         makedirs(aside, CheckpointError)
         for url in later:
             move(url, join_url(aside, url.rsplit("/", 1)[1]), CheckpointError)
@@ -197,13 +198,13 @@ class CheckpointManager:
                 self._writing = self._writer.submit(self._write_in_background, local, tensors, extra, meta, owned)
             else:
                 write_rank_files(local, self.rank, tensors, extra, meta, manifold=owned)
-            taken = self.report(metrics, local, checkpoint_dir_name(step))
+            taken = self.report(metrics, local, step_dir_name(step))
         except BaseException:
             if self._writing is None or self._writing.done():
                 _discard(local)
             raise
         if taken:
-            self._uploading = (local, join_url(self.run_url, checkpoint_dir_name(step)))
+            self._uploading = (local, self.layout.checkpoint(step))
         else:
             _discard(local)
         if self.rank == 0 and self._writing is None:
@@ -295,15 +296,14 @@ class CheckpointManager:
                                        "newer checkpoints were waiting for certification")
             log.warning("%s: certification skipped, superseded by newer checkpoints waiting for it (certification "
                         "is slower than ckpt.every_steps; see certify.max_waiting)",
-                        join_url(self.run_url, checkpoint_dir_name(step)))
+                        self.layout.checkpoint(step))
 
     def _score(self, step: int) -> float | None:
         """Checkpoint `step`'s certified score for ranking; NaN (kept, never ranked) when its report is unreadable."""
         try:
-            return certified_score(self.run_url, step, self.retention.best_eps)
+            return self.retention.score(self.run_url, step, self.retention.best_eps)
         except UnreadableScore as e:
-            log.warning("%s is kept: its certification score cannot be ranked (%s)",
-                        join_url(self.run_url, checkpoint_dir_name(step)), e)
+            log.warning("%s is kept: its certification score cannot be ranked (%s)", self.layout.checkpoint(step), e)
             return math.nan
 
     def prune(self, *, settled: bool = False) -> list[str]:
@@ -330,7 +330,7 @@ class CheckpointManager:
             self._complete.discard(url)
         if doomed:
             log.info("pruned %s (kept %s)", [u.rsplit("/", 1)[1] for u in doomed],
-                     [checkpoint_dir_name(s) for s in sorted(keep)])
+                     [step_dir_name(s) for s in sorted(keep)])
         return doomed
 
 

@@ -6,11 +6,11 @@ points), the `keep_best` best by certified accuracy, and every one whose certifi
 scores are ranked, a report that is there but unreadable or not finite keeps its checkpoint (logged), and the
 newest complete checkpoint and the best readable one are always kept.
 
-A checkpoint's certification during training (`lipnext_scale.train.validation`) leaves
-`{run}/certify/step_XXXXXXXX/`: the certification job's outputs (report.json, written last) and `status.json`,
-which the certifying task rewrites at each change of state (`Certification`). They live here, below train/,
-because pruning reads them; the certification job itself (`lipnext_scale.certify`) neither imports nor is
-imported by this module.
+A checkpoint's certification during training (`lipnext_scale.certify.during_training`) leaves
+`{run}/certify/step_XXXXXXXX/` (`RunLayout.certification`): the certification job's outputs (report.json,
+written last) and `status.json`, which the certifying task rewrites at each change of state (`Certification`).
+The records live here, below certify/, because pruning reads and supersedes them; the score of a report is
+read by certify/report.py (the one report reader), which the composition root hands in as `Retention.score`.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
-from lipnext_scale.ckpt.format import CheckpointError, checkpoint_dir_name
-from lipnext_scale.eps import format_eps
-from lipnext_scale.storage import join_url, read_json, write_json
+from lipnext_scale.ckpt.format import CheckpointError
+from lipnext_scale.ckpt.layout import RunLayout
+from lipnext_scale.storage import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 class Retention:
     """Which checkpoints `prune` keeps (see the module docstring). `best_eps`: the radius whose certified
     accuracy ranks them (None: clean accuracy). `certified`: checkpoints are certified while training runs,
-    so each is kept until its certification has finished."""
+    so each is kept until its certification has finished. `score(run_url, step, best_eps)`: the ranked figure
+    of a checkpoint's certification report, None when there is none, UnreadableScore when it cannot be used
+    (lipnext_scale.certify.report.certified_score); needed when certified checkpoints are ranked."""
 
     keep_last: int = 3
     keep_best: int = 0
@@ -43,19 +45,17 @@ class Retention:
     # superseded (recorded "skipped", so prunable): when certification is slower than ckpt.every_steps the
     # disk holds a bounded backlog and certification catches up with the newest. 0: no bound.
     max_waiting: int = 0
+    score: Callable[[str, int, float | None], float | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.certified and self.keep_best and self.score is None:
+            raise ValueError("Retention(certified=True, keep_best > 0) ranks certification reports: pass "
+                             "score=lipnext_scale.certify.report.certified_score")
 
 
 # --------------------------------------------------------------------------------------------------
 # Certification records: `{run}/certify/step_XXXXXXXX/` holds the certification job's outputs (report.json
 # last) and `status.json`, which the certifying task rewrites at each change of state.
-
-CERTIFY_DIR = "certify"
-STATUS_FILE = "status.json"
-REPORT_FILE = "report.json"  # lipnext_scale.certify.report writes it (certify does not import us, nor we it)
-
-
-def certification_url(run_url: str, step: int) -> str:
-    return join_url(run_url, CERTIFY_DIR, checkpoint_dir_name(step))
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class Certification:
 def read_status(run_url: str, step: int) -> dict[str, Any] | None:
     """Checkpoint `step`'s status.json as written (state, figures, lag, reason, ...); None when none was written.
     Raises ValueError when it is unreadable."""
-    url = join_url(certification_url(run_url, step), STATUS_FILE)
+    url = RunLayout(run_url).status(step)
     data = read_json(url, "its checkpoint is kept until the record is rewritten", CheckpointError,
                      missing_ok=True)  # CheckpointError is a ValueError
     if data is None:
@@ -97,37 +97,19 @@ def read_certification(run_url: str, step: int) -> Certification:
         return Certification(**fields, deadline=math.inf if data.get("deadline") is None else float(data["deadline"]))
     except (ValueError, TypeError) as e:
         log.warning("the certification record of %s is unreadable (%s): its checkpoint is kept as if still being "
-                    "certified", certification_url(run_url, step), e)
+                    "certified", RunLayout(run_url).certification(step), e)
         return Certification(state="running")
 
 
 def write_certification(run_url: str, step: int, record: Certification, **extra: Any) -> None:
     body = {"step": step, **dataclasses.asdict(record), **extra, "time": time.time()}
     body["deadline"] = None if math.isinf(record.deadline) else record.deadline
-    write_json(join_url(certification_url(run_url, step), STATUS_FILE), body, CheckpointError, sort_keys=True)
+    write_json(RunLayout(run_url).status(step), body, CheckpointError, sort_keys=True)
 
 
 class UnreadableScore(ValueError):
     """A certification report exists but its score cannot be used (cut short, not JSON, the figure missing,
     NaN or infinite): the message says which file and why. Its checkpoint is kept, never ranked."""
-
-
-def certified_score(run_url: str, step: int, eps: float | None) -> float | None:
-    """Clean accuracy (eps None) or certified accuracy at `eps` from checkpoint `step`'s certification report;
-    None when there is no report (never certified, or given up). Raises UnreadableScore when a report is
-    there but its figure cannot be read or is not finite."""
-    url = join_url(certification_url(run_url, step), REPORT_FILE)
-    what = "clean_accuracy" if eps is None else f"certified_accuracy[{format_eps(eps)!r}]"
-    report = read_json(url, f"{what} cannot be ranked: its checkpoint is kept", UnreadableScore, missing_ok=True)
-    if report is None:
-        return None
-    try:
-        value = float(report["clean_accuracy"] if eps is None else report["certified_accuracy"][format_eps(eps)])
-    except (ValueError, KeyError, TypeError) as e:
-        raise UnreadableScore(f"{url}: {what} unreadable ({type(e).__name__}: {' '.join(str(e).split())})") from None
-    if not math.isfinite(value):
-        raise UnreadableScore(f"{url}: the score is {value}, not a finite number")
-    return value
 
 
 def superseded(waiting: list[int], max_waiting: int) -> list[int]:

@@ -238,7 +238,7 @@ class CertifyConfig:
     actors: int = 2  # Ray actors, one model copy each; 0 runs in the calling process
     attack: Attack = ""  # an attack on certified points, a soundness check (fmn: Foolbox extra); "": none
     attack_steps: int = 10
-    # While training runs (lipnext_scale/train/validation.py): every checkpoint is certified by this same job
+    # While training runs (lipnext_scale/certify/during_training.py): every checkpoint is certified by this same job
     # in a Ray task of its own, on its own resources; training never waits for it.
     during_training: bool = True  # needs certify.data_url or data.eval_url
     data_url: str = ""  # held-out shards certified during training (e.g. a few shards); "": data.eval_url

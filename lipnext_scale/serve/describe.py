@@ -10,22 +10,19 @@ weights' is named but not shown: it describes other weights.
 from __future__ import annotations
 
 import math
-import posixpath
 
 from lipnext_scale.certify.model_loading import CertifyError, LoadedModel, Verification
 
-REPORT_FILE = "report.json"
-
 
 def report_candidates(loaded: LoadedModel) -> list[str]:
-    from lipnext_scale.ckpt.retention import REPORT_FILE as RUN_REPORT_FILE, certification_url
-    from lipnext_scale.storage import join_url, parent_url
+    from lipnext_scale.ckpt.layout import REPORT_FILE, RunLayout
+    from lipnext_scale.storage import join_url
 
     candidates = [join_url(loaded.url, REPORT_FILE)]
-    if loaded.kind == "training":
-        step = posixpath.basename(loaded.url.rstrip("/")).removeprefix("step_")
-        if step.isdigit():
-            candidates.append(join_url(certification_url(parent_url(loaded.url), int(step)), RUN_REPORT_FILE))
+    in_run = RunLayout.of_checkpoint(loaded.url) if loaded.kind == "training" else None
+    if in_run:
+        run, step = in_run
+        candidates.append(run.report(step))
     return candidates
 
 
@@ -33,7 +30,8 @@ def find_report(loaded: LoadedModel, report_url: str | None) -> dict | None:
     """{"url", "report"} of the certification report beside the checkpoint, {"url", "ignored"} when it
     describes other weights or cannot be read, None when there is none. An explicit --report that is
     missing is an error."""
-    from lipnext_scale.storage import exists, read_json
+    from lipnext_scale.certify.report import read_report
+    from lipnext_scale.storage import exists
 
     if report_url is not None and not exists(report_url, CertifyError):
         raise CertifyError(f"--report {report_url!r} does not exist; pass a `lipnext certify` report.json")
@@ -41,7 +39,7 @@ def find_report(loaded: LoadedModel, report_url: str | None) -> dict | None:
         if not exists(url, CertifyError):
             continue
         try:
-            report = read_json(url, "certify the served model again", CertifyError)
+            report = read_report(url, "certify the served model again")
             sha = report["checkpoint"]["weights_sha256"]
         except (CertifyError, KeyError, TypeError) as e:
             return {"url": url, "ignored": f"unreadable ({type(e).__name__}: {' '.join(str(e).split())})"}

@@ -3,7 +3,7 @@
 Cheap and in the loop (every train.eval_every steps, train.eval_batches batches per rank), hence labelled
 `estimate/*` in TensorBoard and the metrics: radii are divided by the monitoring bound from the fp32 masters'
 orthogonality error (with bf16 the logits themselves are bf16). The certificate of each checkpoint is
-`certify/*`: the certification job run on it while training goes on (`lipnext_scale.train.validation`).
+`certify/*`: the certification job run on it while training goes on (`lipnext_scale.certify.during_training`).
 Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively); a rank out of data
 feeds a dummy batch.
 """
@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from lipnext_scale.certify.certify import certified_mask, certified_radius, model_pair_distances
+from lipnext_scale.certify.report import cra_key
 from lipnext_scale.config import DataConfig
-from lipnext_scale.eps import format_eps
 from lipnext_scale.model.lipschitz import lipschitz_from_orthogonality_error
 
 ESTIMATE = "estimate"  # the prefix of these metrics: not a certificate (those are `certify/*`)
@@ -63,8 +63,3 @@ def evaluate(built, data: DataConfig, *, image_size: int, radii: list[float], ba
     for i, e in enumerate(radii):
         out[f"{ESTIMATE}/{cra_key(e)}"] = float(counts[2 + i]) / n
     return out
-
-
-def cra_key(eps: float) -> str:
-    """The metric name of certified accuracy at `eps` ("cra_36_255"), in estimates and certificates alike."""
-    return f"cra_{format_eps(eps).replace('/', '_')}"

@@ -17,6 +17,7 @@ import signal
 import threading
 from typing import Any, Callable
 
+from lipnext_scale.certify.during_training import retention
 from lipnext_scale.ckpt import CheckpointManager, NonFiniteState
 from lipnext_scale.ckpt.manager import Report
 from lipnext_scale.config import JobConfig, config_to_dict
@@ -29,7 +30,6 @@ from lipnext_scale.train.loss import training_eps
 from lipnext_scale.train.metrics import PhaseTimer, Window
 from lipnext_scale.train.resume import Position, restart_scalars, resume, sized_for_world
 from lipnext_scale.train.tb import ScalarLog
-from lipnext_scale.train.validation import retention
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def train_worker(cfg: JobConfig, ds_base: dict, run_url: str, rank: int, world: 
 def train(cfg: JobConfig, built: Built, manager: CheckpointManager, position: Position, batches, *,
           report: Report, stop: StopRequest, device: str) -> dict[str, Any]:
     tc, rank, world = cfg.train, manager.rank, manager.world
-    tb = ScalarLog(f"{manager.run_url}/tensorboard", enabled=rank == 0)
+    tb = ScalarLog(manager.layout.tensorboard(), enabled=rank == 0)
     timer, window = PhaseTimer(device), Window(device)
     step, batches_done, skipped = position.step, position.batches_done, built.manifold.skipped_steps
     last: dict[str, Any] = {"resumed_from": position.resumed_from or "", "start_step": step}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lipnext_scale.ckpt import CheckpointError, CheckpointManager, ExportError, StartPoint, model_kwargs
+from lipnext_scale.ckpt.layout import RunLayout
 from lipnext_scale.config import ConfigError, DataConfig, JobConfig, ModelConfig, config_to_dict
 from lipnext_scale.storage import atomic_write_bytes, is_file, join_url, makedirs, read_json, remove, write_json
 from lipnext_scale.train.engine import deepspeed_config
@@ -179,4 +180,4 @@ def check_job(cfg: JobConfig) -> JobStart:
 
 
 def write_run_config(cfg: JobConfig, run_url: str) -> None:
-    write_json(join_url(run_url, "config.json"), config_to_dict(cfg), ConfigError)
+    write_json(RunLayout(run_url).config, config_to_dict(cfg), ConfigError)

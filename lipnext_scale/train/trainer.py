@@ -4,7 +4,8 @@
 Everything that can be checked before workers start is checked first (`preflight.check_job`); then the
 run directory gets its resolved `config.json`, and Ray Train runs `loop.train_worker` on every rank.
 Checkpoints are found, kept and pruned by `lipnext_scale.ckpt.CheckpointManager`, not by Ray Train; each is
-certified while training runs by Ray Train's validation task (`train/validation.py`).
+certified while training runs (`certify/during_training.py`), handed to Ray Train's validation by
+`train/validation.py`: this module is the composition root that wires the two.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from lipnext_scale.certify import during_training
 from lipnext_scale.ckpt import CheckpointManager
 from lipnext_scale.config import JobConfig, config_from_dict, config_to_dict
 from lipnext_scale.errors import RunFailed
 from lipnext_scale.runtime import connect_ray
 from lipnext_scale.train import validation
 from lipnext_scale.train.preflight import check_job, write_run_config
+from lipnext_scale.train.tb import ScalarLog
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ def run_training(cfg: JobConfig, *, ray_address: str | None = None) -> dict[str,
     """Train with Ray Train + DeepSpeed ZeRO-3; returns {"metrics", "checkpoint", "run_dir"}. Raises
     ConfigError at start for a bad job, TrainingDiverged when the run stopped on NaN/Inf."""
     job = check_job(cfg)
-    validation.check_validation(cfg)
+    during_training.check_validation(cfg)
     cfg.train.check_global_batch(cfg.data.batch_size)  # every allowed world size splits it evenly
     import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -125,8 +128,9 @@ def run_training(cfg: JobConfig, *, ray_address: str | None = None) -> dict[str,
     if metrics.get("diverged"):
         raise TrainingDiverged(metrics["diverged"])
     checkpoint = f"{job.run_url}/{result.checkpoint.path.rstrip('/').rsplit('/', 1)[-1]}" if result.checkpoint else None
-    certified = validation.finish(cfg, job.run_url)  # what Ray missed certified, final prune, summary.json
-    metrics.update(validation.summary_metrics(certified))
+    # what Ray missed certified, final prune, summary.json
+    certified = during_training.finish(cfg, job.run_url, scalar_log=ScalarLog)
+    metrics.update(during_training.summary_metrics(certified))
     return {"metrics": metrics, "checkpoint": checkpoint, "run_dir": job.run_url, "certified": certified}
 
 

@@ -1,5 +1,6 @@
-"""The certifying task itself (`certify_checkpoint`, what Ray Train runs per checkpoint), called in this process
-on a real training checkpoint and real digits shards (certify.actors=0: `certify_job` in-process, no Ray):
+"""The certifying task itself (`certify_checkpoint`; `certify_and_log`, what Ray Train runs per checkpoint, adds
+TensorBoard), called in this process on a real training checkpoint and real digits shards (certify.actors=0:
+`certify_job` in-process, no Ray):
 its report, record and TensorBoard figures; a failure recorded per attempt and raised (for Ray to retry);
 the end of a run that no longer waits for an intermediate checkpoint; the start-time checks."""
 
@@ -14,7 +15,8 @@ import pytest
 from lipnext_scale.ckpt import write_rank_files
 from lipnext_scale.ckpt.retention import read_certification
 from lipnext_scale.config import ConfigError, config_to_dict, load_config
-from lipnext_scale.train.validation import certify_checkpoint, check_validation
+from lipnext_scale.certify.during_training import certify_checkpoint, check_validation
+from lipnext_scale.train.validation import certify_and_log
 from fixtures_data import prepared_digits
 
 TINY = ["model.width=16", "model.depth=1", "certify.actors=0", "train.steps=80"]
@@ -50,7 +52,7 @@ def test_a_checkpoint_is_certified_recorded_and_logged(val, tmp_path):
 
     cfg = load_config(None, [*TINY, f"data.eval_url={val}/val-manifest.parquet"])
     ckpt = _checkpoint(cfg, tmp_path, 40)
-    figures = certify_checkpoint(ckpt, job=config_to_dict(cfg), run_url=str(tmp_path))
+    figures = certify_and_log(ckpt, job=config_to_dict(cfg), run_url=str(tmp_path))  # what Ray Train runs
     report = json.loads((tmp_path / "certify" / "step_00000040" / "report.json").read_text())
     assert report["samples"] == 300 and report["checkpoint"]["url"] == ckpt.path
     assert report["checkpoint"]["weights_sha256"] == load_model(ckpt.path).weights_sha256

@@ -80,7 +80,9 @@ def run(ray_local, digits_shards, tmp_path_factory):
 
     from lipnext_scale.config import config_to_dict, load_config
     from lipnext_scale.train.preflight import check_job
-    from lipnext_scale.train.validation import check_validation, finish, validation_config
+    from lipnext_scale.certify.during_training import check_validation, finish
+    from lipnext_scale.train.tb import ScalarLog
+    from lipnext_scale.train.validation import validation_config
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's processes cannot import test modules
     digits = digits_shards()
@@ -98,7 +100,8 @@ def run(ray_local, digits_shards, tmp_path_factory):
         run_config=RunConfig(name="certified", storage_path=str(storage), failure_config=FailureConfig(max_failures=1),
                              worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}}))
     result = trainer.fit()
-    return {"result": result, "summary": finish(cfg, job.run_url), "dir": storage / "certified"}
+    summary = finish(cfg, job.run_url, scalar_log=ScalarLog)  # as the trainer wires it
+    return {"result": result, "summary": summary, "dir": storage / "certified"}
 
 
 def test_a_crash_mid_upload_resumes_from_the_previous_checkpoint(run):

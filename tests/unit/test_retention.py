@@ -12,9 +12,10 @@ import torch
 
 from lipnext_scale.ckpt import checkpoint_dir_name, write_rank_files
 from lipnext_scale.ckpt.manager import CheckpointManager
+from lipnext_scale.certify.report import certified_score
+from lipnext_scale.ckpt.layout import RunLayout
 from lipnext_scale.ckpt.retention import (
-    Certification, Retention, certification_url, certified_score, read_certification, retained, superseded,
-    write_certification,
+    Certification, Retention, read_certification, retained, superseded, write_certification,
 )
 from lipnext_scale.config import ConfigError, load_config
 
@@ -65,7 +66,7 @@ def test_prune_keeps_newest_and_best_certified_and_never_one_being_certified(tmp
     write_certification(str(run), 40, Certification("running", 1, 2, deadline=time.time() + 3600))
     # 50: nothing written yet (queued behind 40)
     manager = CheckpointManager(str(run), retention=Retention(keep_last=1, keep_best=1, best_eps=36 / 255,
-                                                              certified=True))
+                                                              certified=True, score=certified_score))
     assert manager.prune() == [f"{run}/step_00000020", f"{run}/step_00000030"]
     assert _steps(run) == [10, 40, 50]  # best CRA (10), being certified (40), newest (50)
     assert (run / "certify" / "step_00000020" / "report.json").is_file()  # certificates are never deleted
@@ -80,7 +81,7 @@ def test_an_unreadable_or_nan_score_never_costs_a_checkpoint(tmp_path, caplog):
     """Issue 25: keep_last=1, keep_best=1. (a) The best checkpoint's report.json is cut short: it is kept
     (it was deleted, and a worse one kept). (b) An older report reads NaN: NaN is not ranked (it sorted first
     and the true best was deleted); its checkpoint is kept too. Each kept one is named in the log with why."""
-    retention = Retention(keep_last=1, keep_best=1, best_eps=36 / 255, certified=True)
+    retention = Retention(keep_last=1, keep_best=1, best_eps=36 / 255, certified=True, score=certified_score)
     truncated, nan = tmp_path / "truncated", tmp_path / "nan"
     for run, scores in ((truncated, (0.8, 0.5, 0.1, 0.2)), (nan, (0.1, 0.8, 0.5, 0.3))):
         for step, cra in zip((10, 20, 30, 40), scores):
@@ -105,7 +106,8 @@ def test_best_metric_clean_ranks_by_clean_accuracy(tmp_path):
     for step, clean in ((1, 0.9), (2, 0.1), (3, 0.2)):
         _checkpoint(tmp_path, step)
         _certified(tmp_path, step, clean=clean, cra=0.0)
-    manager = CheckpointManager(str(tmp_path), retention=Retention(keep_last=1, keep_best=1, certified=True))
+    manager = CheckpointManager(str(tmp_path), retention=Retention(keep_last=1, keep_best=1, certified=True,
+                                                                   score=certified_score))
     manager.prune()
     assert _steps(tmp_path) == [1, 3]
     assert certified_score(str(tmp_path), 1, None) == 0.9 and certified_score(str(tmp_path), 1, 36 / 255) == 0.0
@@ -139,7 +141,7 @@ def test_an_upload_in_progress_never_costs_the_previous_checkpoint(tmp_path):
 def test_settled_prune_after_the_run_and_lost_certifications(tmp_path):
     for step in (1, 2, 3):
         _checkpoint(tmp_path, step, world=1)
-    retention = Retention(keep_last=1, keep_best=0, certified=True)
+    retention = Retention(keep_last=1, keep_best=0, certified=True, score=certified_score)
     # 1: its task was cancelled (timeout) past the deadline; 2: no record (never started)
     write_certification(str(tmp_path), 1, Certification("running", 1, 1, deadline=time.time() - 1))
     assert read_certification(str(tmp_path), 1).finished(time.time())
@@ -180,7 +182,7 @@ def test_a_save_waits_for_the_previous_asynchronous_upload(tmp_path):
 
 
 def test_certification_url_and_config_keys():
-    assert certification_url("s3://b/run", 40) == "s3://b/run/certify/step_00000040"
+    assert RunLayout("s3://b/run").certification(40) == "s3://b/run/certify/step_00000040"
     cfg = load_config(None, ["ckpt.keep_best=3", 'ckpt.best_metric="cra@72/255"', "ckpt.upload=sync",
                              "certify.resources={GPU=1}", "certify.retries=0"])
     assert cfg.ckpt.best_eps() == 72 / 255 and cfg.certify.cpus_and_gpus() == (1, 1)
@@ -231,7 +233,8 @@ def test_a_backlog_of_waiting_certifications_is_bounded(tmp_path):
     _certified(tmp_path, 1, 0.9, 0.8)  # the best so far
     write_certification(str(tmp_path), 2, Certification("running", 1, 2, deadline=time.time() + 600))
     manager = CheckpointManager(str(tmp_path), retention=Retention(keep_last=1, keep_best=1, best_eps=36 / 255,
-                                                                   certified=True, max_waiting=2))
+                                                                   certified=True, max_waiting=2,
+                                                                   score=certified_score))
     assert manager.prune() == [f"{tmp_path}/step_0000000{s}" for s in (3, 4)]
     assert _steps(tmp_path) == [1, 2, 5, 6]  # best, being certified, the 2 newest waiting (6: also keep_last)
     for step in (3, 4):
@@ -239,6 +242,7 @@ def test_a_backlog_of_waiting_certifications_is_bounded(tmp_path):
         assert record["state"] == "skipped" and "certify.max_waiting=2" in record["reason"]
     assert read_certification(str(tmp_path), 5) == Certification()  # still waiting
     unbounded = CheckpointManager(str(tmp_path), retention=Retention(keep_last=1, keep_best=1, best_eps=36 / 255,
-                                                                     certified=True, max_waiting=0))
+                                                                     certified=True, max_waiting=0,
+                                                                     score=certified_score))
     _checkpoint(tmp_path, 7, world=1)
     assert unbounded.prune() == [] and _steps(tmp_path) == [1, 2, 5, 6, 7]
