@@ -16,7 +16,6 @@ It is the same library code path as `lipnext train`; only the defaults are local
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -42,13 +41,14 @@ def digits_dir(out: Path) -> Path:
 
 def digits_ready(data_dir: Path) -> bool:
     """True when a previous run finished preparing both splits (an interrupted prep is not ready)."""
-    from lipnext_scale.data.manifest import manifest_meta, read_manifest
+    from lipnext_scale.data.manifest import CLASSES_FILE, manifest_meta, manifest_url, read_manifest
+    from lipnext_scale.storage import is_file, join_url
 
-    if not (data_dir / "classes.json").is_file():
+    if not is_file(join_url(str(data_dir), CLASSES_FILE)):
         return False
     for split in ("train", "val"):
-        manifest = data_dir / f"{split}-manifest.parquet"
-        if not manifest.is_file() or not manifest_meta(read_manifest(str(manifest))).get("complete"):
+        manifest = manifest_url(str(data_dir), split)
+        if not is_file(manifest) or not manifest_meta(read_manifest(manifest)).get("complete"):
             return False
     return True
 
@@ -76,12 +76,6 @@ def demo_config(out: Path, name: str, steps: int | None, user_overrides: list[st
     return cfg
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    from lipnext_scale.storage import atomic_write_bytes
-
-    atomic_write_bytes(str(path), json.dumps(data, indent=2, sort_keys=True).encode())
-
-
 def run_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     out = Path(args.out).resolve()  # absolute: Ray workers do not share this process's cwd
@@ -94,7 +88,8 @@ def run_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
     import ray
 
-    from lipnext_scale.certify.report import format_table
+    from lipnext_scale.certify.report import format_table, read_report
+    from lipnext_scale.storage import write_json
     from lipnext_scale.train.trainer import run_training
 
     # A new local Ray instance for this process only (never an existing cluster), its dashboard on 127.0.0.1,
@@ -123,12 +118,12 @@ def run_demo(args: argparse.Namespace) -> int:
     if certified is None:
         raise RunFailed(f"no checkpoint of {run_dir} was certified (see {run_dir / 'certify'} for why)")
     step, report_path = certified
-    report = json.loads(Path(report_path).read_text())
+    report = read_report(report_path, f"rerun the demo with a new --name (or certify {run_dir}'s checkpoint again)")
     summary = {"run_dir": str(run_dir), "checkpoint": result["checkpoint"], "steps": cfg.train.steps,
                "certified_step": step, "report": report_path,
                "seconds": {k: round(v, 1) for k, v in seconds.items()},
                "clean_accuracy": report["clean_accuracy"], "certified_accuracy": report["certified_accuracy"]}
-    write_json_atomic(run_dir / "demo-summary.json", summary)
+    write_json(str(run_dir / "demo-summary.json"), summary, sort_keys=True)
     print(f"[demo] certificate of the checkpoint at step {step} (certified while training ran):")
     print(format_table(report))
     print(f"[demo] done in {seconds['total']:.0f} s (prepare {seconds['prepare']:.0f} s, train + certify "

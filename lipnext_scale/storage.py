@@ -29,6 +29,7 @@ import errno
 import hashlib
 import json
 import logging
+import posixpath
 import random
 import time
 import uuid
@@ -138,6 +139,25 @@ def join_url(base: str, *parts: str) -> str:
 
 def parent_url(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[0] if "/" in url.rstrip("/") else "."
+
+
+def check_url(url: str, error: type[Exception] = StorageError) -> None:
+    """Raise `error` now for a URL no filesystem can open (empty, unknown protocol, missing backend), so a
+    job refuses it before doing any work."""
+    url_to_fs(url, error)
+
+
+def file_in_the_way(url: str, error: type[Exception] = StorageError) -> str | None:
+    """What stops a directory from being made at `url`: `url` itself when it is a file, the path of the
+    nearest existing parent when that one is a file; None when nothing is in the way."""
+    fs, path = url_to_fs(url, error)
+    existing = path.rstrip("/")
+    while existing and not fs.exists(existing):  # the nearest part of the path that exists
+        parent = posixpath.dirname(existing)
+        existing = parent if parent != existing else ""
+    if not existing or fs.isdir(existing):
+        return None
+    return url if existing == path.rstrip("/") else existing
 
 
 def is_process_local(url: str, error: type[Exception] = StorageError) -> bool:

@@ -18,9 +18,7 @@ half file under a final name, and a rerun with the same `--out` finishes the job
 
 from __future__ import annotations
 
-import json
 import logging
-import posixpath
 import time
 from dataclasses import dataclass
 
@@ -31,7 +29,8 @@ from lipnext_scale.certify.model_loading import CertifyError, load_model, verify
 from lipnext_scale.certify.report import build_report, merge_shard_tables, read_shard_result, write_outputs
 from lipnext_scale.certify.worker import RESULTS_DIR, ShardCertifier, shard_result_url
 from lipnext_scale.eps import format_eps, parse_eps_list
-from lipnext_scale.storage import atomic_write_bytes, exists, is_process_local, join_url, read_bytes, url_to_fs
+from lipnext_scale.storage import (check_url, exists, file_in_the_way, is_dir, is_process_local, join_url, list_dir,
+                                   parse_json, read_bytes, write_json)
 
 log = logging.getLogger(__name__)
 JOB_FILE = "job.json"
@@ -39,9 +38,9 @@ ACTOR_RESTARTS = 3  # per actor: a process that dies is replaced this often befo
 ATTACKS = tuple(a for a in choices(Attack) if a)
 
 
-def _url_to_fs(what: str, url: str):
+def _check_url(what: str, url: str) -> None:
     try:
-        return url_to_fs(url, CertifyError)
+        check_url(url, CertifyError)
     except CertifyError as e:
         raise CertifyError(f"{what}: {e}") from None
 
@@ -50,17 +49,13 @@ def _check_urls(ckpt_url: str, data_url: str, out_url: str, actors: int) -> None
     """Refuse, before anything is loaded or written, URLs no run could use. Whether `--out` is writable
     is proven by writing job.json (step 4), still before any actor starts."""
     for what, url in (("checkpoint", ckpt_url), ("--data", data_url), ("--out", out_url)):
-        _url_to_fs(what, url)
+        _check_url(what, url)
         if actors > 0 and is_process_local(url, CertifyError):
             raise CertifyError(f"{what} {url!r} lives in this process's memory, which Ray actors cannot "
                                "reach; use a shared path (local disk, s3://, gs://) or --actors 0")
-    fs, path = _url_to_fs("--out", out_url)
-    existing = path.rstrip("/")
-    while existing and not fs.exists(existing):  # the nearest part of the path that exists
-        parent = posixpath.dirname(existing)
-        existing = parent if parent != existing else ""
-    if existing and not fs.isdir(existing):
-        where = "is a file" if existing == path.rstrip("/") else f"is inside {existing!r}, which is a file"
+    in_the_way = file_in_the_way(out_url, CertifyError)
+    if in_the_way is not None:
+        where = "is a file" if in_the_way == out_url else f"is inside {in_the_way!r}, which is a file"
         raise CertifyError(f"--out {out_url!r} {where}, but --out must be a directory; choose another path")
 
 
@@ -71,14 +66,13 @@ def _read_job_file(job_url: str, start_over: str) -> dict:
         raw = read_bytes(job_url, CertifyError)
     except CertifyError as e:
         raise CertifyError(f"{e}; {start_over}") from None
-    try:
-        previous = json.loads(raw.decode("utf-8"))
-        problem = None if isinstance(previous, dict) else f"a JSON {type(previous).__name__}, not an object"
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        problem = f"{type(e).__name__}: {' '.join(str(e).split())}" if raw else "an empty file"
-    if problem:
-        raise CertifyError(f"{job_url!r} is not a certification job's description ({problem}), so the results "
-                           f"next to it cannot be trusted; {start_over}")
+    untrusted = f"so the results next to it cannot be trusted; {start_over}"
+    if not raw:
+        raise CertifyError(f"{job_url!r} is not a certification job's description (an empty file), {untrusted}")
+    previous = parse_json(raw, f"{job_url!r} (a certification job's description)", untrusted, CertifyError)
+    if not isinstance(previous, dict):
+        raise CertifyError(f"{job_url!r} is not a certification job's description (a JSON "
+                           f"{type(previous).__name__}, not an object), {untrusted}")
     return previous
 
 
@@ -93,11 +87,11 @@ def _check_out_dir(out_url: str, identity: dict) -> None:
             raise CertifyError(f"--out {out_url!r} holds results of a different job ({', '.join(changed)} "
                                f"differ); {start_over}")
         return
-    fs, results = _url_to_fs("--out", join_url(out_url, RESULTS_DIR))
-    if fs.isdir(results) and any(p.endswith(".parquet") for p in fs.ls(results, detail=False)):
+    results = join_url(out_url, RESULTS_DIR)
+    if is_dir(results, CertifyError) and any(e.name.endswith(".parquet") for e in list_dir(results, CertifyError)):
         # job.json is written before any result: without it nobody knows which job these belong to
         raise CertifyError(f"--out {out_url!r} holds shard results but no {JOB_FILE}; {start_over}")
-    atomic_write_bytes(job_url, json.dumps(identity, indent=2).encode(), CertifyError)
+    write_json(job_url, identity, CertifyError)
 
 
 def _pending(out_url: str, shards: list[str]) -> tuple[list[str], list[str]]:

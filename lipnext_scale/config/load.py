@@ -162,20 +162,21 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
 
 def read_toml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a TOML config; `extends = "other.toml"` (relative to this file) layers this one on top."""
+    from lipnext_scale import storage  # here, not at the top: importing the config package loads no fsspec
+
     p = Path(path)
-    if not p.is_file():
+    if not storage.is_file(str(p), ConfigError):
         raise ConfigError(f"config file {str(p)!r} does not exist; pass a path such as configs/train/demo.toml")
     if p.resolve() in _chain:
         loop = " -> ".join(str(c) for c in (*_chain, p.resolve()))
         raise ConfigError(f"config file {str(p)!r}: `extends` forms a loop ({loop}); remove one of them")
+    raw = storage.read_bytes(str(p), ConfigError)  # a failed read: one line naming the file and the fix
     try:
-        data = tomllib.loads(p.read_bytes().decode("utf-8"))
+        data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
-    except OSError as e:
-        raise ConfigError(f"config file {str(p)!r} cannot be read ({type(e).__name__}: {e})") from None
     parent = data.pop("extends", None)
     if parent is not None:
         if not isinstance(parent, str):

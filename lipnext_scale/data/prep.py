@@ -25,7 +25,8 @@ from lipnext_scale.data.manifest import (ShardDigest, file_digest, manifest_meta
 from lipnext_scale.data.sources import KINDS, list_source
 from lipnext_scale.data.sources.base import SourceSample
 from lipnext_scale.data.transforms import SampleError
-from lipnext_scale.storage import atomic_write_bytes, exists, is_process_local, join_url, url_to_fs
+from lipnext_scale.storage import (atomic_write_bytes, check_url, exists, glob, is_process_local, join_url, list_dir,
+                                   makedirs, remove)
 
 log = logging.getLogger("lipnext_scale.data")
 
@@ -96,8 +97,7 @@ def _existing_rows(out_url: str, split: str, settings: dict[str, Any]) -> dict[i
         raise DataError(f"{url!r} was written with different settings ({', '.join(f'{k}={old.get(k)!r}' for k in changed)}"
                         f" vs now {', '.join(f'{k}={settings[k]!r}' for k in changed)}); use a new --out "
                         "or delete that output to start over")
-    fs, path = url_to_fs(out_url, DataError)
-    sizes = {p["name"].rsplit("/", 1)[-1]: p["size"] for p in fs.ls(path, detail=True)}
+    sizes = {e.name: e.size for e in list_dir(out_url, DataError)}
     return {r["index"]: r for r in manifest_rows(table) if sizes.get(r["shard"]) == r["bytes"]}
 
 
@@ -119,9 +119,8 @@ def _verified(out_url: str, rows: dict[int, dict[str, Any]], workers: int) -> di
 
 
 def _remove_stale_temporaries(out_url: str, split: str) -> None:
-    fs, path = url_to_fs(out_url, DataError)
-    for p in fs.glob(f"{path.rstrip('/')}/{split}-*.tmp-*"):
-        fs.rm(p)
+    for url in glob(join_url(out_url, f"{split}-*.tmp-*"), DataError):
+        remove(url, DataError)
 
 
 def _run_split(split: str, samples: list[SourceSample], out_url: str, settings: dict[str, Any],
@@ -201,16 +200,16 @@ def prepare(kind: str, source: str | None, out_url: str, *, shard_size: int = 10
     if not isinstance(out_url, str) or not out_url.strip():
         raise DataError(f"output URL {out_url!r} is empty: give a directory path or an fsspec URL "
                         "(e.g. data/digits or s3://bucket/imagenet)")
-    fs, path = url_to_fs(out_url, DataError)  # an unknown protocol fails before the source is listed
+    check_url(out_url, DataError)  # an unknown protocol fails before the source is listed
     plan = list_source(kind, source, splits)
     settings = {"kind": kind, "image_size": image_size or plan.default_image_size, "quality": quality,
                 "shard_size": shard_size, "image_format": plan.image_format, "num_classes": len(plan.classes),
                 "classes": plan.classes}
     try:
-        fs.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create the output directory {out_url!r} ({type(e).__name__}: {e}); give a "
-                        "writable directory path or URL") from None
+        makedirs(out_url, DataError)
+    except DataError as e:
+        raise DataError(f"cannot create the output directory {out_url!r}: {e}; give a writable directory path "
+                        "or URL") from None
     for split in plan.splits:  # refuse a mismatched earlier prep before writing anything
         _existing_rows(out_url, split, settings)
     write_classes(out_url, {"kind": kind, "num_classes": len(plan.classes), "classes": plan.classes,

@@ -69,11 +69,11 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def _read_token(path: str) -> str:
-    from pathlib import Path
+    from lipnext_scale.storage import read_bytes
 
     try:
-        token = Path(path).read_text().strip()
-    except (OSError, UnicodeDecodeError) as e:
+        token = read_bytes(path, ServeArgumentError).decode().strip()
+    except (ServeArgumentError, UnicodeDecodeError) as e:
         raise ServeArgumentError(f"--token-file {path!r}: cannot read it ({e})") from None
     if len(token) < 16:
         raise ServeArgumentError(f"--token-file {path!r}: the token must be at least 16 characters (e.g. "

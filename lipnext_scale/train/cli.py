@@ -37,11 +37,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_config_path(path: str) -> Path:
     """A config path as given, else relative to the repository (so `configs/...` works from anywhere)."""
+    from lipnext_scale.storage import is_file
+
     given = Path(path)
-    if given.is_file() or given.is_absolute():
+    if given.is_absolute() or is_file(str(given)):
         return given
     in_repo = REPO_ROOT / given
-    return in_repo if in_repo.is_file() else given
+    return in_repo if is_file(str(in_repo)) else given
 
 
 def toml_string(text: str) -> str:
@@ -61,9 +63,10 @@ def build_train_config(config_path: str, overrides: list[str], *, resume: str | 
 
 def dataset_overrides(data_url: str) -> list[str]:
     """`--set` overrides pointing the job at a prepared data set directory (its train/val manifests)."""
-    root = data_url.rstrip("/")
-    return [f"data.train_url={toml_string(root + '/train-manifest.parquet')}",
-            f"data.eval_url={toml_string(root + '/val-manifest.parquet')}"]
+    from lipnext_scale.data.manifest import manifest_url
+
+    return [f"data.train_url={toml_string(manifest_url(data_url, 'train'))}",
+            f"data.eval_url={toml_string(manifest_url(data_url, 'val'))}"]
 
 
 def default_num_workers(ray_address: str | None) -> int:

@@ -138,9 +138,6 @@ def _forget_ray_checkpoint_list(run_url: str) -> None:
     """Ray Train lists every checkpoint it was reported in `{run}/checkpoint_manager_snapshot.json` and, on
     the next `fit` of the run, refuses to start when one of them is gone; the CheckpointManager prunes them
     (and chose this job's start point already), so Ray's list of an earlier job is dropped."""
-    from lipnext_scale.storage import exists, join_url, url_to_fs
+    from lipnext_scale.storage import join_url, remove
 
-    snapshot = join_url(run_url, "checkpoint_manager_snapshot.json")
-    if exists(snapshot):
-        fs, path = url_to_fs(snapshot)
-        fs.rm(path)
+    remove(join_url(run_url, "checkpoint_manager_snapshot.json"), missing_ok=True)

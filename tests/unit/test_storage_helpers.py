@@ -179,3 +179,16 @@ def test_read_bytes_missing_ok(tmp_path):
     assert read_bytes(str(tmp_path / "nothing"), missing_ok=True) is None
     (tmp_path / "x").write_bytes(b"1")
     assert read_bytes(str(tmp_path / "x")) == b"1"
+
+
+def test_check_url_and_file_in_the_way(tmp_path):
+    storage.check_url(str(tmp_path))  # a usable URL: nothing
+    with pytest.raises(StorageError, match="cannot open 'nosuch://x'"):
+        storage.check_url("nosuch://x")
+    with pytest.raises(StorageError, match="empty URL"):
+        storage.check_url("")
+    (tmp_path / "file").write_text("x")
+    assert storage.file_in_the_way(str(tmp_path / "new" / "dir")) is None  # only missing parts: can be made
+    assert storage.file_in_the_way(str(tmp_path)) is None  # an existing directory
+    assert storage.file_in_the_way(str(tmp_path / "file")) == str(tmp_path / "file")  # the URL itself
+    assert storage.file_in_the_way(str(tmp_path / "file" / "a" / "b")) == str(tmp_path / "file")  # a parent
