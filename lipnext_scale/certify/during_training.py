@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from lipnext_scale.certify.report import certified_score, cra_key
 from lipnext_scale.ckpt import CheckpointError, list_checkpoints, read_meta
+from lipnext_scale.ckpt.format import META_FILE
 from lipnext_scale.ckpt.layout import RunLayout, step_of
 from lipnext_scale.ckpt.manager import CheckpointManager
 from lipnext_scale.ckpt.retention import (
@@ -226,7 +227,7 @@ def certify_checkpoint(checkpoint, *, job: dict[str, Any], run_url: str,
     if previous.state == "skipped":  # superseded while it waited (certify.max_waiting), or after the run's end
         log.warning("not certifying %s: skipped (%s)", ckpt_url, _read_status(run_url, step).get("reason", ""))
         return {f"{PREFIX}/skipped": 1.0}
-    if not exists(join_url(ckpt_url, "meta.json")):  # superseded and pruned just as Ray started this task
+    if not exists(join_url(ckpt_url, META_FILE)):  # superseded and pruned just as Ray started this task
         write_certification(run_url, step, Certification("skipped", attempt, attempts),
                             reason="the checkpoint was deleted before its certification started")
         log.warning("not certifying %s: it was deleted (superseded) before its certification started", ckpt_url)
