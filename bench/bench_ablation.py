@@ -28,6 +28,7 @@ others are kept (also the historical old_block rows), so one variant can be re-r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -73,7 +74,7 @@ def train_and_certify(overrides: list[str], seed: int, steps: int, data: Path, w
 
     from lipnext_scale.certify.job import CertifyRuntime, certify_job
     from lipnext_scale.config import CertifyConfig, config_to_dict, load_config
-    from lipnext_scale.data.shards import make_train_loader
+    from lipnext_scale.data.shards import LoaderRuntime, make_train_loader
     from lipnext_scale.model import create_model
     from lipnext_scale.optim import ManifoldOptimizer
     from lipnext_scale.ckpt import save_exported
@@ -85,9 +86,10 @@ def train_and_certify(overrides: list[str], seed: int, steps: int, data: Path, w
                          **cfg.model.overrides())
     optimizer = ManifoldOptimizer(model, cfg.optim)
     global_batch = cfg.data.batch_size * cfg.train.num_workers * cfg.train.grad_accum
-    loader = make_train_loader(str(data / "train-manifest.parquet"), image_size=cfg.model.image_size,
-                               batch_size=global_batch, dataset=cfg.data.dataset, num_workers=1,
-                               seed=cfg.data.seed + seed, shuffle_buffer=cfg.data.shuffle_buffer, deterministic=True)
+    loader = make_train_loader(str(data / "train-manifest.parquet"),
+                               dataclasses.replace(cfg.data, batch_size=global_batch, loader_processes=1,
+                                                   seed=cfg.data.seed + seed),
+                               image_size=cfg.model.image_size, runtime=LoaderRuntime(deterministic=True))
     batches = iter(loader)
     start = time.perf_counter()
     model.train()

@@ -103,10 +103,11 @@ def baseline_loader(root: Path, dataset: str, image_size: int, batch_size: int, 
 
 
 def ours_loader(manifest: str, dataset: str, image_size: int, batch_size: int, workers: int):
+    from lipnext_scale.config import DataConfig
     from lipnext_scale.data.shards import make_train_loader
 
-    return make_train_loader(manifest, image_size=image_size, batch_size=batch_size, dataset=dataset,
-                             num_workers=workers, seed=random.randrange(1 << 30))
+    data = DataConfig(dataset=dataset, batch_size=batch_size, loader_processes=workers, seed=random.randrange(1 << 30))
+    return make_train_loader(manifest, data, image_size=image_size)
 
 
 def webdataset_loader(manifest: str, dataset: str, image_size: int, batch_size: int, workers: int):

@@ -4,17 +4,19 @@ The loaders are torch DataLoaders over the webdataset pipelines of streams.py; `
 one reader of a single shard (eval transform or stored size), used by certification too.
 
     urls = resolve_shards("s3://bucket/imagenet/train-manifest.parquet")
-    loader = make_train_loader(urls, image_size=224, batch_size=256, dataset="imagenet",
-                               rank=r, world_size=n, num_workers=8, seed=0)
+    data = DataConfig(dataset="imagenet", batch_size=256, loader_processes=8, seed=0)
+    loader = make_train_loader(urls, data, image_size=224, runtime=LoaderRuntime(rank=r, world_size=n))
     images, labels = next(iter(loader))   # float32 (B, 3, 224, 224) in [0, 1], int64 (B,)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 from braceexpand import braceexpand
 
+from lipnext_scale.config import DataConfig
 from lipnext_scale.data.errors import DataError
 from lipnext_scale.data.manifest import (
     manifest_meta, manifest_shard_urls, prefix_manifest_url, read_manifest, shard_digests,
@@ -169,44 +171,58 @@ def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
 
 
-def make_train_loader(url: str | list[str], *, image_size: int, batch_size: int, dataset: str, rank: int = 0,
-                      world_size: int = 1, num_workers: int = 2, seed: int = 0, epoch: int = 0,
-                      start_batch: int = 0, shuffle_buffer: int = 1000, deterministic: bool = False,
-                      uint8: bool = False, pin_memory: bool = False, num_classes: int | None = None):
-    """Infinite iterable of (images float32 (B,3,H,W) in [0,1], labels int64 (B,)) with augmentation.
-    `uint8=True`: images stay uint8 (0..255) for the consumer to normalise on its device; `pin_memory`:
-    batches in page-locked memory, so a `.to("cuda", non_blocking=True)` copy overlaps compute.
-    `num_classes`: a sample labelled outside 0..num_classes-1 is a counted, logged skip (tar_reader.py).
+@dataclass(frozen=True)
+class LoaderRuntime:
+    """Where a loader runs in the job and how it hands batches over: facts of the running job, not settings a
+    user writes (those are its `DataConfig`: data set, batch size, loader processes, shuffle buffer, seed).
 
-    Shards are drawn with replacement, per (rank, worker) stream, then pass a shuffle buffer. With
-    `deterministic=True` the batch sequence is a pure function of (seed, epoch, rank, world_size,
-    num_workers) and `start_batch=k` yields exactly the batches k, k+1, ... of a fresh loader (the
-    skipped batches are read and decoded, not augmented). Otherwise `start_batch` only re-seeds.
-    """
+    rank, world_size: this reader among all of them (each sample read by one rank). epoch: part of the
+    train seed. start_batch: the first training batch to yield (a resumed run's position). deterministic: the
+    train batch sequence is a pure function of (seed, epoch, rank, world_size, loader processes) and
+    `start_batch=k` yields exactly the batches k, k+1, ... of a fresh loader (the skipped batches are read and
+    decoded, not augmented); otherwise `start_batch` only re-seeds. uint8: images stay uint8 (0..255) for the
+    consumer to normalise on its device. pin_memory: batches in page-locked memory, so a
+    `.to("cuda", non_blocking=True)` copy overlaps compute."""
+
+    rank: int = 0
+    world_size: int = 1
+    epoch: int = 0
+    start_batch: int = 0
+    deterministic: bool = False
+    uint8: bool = False
+    pin_memory: bool = False
+
+
+def make_train_loader(url: str | list[str], data: DataConfig, *, image_size: int, num_classes: int | None = None,
+                      runtime: LoaderRuntime = LoaderRuntime()):
+    """Infinite iterable of (images float32 (B,3,H,W) in [0,1], labels int64 (B,)) with augmentation, read
+    from `url` (not data.train_url: a list of shard URLs works too) as `data` and `runtime` say.
+    `num_classes`: a sample labelled outside 0..num_classes-1 is a counted, logged skip (tar_reader.py).
+    Shards are drawn with replacement, per (rank, worker) stream, then pass a shuffle buffer."""
     from lipnext_scale.data.streams import TrainStream
 
-    check_dataset(dataset)
-    _check_rank(rank, world_size, batch_size)
-    if start_batch < 0 or shuffle_buffer < 0:
-        raise ValueError(f"start_batch={start_batch}, shuffle_buffer={shuffle_buffer}: both must be >= 0")
+    check_dataset(data.dataset)
+    _check_rank(runtime.rank, runtime.world_size, data.batch_size)
+    if runtime.start_batch < 0 or data.shuffle_buffer < 0:
+        raise ValueError(f"start_batch={runtime.start_batch}, shuffle_buffer={data.shuffle_buffer}: both must "
+                         "be >= 0")
     urls = resolve_shards(url, split="train")
-    stream = TrainStream(urls, shard_digests(urls), image_size=image_size, batch_size=batch_size,
-                         dataset=dataset, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
-                         start_batch=start_batch, shuffle_buffer=shuffle_buffer, deterministic=deterministic,
-                         uint8=uint8, num_classes=num_classes)
-    return _loader(stream, num_workers, pin_memory)
+    stream = TrainStream(urls, shard_digests(urls), data, image_size=image_size, num_classes=num_classes,
+                         runtime=runtime)
+    return _loader(stream, data.loader_processes, runtime.pin_memory)
 
 
-def make_eval_loader(url: str | list[str], *, image_size: int, batch_size: int, dataset: str, rank: int = 0,
-                     world_size: int = 1, num_workers: int = 2, num_classes: int | None = None):
-    """Finite iterable of (images, labels, keys: list[str]): every sample exactly once over all ranks
-    and workers (ranks may get different counts; the last batch of each worker may be short); a sample
-    labelled outside 0..num_classes-1 is a counted, logged skip."""
+def make_eval_loader(url: str | list[str], data: DataConfig, *, image_size: int, num_classes: int | None = None,
+                     runtime: LoaderRuntime = LoaderRuntime()):
+    """Finite iterable of (images, labels, keys: list[str]) read from `url` (not data.eval_url: a list of shard
+    URLs works too): every sample exactly once over all ranks and workers (ranks may get different counts; the
+    last batch of each worker may be short); a sample labelled outside 0..num_classes-1 is a counted, logged
+    skip. Of `runtime`, only the rank and world size apply."""
     from lipnext_scale.data.streams import EvalStream
 
-    check_dataset(dataset)
-    _check_rank(rank, world_size, batch_size)
+    check_dataset(data.dataset)
+    _check_rank(runtime.rank, runtime.world_size, data.batch_size)
     urls = resolve_shards(url, split="val")
-    stream = EvalStream(urls, shard_digests(urls), image_size=image_size, batch_size=batch_size,
-                        dataset=dataset, rank=rank, world_size=world_size, num_classes=num_classes)
-    return _loader(stream, num_workers)
+    stream = EvalStream(urls, shard_digests(urls), data, image_size=image_size, num_classes=num_classes,
+                        runtime=runtime)
+    return _loader(stream, data.loader_processes)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 import webdataset as wds
@@ -34,6 +34,10 @@ from lipnext_scale.data.tar_reader import (TRAINING_SUFFIXES, SkipStats, decode_
                                            iter_verified_samples)
 from lipnext_scale.data.transforms import (SampleError, eval_transform, stack_to_float, to_uint8_chw,
                                            train_augment)
+
+if TYPE_CHECKING:
+    from lipnext_scale.config import DataConfig
+    from lipnext_scale.data.shards import LoaderRuntime
 
 
 def stream_seed(*parts) -> int:
@@ -160,13 +164,13 @@ def collate_eval(samples: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
 class TrainStream(IterableDataset):
     """Infinite stream of augmented batches; shards drawn with replacement per (rank, worker)."""
 
-    def __init__(self, urls: list[str], digests: dict[str, ShardDigest], *, image_size: int, batch_size: int,
-                 dataset: str, rank: int, world_size: int, seed: int, epoch: int, start_batch: int,
-                 shuffle_buffer: int, deterministic: bool, uint8: bool = False, num_classes: int | None = None):
-        self.uint8, self.num_classes = uint8, num_classes
-        self.urls, self.digests, self.image_size, self.batch_size = urls, digests, image_size, batch_size
-        self.dataset, self.rank, self.world_size, self.seed, self.epoch = dataset, rank, world_size, seed, epoch
-        self.start_batch, self.shuffle_buffer, self.deterministic = start_batch, shuffle_buffer, deterministic
+    def __init__(self, urls: list[str], digests: dict[str, ShardDigest], data: DataConfig, *, image_size: int,
+                 num_classes: int | None, runtime: LoaderRuntime):
+        self.uint8, self.num_classes = runtime.uint8, num_classes
+        self.urls, self.digests, self.image_size, self.batch_size = urls, digests, image_size, data.batch_size
+        self.dataset, self.rank, self.world_size = data.dataset, runtime.rank, runtime.world_size
+        self.seed, self.epoch, self.start_batch = data.seed, runtime.epoch, runtime.start_batch
+        self.shuffle_buffer, self.deterministic = data.shuffle_buffer, runtime.deterministic
         self.stats = SkipStats()
 
     def pipeline(self, base: int, skip_batches: int) -> wds.DataPipeline:
@@ -197,10 +201,11 @@ class TrainStream(IterableDataset):
 class EvalStream(IterableDataset):
     """Every sample exactly once across all ranks and workers; yields (images, labels, keys)."""
 
-    def __init__(self, urls: list[str], digests: dict[str, ShardDigest], *, image_size: int, batch_size: int,
-                 dataset: str, rank: int, world_size: int, num_classes: int | None = None):
-        self.urls, self.digests, self.image_size, self.batch_size = urls, digests, image_size, batch_size
-        self.dataset, self.rank, self.world_size, self.num_classes = dataset, rank, world_size, num_classes
+    def __init__(self, urls: list[str], digests: dict[str, ShardDigest], data: DataConfig, *, image_size: int,
+                 num_classes: int | None, runtime: LoaderRuntime):
+        self.urls, self.digests, self.image_size, self.batch_size = urls, digests, image_size, data.batch_size
+        self.dataset, self.rank, self.world_size = data.dataset, runtime.rank, runtime.world_size
+        self.num_classes = num_classes
         self.stats = SkipStats()
 
     def pipeline(self) -> wds.DataPipeline:

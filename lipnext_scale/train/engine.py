@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -133,6 +133,24 @@ class Built:
     dtype: torch.dtype  # of the module partitions and the inputs
     # The matrices an input passes through, with repeats (R twice per block): the monitoring bound's product.
     lipschitz_shapes: list[tuple[int, int]]
+
+
+def never_preempted() -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class WorkerRuntime:
+    """One training process's place in the job, handed in by whoever started it (Ray Train's context, a test):
+    its rank among `world`, its torch device, its node's index (gathered from every rank, the cluster's shape
+    that sizes ZeRO++'s hierarchical partition) and the platform's preemption notice (`preempted()`, asked on
+    log steps). Facts of the running job, not settings (those are the JobConfig)."""
+
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    node: int = 0
+    preempted: Callable[[], bool] = never_preempted
 
 
 def gather_node_of_rank(node: int, world: int) -> list[int]:

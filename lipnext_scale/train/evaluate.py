@@ -10,6 +10,8 @@ feeds a dummy batch.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 
@@ -17,28 +19,29 @@ from lipnext_scale.certify.certify import certified_mask, certified_radius, mode
 from lipnext_scale.certify.report import cra_key
 from lipnext_scale.config import DataConfig
 from lipnext_scale.model.lipschitz import lipschitz_from_orthogonality_error
+from lipnext_scale.train.engine import WorkerRuntime
 
 ESTIMATE = "estimate"  # the prefix of these metrics: not a certificate (those are `certify/*`)
 
 
 @torch.no_grad()
 def evaluate(built, data: DataConfig, *, image_size: int, radii: list[float], batches: int, loss_eps: float,
-             rank: int, world: int, device: str) -> dict[str, float]:
+             runtime: WorkerRuntime) -> dict[str, float]:
     """Up to `batches` batches of `data.eval_url` per rank: estimate/clean_acc, estimate/cra_<eps> per radius."""
     import deepspeed
 
-    from lipnext_scale.data.shards import make_eval_loader
+    from lipnext_scale.data.shards import LoaderRuntime, make_eval_loader
 
     if not data.eval_url:
         return {}
     engine, model = built.engine, built.model
+    rank, world, device = runtime.rank, runtime.world, runtime.device
     lipschitz = lipschitz_from_orthogonality_error(built.manifold.max_orthogonality_error(), built.lipschitz_shapes)
     with deepspeed.zero.GatheredParameters([model.head.direction]):
         pair = model_pair_distances(model)
     engine.eval()
-    it = iter(make_eval_loader(data.eval_url, image_size=image_size, batch_size=data.batch_size,
-                               dataset=data.dataset, rank=rank, world_size=world, num_workers=0,
-                               num_classes=model.spec.num_classes))
+    it = iter(make_eval_loader(data.eval_url, replace(data, loader_processes=0), image_size=image_size,
+                               num_classes=model.spec.num_classes, runtime=LoaderRuntime(rank=rank, world_size=world)))
     counts = torch.zeros(2 + len(radii), dtype=torch.float64, device=device)  # seen, correct, certified per eps
     for _ in range(batches):
         batch = next(it, None)

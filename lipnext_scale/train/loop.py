@@ -15,6 +15,7 @@ import logging
 import math
 import signal
 import threading
+from dataclasses import replace
 from typing import Any, Callable
 
 from lipnext_scale.certify.during_training import retention
@@ -23,7 +24,7 @@ from lipnext_scale.ckpt.manager import Report
 from lipnext_scale.config import JobConfig, config_to_dict
 from lipnext_scale.eps import parse_eps_list
 from lipnext_scale.model.lipschitz import lipschitz_from_orthogonality_error
-from lipnext_scale.train.engine import (Built, build_engine, deepspeed_config, gather_node_of_rank,
+from lipnext_scale.train.engine import (Built, WorkerRuntime, build_engine, deepspeed_config, gather_node_of_rank,
                                         hpz_partition_size, init_distributed)
 from lipnext_scale.train.evaluate import evaluate
 from lipnext_scale.train.loss import training_eps
@@ -59,19 +60,19 @@ class StopRequest:
         return self.signalled or new_notice
 
 
-def train_worker(cfg: JobConfig, ds_base: dict, run_url: str, rank: int, world: int, *, report: Report,
-                 preempted: Callable[[], bool] = lambda: False, device: str = "cpu",
-                 start: str | None = None, node: int = 0) -> dict[str, Any]:
-    """Train this rank from `start` (the job's start checkpoint, chosen at job start; None: this run's
-    newest valid checkpoint, if any) to `train.steps`; returns the last metrics. `node` (this rank's node
-    index) gives, gathered from every rank, the cluster's shape that sizes ZeRO++'s hierarchical partition
-    (configs/deepspeed/zero3_bf16_multinode.json); the choice is logged at every (re)start."""
-    from lipnext_scale.data.shards import make_train_loader
+def train_worker(cfg: JobConfig, ds_base: dict, run_url: str, runtime: WorkerRuntime, *, report: Report,
+                 start: str | None = None) -> dict[str, Any]:
+    """Train this rank (`runtime`) from `start` (the job's start checkpoint, chosen at job start; None: this
+    run's newest valid checkpoint, if any) to `train.steps`; returns the last metrics. The ZeRO++
+    hierarchical partition (configs/deepspeed/zero3_bf16_multinode.json) is sized from every rank's
+    `runtime.node`; the choice is logged at every (re)start."""
+    from lipnext_scale.data.shards import LoaderRuntime, make_train_loader
 
+    rank, world, device = runtime.rank, runtime.world, runtime.device
     cfg = sized_for_world(cfg, world, rank)  # the config's global batch split over this world size (logged)
     tc = cfg.train
     init_distributed(device)
-    node_of_rank = gather_node_of_rank(node, world)
+    node_of_rank = gather_node_of_rank(runtime.node, world)
     if rank == 0 and "zero_hpz_partition_size" in ds_base.get("zero_optimization", {}):
         choice = hpz_partition_size(ds_base["zero_optimization"]["zero_hpz_partition_size"], node_of_rank,
                                     tc.deepspeed)
@@ -81,19 +82,18 @@ def train_worker(cfg: JobConfig, ds_base: dict, run_url: str, rank: int, world: 
     manager = CheckpointManager(run_url, retention=retention(cfg), rank=rank, world=world, report=report,
                                 device=device)
     position = resume(manager, built, start, grad_accum=tc.grad_accum, batch_size=cfg.data.batch_size)
-    loader = make_train_loader(cfg.data.train_url, image_size=cfg.model.image_size, batch_size=cfg.data.batch_size,
-                               dataset=cfg.data.dataset, rank=rank, world_size=world,
-                               num_workers=cfg.data.loader_processes, seed=cfg.data.seed + tc.seed,
-                               start_batch=position.batches_done, shuffle_buffer=cfg.data.shuffle_buffer,
-                               deterministic=tc.deterministic_data, uint8=True,
-                               pin_memory=device.startswith("cuda"), num_classes=cfg.model.num_classes)
-    return train(cfg, built, manager, position, iter(loader), report=report, stop=StopRequest(preempted),
-                 device=device)
+    loader = make_train_loader(cfg.data.train_url, replace(cfg.data, seed=cfg.data.seed + tc.seed),
+                               image_size=cfg.model.image_size, num_classes=cfg.model.num_classes,
+                               runtime=LoaderRuntime(rank=rank, world_size=world, start_batch=position.batches_done,
+                                                     deterministic=tc.deterministic_data, uint8=True,
+                                                     pin_memory=device.startswith("cuda")))
+    return train(cfg, built, manager, position, iter(loader), report=report, runtime=runtime)
 
 
 def train(cfg: JobConfig, built: Built, manager: CheckpointManager, position: Position, batches, *,
-          report: Report, stop: StopRequest, device: str) -> dict[str, Any]:
-    tc, rank, world = cfg.train, manager.rank, manager.world
+          report: Report, runtime: WorkerRuntime) -> dict[str, Any]:
+    tc, rank, world, device = cfg.train, manager.rank, manager.world, runtime.device
+    stop = StopRequest(runtime.preempted)
     tb = ScalarLog(manager.layout.tensorboard(), enabled=rank == 0)
     timer, window = PhaseTimer(device), Window(device)
     step, batches_done, skipped = position.step, position.batches_done, built.manifold.skipped_steps
@@ -130,7 +130,7 @@ def train(cfg: JobConfig, built: Built, manager: CheckpointManager, position: Po
             if log_step:
                 last.update(_log_step(step, agreed, window, timer, built, cfg, tb))
             if eval_step:
-                last.update(_evaluate(step, built, cfg, rank, world, device, tb))
+                last.update(_evaluate(step, built, cfg, runtime, tb))
             try:
                 if ckpt_step or agreed.stop:
                     save({**last, "step": step, **({"final": True} if step == tc.steps else
@@ -201,10 +201,9 @@ def _diverged_message(reason: str, manager: CheckpointManager) -> str:
             "it with a lower optim.lr / optim.euclid_lr, optim.grad_clip > 0 or train.precision=fp32")
 
 
-def _evaluate(step: int, built: Built, cfg: JobConfig, rank: int, world: int, device: str,
-              tb: ScalarLog) -> dict[str, float]:
+def _evaluate(step: int, built: Built, cfg: JobConfig, runtime: WorkerRuntime, tb: ScalarLog) -> dict[str, float]:
     scores = evaluate(built, cfg.data, image_size=cfg.model.image_size, radii=parse_eps_list(cfg.certify.eps),
-                      batches=cfg.train.eval_batches, loss_eps=cfg.loss.eps, rank=rank, world=world, device=device)
+                      batches=cfg.train.eval_batches, loss_eps=cfg.loss.eps, runtime=runtime)
     tb.scalars(scores, step)
     return scores
 

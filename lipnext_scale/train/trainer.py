@@ -35,6 +35,7 @@ def _worker_entry(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    from lipnext_scale.train.engine import WorkerRuntime
     from lipnext_scale.train.loop import train_worker
 
     cfg = config_from_dict(config["job"])
@@ -51,9 +52,9 @@ def _worker_entry(config: dict[str, Any]) -> None:
     def preempted() -> bool:
         return ray.train.get_preemption_info() is not None
 
-    train_worker(cfg, config["deepspeed"], config["run_url"], ctx.get_world_rank(), ctx.get_world_size(),
-                 report=report, preempted=preempted, device=device, start=config["start"],
-                 node=ctx.get_node_rank())
+    runtime = WorkerRuntime(rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device,
+                            node=ctx.get_node_rank(), preempted=preempted)
+    train_worker(cfg, config["deepspeed"], config["run_url"], runtime, report=report, start=config["start"])
 
 
 def _quiet_ray_train_reports() -> None:

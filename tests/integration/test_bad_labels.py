@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = """
 import json, os, sys
 from lipnext_scale.config import load_config
+from lipnext_scale.train.engine import WorkerRuntime
 from lipnext_scale.train.loop import train_worker
 from lipnext_scale.train.preflight import check_data, read_deepspeed_config
 run, shard = sys.argv[1], sys.argv[2]
@@ -30,7 +31,7 @@ cfg = load_config(None, ["model.width=16", "model.depth=1", "data.batch_size=8",
                          "train.deepspeed=configs/deepspeed/zero3_fp32.json", "train.log_every=1", "train.steps=4",
                          "ckpt.every_steps=100000", f"data.train_url={shard}"])
 check_data(cfg.data, cfg.model)  # the job-start check: nothing lists a loose shard's labels, so it passes
-out = train_worker(cfg, read_deepspeed_config(cfg.train.deepspeed), run, 0, 1, report=lambda *a: False)
+out = train_worker(cfg, read_deepspeed_config(cfg.train.deepspeed), run, WorkerRuntime(), report=lambda *a: False)
 open(os.path.join(run, "result.json"), "w").write(json.dumps({"step": out["step"]}))
 """
 

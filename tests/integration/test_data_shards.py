@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from fixtures_data import write_tar
+from lipnext_scale.config import DataConfig
 from lipnext_scale.data.errors import DataError
 from lipnext_scale.data.shards import iter_shard_samples, make_eval_loader, make_train_loader, resolve_shards
 from lipnext_scale.data.tar_reader import SkipStats
@@ -61,8 +62,8 @@ def test_loader_counts_skips_and_truncated_shard(bad_shard, tmp_path):
     with tarfile.open(bad_shard) as tar:
         cut = tar.getmember("corrupt.png").offset_data + 10
     truncated.write_bytes(data[:cut])  # inside the second sample: the first one survives
-    loader = make_eval_loader(str(tmp_path / "mixed-{000000..000001}.tar"), image_size=32, batch_size=4,
-                              dataset="cifar10", num_workers=0)
+    loader = make_eval_loader(str(tmp_path / "mixed-{000000..000001}.tar"),
+                              DataConfig(dataset="cifar10", batch_size=4, loader_processes=0), image_size=32)
     keys = [k for _, _, ks in loader for k in ks]
     assert sorted(keys) == ["good", "good", "pickled"]
     assert loader.dataset.stats.total >= 4 and not os.path.exists(PWNED)
@@ -88,9 +89,9 @@ def test_unreadable_urls_fail_at_start_with_the_url(tmp_path):
         with pytest.raises(DataError, match=message):
             resolve_shards(url)
     with pytest.raises(DataError, match="does not exist"):
-        make_train_loader(str(tmp_path / "x.tar"), image_size=32, batch_size=2, dataset="digits")
+        make_train_loader(str(tmp_path / "x.tar"), DataConfig(dataset="digits", batch_size=2), image_size=32)
     with pytest.raises(ValueError, match="dataset="):
-        make_train_loader(str(tmp_path / "x.tar"), image_size=32, batch_size=2, dataset="mnist")
+        make_train_loader(str(tmp_path / "x.tar"), DataConfig(dataset="mnist", batch_size=2), image_size=32)
     (tmp_path / "bad-manifest.parquet").write_bytes(b"not parquet")
     with pytest.raises(DataError, match="not a readable parquet"):
         resolve_shards(str(tmp_path / "bad-manifest.parquet"))

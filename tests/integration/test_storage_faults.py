@@ -64,17 +64,18 @@ def test_transient_errors_are_retried_and_every_write_and_read_succeeds(tmp_path
     with backoff and give exactly what a healthy store gives."""
     from lipnext_scale.certify.report import read_shard_result
     from lipnext_scale.certify.worker import write_parquet_atomic
+    from lipnext_scale.config import DataConfig
     from lipnext_scale.data.shards import make_eval_loader
 
     fx.prepared_digits(tmp_path / "data", "val", shard_size=100)
-    healthy = [k for _, _, keys in make_eval_loader(str(tmp_path / "data" / "val-manifest.parquet"), image_size=32,
-                                                   batch_size=50, dataset="digits", num_workers=0) for k in keys]
+    data = DataConfig(dataset="digits", batch_size=50, loader_processes=0)
+    healthy = [k for _, _, keys in make_eval_loader(str(tmp_path / "data" / "val-manifest.parquet"), data,
+                                                   image_size=32) for k in keys]
     faults.share = 0.1
     with caplog.at_level("WARNING", logger="lipnext_scale.storage"):
         run = _faulty(tmp_path / "run")
         url = _write_checkpoint(run, 10)  # what each rank writes (checkpoint files, manifests last)
-        loader = make_eval_loader(_faulty(tmp_path / "data" / "val-manifest.parquet"), image_size=32, batch_size=50,
-                                  dataset="digits", num_workers=0)
+        loader = make_eval_loader(_faulty(tmp_path / "data" / "val-manifest.parquet"), data, image_size=32)
         flaky = [k for _, _, keys in loader for k in keys]
         import pyarrow as pa
 
@@ -96,6 +97,7 @@ def test_a_permanent_outage_is_one_line_naming_the_url(tmp_path, faults):
     from lipnext_scale.certify.model_loading import CertifyError
     from lipnext_scale.certify.worker import write_parquet_atomic
     from lipnext_scale.data.errors import DataError
+    from lipnext_scale.config import DataConfig
     from lipnext_scale.data.shards import make_eval_loader
 
     fx.prepared_digits(tmp_path / "data", "val", shard_size=100)
@@ -104,8 +106,8 @@ def test_a_permanent_outage_is_one_line_naming_the_url(tmp_path, faults):
     with pytest.raises(CheckpointError) as ckpt:
         _write_checkpoint(_faulty(tmp_path / "run"), 10)
     with pytest.raises(DataError) as data:
-        list(make_eval_loader(_faulty(tmp_path / "data" / "val-manifest.parquet"), image_size=32, batch_size=50,
-                              dataset="digits", num_workers=0))
+        list(make_eval_loader(_faulty(tmp_path / "data" / "val-manifest.parquet"),
+                              DataConfig(dataset="digits", batch_size=50, loader_processes=0), image_size=32))
     import pyarrow as pa
 
     out = _faulty(tmp_path / "out" / "shards" / "val-000000.parquet")
@@ -147,6 +149,7 @@ def test_a_shard_rewritten_or_deleted_while_training_reads_it_is_skipped_never_u
     is deleted once training has started. Training reads on; neither one's samples are used (they would be
     other contents than the manifest's), each skip is counted and logged with what did not match."""
     from lipnext_scale.data.manifest import shard_digests
+    from lipnext_scale.config import DataConfig
     from lipnext_scale.data.shards import make_train_loader, resolve_shards
     from lipnext_scale.data.streams import read_shards
     from lipnext_scale.data.tar_reader import SkipStats
@@ -174,8 +177,9 @@ def test_a_shard_rewritten_or_deleted_while_training_reads_it_is_skipped_never_u
     assert "val-000001.tar' does not match its manifest (419840 bytes, sha256" in logged
     assert "val-000002.tar' does not match its manifest (cannot be read" in logged
 
-    loader = make_train_loader(_faulty(tmp_path / "val-manifest.parquet"), image_size=32, batch_size=50,
-                               dataset="digits", num_workers=0, shuffle_buffer=0, num_classes=10)
+    loader = make_train_loader(_faulty(tmp_path / "val-manifest.parquet"),
+                               DataConfig(dataset="digits", batch_size=50, loader_processes=0, shuffle_buffer=0),
+                               image_size=32, num_classes=10)
     batches = iter(loader)
     assert sum(len(next(batches)[1]) for _ in range(6)) == 300  # training goes on with the good shard
     assert set(loader.dataset.stats.by_reason) == {"whole shard not used"}

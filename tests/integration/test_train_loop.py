@@ -81,6 +81,7 @@ def _worker(mode: str, run: str, shard: str, out: str) -> None:
     import lipnext_scale.train.engine as engine_module
     import lipnext_scale.train.loop as loop
     from lipnext_scale.config import load_config
+    from lipnext_scale.train.engine import WorkerRuntime
     from lipnext_scale.train.preflight import read_deepspeed_config
 
     steps, log_every, every = MODES[mode]
@@ -120,7 +121,7 @@ def _worker(mode: str, run: str, shard: str, out: str) -> None:
 
             shutil.copytree(local_dir, f"{run}/{name}", dirs_exist_ok=True)
 
-    result = loop.train_worker(cfg, read_deepspeed_config(cfg.train.deepspeed), run, 0, 1, report=report)
+    result = loop.train_worker(cfg, read_deepspeed_config(cfg.train.deepspeed), run, WorkerRuntime(), report=report)
     Path(out).write_text(json.dumps({"result": {k: v for k, v in result.items() if isinstance(v, (int, float, str))},
                                      "events": {k: {s: dict(c) for s, c in v.items()} for k, v in events.items()}}))
 

@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve()
 
 def _worker(run: str, data: str, steps: int) -> None:
     from lipnext_scale.config import load_config
+    from lipnext_scale.train.engine import WorkerRuntime
     from lipnext_scale.train.loop import train_worker
     from lipnext_scale.train.preflight import read_deepspeed_config
 
@@ -40,7 +41,8 @@ def _worker(run: str, data: str, steps: int) -> None:
             shutil.copytree(local_dir, f"{run}/{name}", dirs_exist_ok=True)
         Path(f"{run}/progress-{rank}").write_text(str(metrics["step"]))
 
-    out = train_worker(cfg, read_deepspeed_config(cfg.train.deepspeed), run, rank, world, report=report)
+    out = train_worker(cfg, read_deepspeed_config(cfg.train.deepspeed), run, WorkerRuntime(rank=rank, world=world),
+                       report=report)
     Path(f"{run}/result-{rank}.json").write_text(json.dumps({"step": out["step"]}))
 
 

@@ -62,13 +62,15 @@ def _entry(config: dict) -> None:
     import torch
 
     from lipnext_scale.config import config_from_dict
+    from lipnext_scale.train.engine import WorkerRuntime
     from lipnext_scale.train.loop import train_worker
     from lipnext_scale.train.validation import ray_report
 
     cfg = config_from_dict(config["job"])
     torch.set_num_threads(1)
     ctx = ray.train.get_context()
-    train_worker(cfg, config["deepspeed"], config["run_url"], ctx.get_world_rank(), ctx.get_world_size(),
+    train_worker(cfg, config["deepspeed"], config["run_url"],
+                 WorkerRuntime(rank=ctx.get_world_rank(), world=ctx.get_world_size()),
                  report=ray_report(cfg, upload_fn=_upload_or_die))
 
 

@@ -9,15 +9,17 @@ import struct
 import tarfile
 import tracemalloc
 import zlib
+from dataclasses import replace
 
 import pytest
 from PIL import Image
 
 import fixtures_data as fx
+from lipnext_scale.config import DataConfig
 from lipnext_scale.data.errors import DataError
 from lipnext_scale.data.manifest import file_digest, write_manifest
 from lipnext_scale.data.prep import build_shard
-from lipnext_scale.data.shards import iter_shard_samples, make_eval_loader, make_train_loader
+from lipnext_scale.data.shards import LoaderRuntime, iter_shard_samples, make_eval_loader, make_train_loader
 from lipnext_scale.data.sources import list_source
 from lipnext_scale.data.sources.base import safe_key
 from lipnext_scale.data.tar_reader import SkipStats, iter_raw_samples
@@ -100,8 +102,8 @@ def test_same_size_corruption_of_a_listed_shard_is_an_error_naming_it_and_the_fi
 
     shards = fx.prepared_digits(tmp_path, "val", shard_size=100)
     manifest = str(tmp_path / "val-manifest.parquet")
-    kw = dict(image_size=32, batch_size=50, dataset="digits", num_workers=0)
-    assert sum(len(k) for _, _, k in make_eval_loader(manifest, **kw)) == 300  # intact: reads through
+    data = DataConfig(dataset="digits", batch_size=50, loader_processes=0)
+    assert sum(len(k) for _, _, k in make_eval_loader(manifest, data, image_size=32)) == 300  # intact: reads through
     size = shards[1].stat().st_size
     fx.flip_label_same_size(shards[1], _key_in(shards[1]))
     assert shards[1].stat().st_size == size
@@ -109,9 +111,9 @@ def test_same_size_corruption_of_a_listed_shard_is_an_error_naming_it_and_the_fi
     message = r"val-000001\.tar.*does not match its manifest .*sha256.*re-run the `lipnext prep`"
     for url in (manifest, str(tmp_path / "val-*.tar"), str(tmp_path / "val")):  # however the shards are named
         with pytest.raises(DataError, match=message):
-            list(make_eval_loader(url, **kw))
+            list(make_eval_loader(url, data, image_size=32))
     with pytest.raises(DataError, match=message) as raised:  # from a DataLoader worker: still one line
-        list(make_eval_loader(manifest, **{**kw, "num_workers": 2}))
+        list(make_eval_loader(manifest, replace(data, loader_processes=2), image_size=32))
     assert "\n" not in str(raised.value)
     with pytest.raises(DataError, match=message):
         list(iter_shard_samples(str(shards[1]), image_size=32, dataset="digits"))
@@ -119,8 +121,8 @@ def test_same_size_corruption_of_a_listed_shard_is_an_error_naming_it_and_the_fi
         list(certify_samples(str(shards[1])))
     assert len(list(certify_samples(str(shards[0])))) == 100
     # training (issue 25): the corrupt shard is a counted skip, none of its samples used; the run goes on
-    loader = make_train_loader(manifest, image_size=32, batch_size=50, dataset="digits", num_workers=0,
-                               deterministic=True, shuffle_buffer=0)
+    loader = make_train_loader(manifest, replace(data, shuffle_buffer=0), image_size=32,
+                               runtime=LoaderRuntime(deterministic=True))
     train = iter(loader)
     for _ in range(60):  # 30 shard draws: the corrupt one comes up
         next(train)
@@ -131,8 +133,8 @@ def test_a_truncated_listed_shard_is_an_error_not_a_skip(tmp_path):
     shards = fx.prepared_digits(tmp_path, "val", shard_size=100)
     shards[2].write_bytes(shards[2].read_bytes()[:20000])
     with pytest.raises(DataError, match=r"val-000002\.tar.*does not match its manifest.*truncated"):
-        list(make_eval_loader(str(tmp_path / "val-manifest.parquet"), image_size=32, batch_size=50,
-                              dataset="digits", num_workers=0))
+        list(make_eval_loader(str(tmp_path / "val-manifest.parquet"),
+                              DataConfig(dataset="digits", batch_size=50, loader_processes=0), image_size=32))
 
 
 # ---- 13. bounded memory: skipped members by seek, oversized members and images refused

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fixtures_data as fx  # noqa: E402
 
-from lipnext_scale.config import LossConfig  # noqa: E402
+from lipnext_scale.config import DataConfig, LossConfig  # noqa: E402
 from lipnext_scale.data.shards import iter_shard_samples, make_eval_loader, make_train_loader  # noqa: E402
 from lipnext_scale.data.tar_reader import SkipStats, label_problem  # noqa: E402
 from lipnext_scale.train.loss import certified_loss  # noqa: E402
@@ -52,8 +52,8 @@ def test_loose_shards_skip_a_label_outside_the_model_and_the_loss_never_sees_it(
     shards = _loose_shards(tmp_path)
     url = {"list": [str(s) for s in shards], "brace": f"{tmp_path}/train-{{000000..000001}}.tar",
            "glob": f"{tmp_path}/train-*.tar"}[spelling]
-    loader = make_train_loader(url, image_size=32, batch_size=8, dataset="digits", num_workers=0,
-                               shuffle_buffer=4, num_classes=NUM_CLASSES)
+    loader = make_train_loader(url, DataConfig(dataset="digits", batch_size=8, loader_processes=0, shuffle_buffer=4),
+                               image_size=32, num_classes=NUM_CLASSES)
     head = torch.nn.functional.normalize(torch.randn(NUM_CLASSES, 16), dim=1)
     with caplog.at_level(logging.WARNING, logger="lipnext_scale.data"):
         batches = iter(loader)
@@ -70,8 +70,8 @@ def test_loose_shards_skip_a_label_outside_the_model_and_the_loss_never_sees_it(
 
 def test_the_eval_stream_and_the_shard_reader_apply_the_same_rule(tmp_path, caplog):
     shards = _loose_shards(tmp_path)
-    loader = make_eval_loader([str(s) for s in shards], image_size=32, batch_size=5, dataset="digits",
-                              num_workers=0, num_classes=NUM_CLASSES)
+    loader = make_eval_loader([str(s) for s in shards], DataConfig(dataset="digits", batch_size=5, loader_processes=0),
+                              image_size=32, num_classes=NUM_CLASSES)
     keys = [k for _, labels, batch_keys in loader for k in batch_keys]
     assert len(keys) == 16 and "bad-000" not in keys and "bad-001" not in keys  # every good sample, once
     stats = SkipStats()
