@@ -62,10 +62,10 @@ EPS_KEYS = ("36/255", "72/255", "108/255")
 
 
 def prepare_digits(work: Path) -> Path:
-    from lipnext_scale.data.prep import prepare
+    from lipnext_scale.data.prep import ShardFormat, prepare
 
     out = work / "digits"
-    prepare("digits", None, str(out), image_size=32, progress=False)
+    prepare("digits", None, str(out), ShardFormat(image_size=32), progress=False)
     return out
 
 

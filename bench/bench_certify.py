@@ -66,9 +66,9 @@ def make_shards(work: Path, images: int, shard_size: int) -> Path:
     """Real digits images (from `lipnext prep`), repeated under new keys to reach `images`."""
     import webdataset as wds
 
-    from lipnext_scale.data.prep import prepare
+    from lipnext_scale.data.prep import ShardFormat, prepare
 
-    prepare("digits", None, str(work / "digits"), image_size=32, shard_size=1000, progress=False)
+    prepare("digits", None, str(work / "digits"), ShardFormat(shard_size=1000, image_size=32), progress=False)
     samples = []
     for shard in sorted((work / "digits").glob("train-*.tar")):
         for s in wds.WebDataset(str(shard), shardshuffle=False):

@@ -213,20 +213,21 @@ def main() -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a bench must not write ~/.ray/auth_token
     import ray
 
-    from lipnext_scale.data.prep import prepare
+    from lipnext_scale.data.prep import ShardFormat, prepare
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_source_images(tmp / "src", args.images)
-        prep = prepare("imagenet", str(tmp / "src"), str(tmp / "in256"), shard_size=250, image_size=256,
+        prep = prepare("imagenet", str(tmp / "src"), str(tmp / "in256"), ShardFormat(shard_size=250, image_size=256),
                        workers=2, progress=False)
         prep_row = {"images": prep["images_written"], "seconds": prep["seconds"], "workers": 2,
                     "images_per_s": prep["images_per_s"],
                     "images_per_s_per_core": round(prep["images_written"] / prep["seconds"] / 2, 1)}
         prep_row["build_shard_images_per_s_one_process"] = round(build_shard_images_per_s(tmp / "src"), 1)
         print(json.dumps(prep_row), flush=True)
-        digits = prepare("digits", None, str(tmp / "digits"), shard_size=500, workers=2, progress=False)
+        digits = prepare("digits", None, str(tmp / "digits"), ShardFormat(shard_size=500), workers=2,
+                         progress=False)
         ray.shutdown()
         shards_to_folders(str(tmp / "in256" / "train-manifest.parquet"), tmp / "folders256")
         shards_to_folders(str(tmp / "digits" / "train-manifest.parquet"), tmp / "folders32")

@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     from lipnext_scale.ckpt import export_checkpoint
     from lipnext_scale.certify.job import CertifyRuntime, certify_job
     from lipnext_scale.config import CertifyConfig
-    from lipnext_scale.data.prep import prepare
+    from lipnext_scale.data.prep import ShardFormat, prepare
     from lipnext_scale.plan import CPU_RUNTIME_BYTES, MANIFOLD_UPDATE_WORKSPACE
 
     load_start = os.getloadavg()[0]
@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        prepare("digits", None, str(tmp / "digits224"), image_size=224, shard_size=16, progress=False, workers=2)
+        prepare("digits", None, str(tmp / "digits224"), ShardFormat(shard_size=16, image_size=224), progress=False,
+                workers=2)
         phases["prepare_data_s"] = round(time.perf_counter() - t0, 1)
 
         tiny = run_job(_overrides(tmp / "digits224", tmp / "runs", "baseline", 1, "model.name=lipnext-tiny",

@@ -57,9 +57,9 @@ def ensure_digits(data_dir: Path) -> bool:
     """Prepare the digits shards (on the running Ray instance) unless they are ready; True if it ran now."""
     if digits_ready(data_dir):
         return False
-    from lipnext_scale.data.prep import prepare
+    from lipnext_scale.data.prep import ShardFormat, prepare
 
-    prepare("digits", None, str(data_dir), image_size=32, progress=False)
+    prepare("digits", None, str(data_dir), ShardFormat(image_size=32), progress=False)
     return True
 
 

@@ -45,7 +45,7 @@ def ray_local(_ray_session):
 def digits_shards(_ray_session, tmp_path_factory):
     """`digits_shards(shard_size)` -> a directory of real digits shards (32x32, train 1497 / val 300), prepared
     once per shard size for the session; tests must not write into it."""
-    from lipnext_scale.data.prep import prepare
+    from lipnext_scale.data.prep import ShardFormat, prepare
 
     made = {}
 
@@ -53,7 +53,8 @@ def digits_shards(_ray_session, tmp_path_factory):
         if shard_size not in made:
             ensure_local_ray()
             out = tmp_path_factory.mktemp(f"digits-{shard_size}")
-            prepare("digits", None, str(out), image_size=32, shard_size=shard_size, progress=False, workers=2)
+            prepare("digits", None, str(out), ShardFormat(shard_size=shard_size, image_size=32), progress=False,
+                    workers=2)
             made[shard_size] = out
         return made[shard_size]
 

@@ -1,6 +1,6 @@
 """Data: preprocess data sets into WebDataset shards (`prep`), stream them into training and eval (`shards`).
 
-prep.py        prepare(kind, source, out_url, ...): source layout -> shards + manifest, one Ray task per shard
+prep.py        prepare(kind, source, out_url, ShardFormat(...)): source layout -> shards + manifest (Ray tasks)
 sources/       one module per source layout (ImageNet x3, CIFAR, Tiny-ImageNet, digits): what to write
 encode.py      source image -> stored RGB JPEG/PNG at the prepared size
 manifest.py    {split}-manifest.parquet and classes.json

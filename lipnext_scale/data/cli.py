@@ -31,12 +31,13 @@ def add_arguments(p: argparse.ArgumentParser, kind: str | None = None) -> None:
 
 
 def run_prep(args: argparse.Namespace) -> int:
-    from lipnext_scale.data.prep import prepare
+    from lipnext_scale.data.prep import ShardFormat, prepare
 
     splits = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None
     try:
-        summary = prepare(args.kind, args.source, args.out, shard_size=args.shard_size, image_size=args.image_size,
-                          quality=args.quality, workers=args.workers, splits=splits, progress=not args.no_progress)
+        fmt = ShardFormat(shard_size=args.shard_size, image_size=args.image_size, quality=args.quality)
+        summary = prepare(args.kind, args.source, args.out, fmt, workers=args.workers, splits=splits,
+                          progress=not args.no_progress)
     except LipnextError:  # DataError, StorageError: the message names the input and the fix
         raise
     except (ValueError, OSError) as e:  # a source or output the library could not name

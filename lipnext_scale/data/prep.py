@@ -17,6 +17,7 @@ import logging
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from lipnext_scale.data.errors import DataError
@@ -181,14 +182,24 @@ def _run_split(split: str, samples: list[SourceSample], out_url: str, settings: 
             "bytes": sum(r["bytes"] for r in done.values()), "skipped_files": skipped}
 
 
-def prepare(kind: str, source: str | None, out_url: str, *, shard_size: int = 1000, image_size: int | None = None,
-            quality: int = 95, workers: int | None = None, splits: list[str] | None = None,
-            progress: bool = True) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ShardFormat:
+    """How the shards are written, recorded in the manifest (a rerun into the same output must match it):
+    `shard_size` samples per shard, images stored at `image_size` (None: the data set's default, 256 ImageNet,
+    64 Tiny-ImageNet, 32 CIFAR and digits) with JPEG `quality`."""
+
+    shard_size: int = 1000
+    image_size: int | None = None
+    quality: int = 95
+
+
+def prepare(kind: str, source: str | None, out_url: str, fmt: ShardFormat = ShardFormat(), *,
+            workers: int | None = None, splits: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
     """Write `{split}-NNNNNN.tar` shards, `{split}-manifest.parquet` and `classes.json` under `out_url`.
 
-    `image_size` defaults per data set (256 ImageNet, 64 Tiny-ImageNet, 32 CIFAR and digits); `workers`
-    caps concurrent shard tasks (default: the cluster's CPUs). Returns a summary dict.
+    `workers` caps concurrent shard tasks (default: the cluster's CPUs). Returns a summary dict.
     """
+    shard_size, image_size, quality = fmt.shard_size, fmt.image_size, fmt.quality
     if kind not in KINDS:
         raise ValueError(f"unknown data set kind {kind!r}; choose one of {', '.join(KINDS)}")
     if shard_size < 1 or not 1 <= quality <= 100 or (image_size is not None and image_size < 1):

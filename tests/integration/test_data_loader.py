@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lipnext_scale.config import DataConfig
-from lipnext_scale.data.prep import prepare
+from lipnext_scale.data.prep import ShardFormat, prepare
 from lipnext_scale.data.shards import (LoaderRuntime, iter_shard_samples, make_eval_loader, make_train_loader,
                                         resolve_shards)
 
@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def digits(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
-    summary = prepare("digits", None, str(out), shard_size=400, workers=2, progress=False)
+    summary = prepare("digits", None, str(out), ShardFormat(shard_size=400), workers=2, progress=False)
     assert summary["splits"]["train"]["samples"] == 1497 and summary["splits"]["val"]["samples"] == 300
     return out
 

@@ -15,7 +15,7 @@ from PIL import Image
 import fixtures_data as fx
 from lipnext_scale.data.errors import DataError
 from lipnext_scale.data.manifest import manifest_meta, manifest_rows, read_manifest, write_manifest
-from lipnext_scale.data.prep import prepare
+from lipnext_scale.data.prep import ShardFormat, prepare
 from lipnext_scale.data.shards import resolve_shards
 from lipnext_scale.data.tar_reader import SkipStats, iter_raw_samples
 
@@ -41,7 +41,8 @@ def check_manifest(out: Path, split: str, num_samples: int) -> None:
 def test_imagenet_layouts_give_sorted_wnid_labels_rgb_jpegs(ray_local, tmp_path, layout):
     expected = getattr(fx, f"make_imagenet_{layout}")(tmp_path / "src")
     out = tmp_path / "out"
-    summary = prepare("imagenet", str(tmp_path / "src"), str(out), shard_size=4, image_size=16, progress=False)
+    summary = prepare("imagenet", str(tmp_path / "src"), str(out), ShardFormat(shard_size=4, image_size=16),
+                      progress=False)
     assert summary["files_skipped"] == 1 and "undecodable" in summary["files_skipped_examples"][0][1]
     assert json.loads((out / "classes.json").read_text())["classes"] == fx.SORTED_WNIDS
     for split in ("train", "val"):
@@ -63,7 +64,7 @@ def test_imagenet_layouts_give_sorted_wnid_labels_rgb_jpegs(ray_local, tmp_path,
 def test_tiny_imagenet_keeps_right_sized_jpegs_byte_exact(ray_local, tmp_path):
     expected = fx.make_tiny_imagenet(tmp_path / "src")
     out = tmp_path / "out"
-    prepare("tiny-imagenet", str(tmp_path / "src"), str(out), shard_size=3, progress=False)
+    prepare("tiny-imagenet", str(tmp_path / "src"), str(out), ShardFormat(shard_size=3), progress=False)
     for split in ("train", "val"):
         samples = read_split(str(out), split)
         assert {s.key: fx.SORTED_WNIDS[int(s.members["cls"])] for s in samples} == expected[split]
@@ -77,7 +78,7 @@ def test_tiny_imagenet_keeps_right_sized_jpegs_byte_exact(ray_local, tmp_path):
 def test_cifar_release_archives_lossless(ray_local, tmp_path, kind, fmt):
     archive, expected = fx.make_cifar(tmp_path, kind, fmt)
     out = tmp_path / "out"
-    prepare(kind, str(archive), str(out), shard_size=8, progress=False)
+    prepare(kind, str(archive), str(out), ShardFormat(shard_size=8), progress=False)
     for split in ("train", "val"):
         samples = read_split(str(out), split)
         assert len(samples) == len(expected[split])
@@ -88,7 +89,7 @@ def test_cifar_release_archives_lossless(ray_local, tmp_path, kind, fmt):
 
 def test_interrupted_prep_resumes_without_duplicates_or_losses(ray_local, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
-    prepare("digits", None, str(first), shard_size=200, progress=False)
+    prepare("digits", None, str(first), ShardFormat(shard_size=200), progress=False)
     shutil.copytree(first, second)
     # The state an interruption leaves: a manifest listing only some shards (not complete), a shard
     # missing, a truncated one, a temporary file of a shard being written.
@@ -101,7 +102,7 @@ def test_interrupted_prep_resumes_without_duplicates_or_losses(ray_local, tmp_pa
     with pytest.raises(DataError, match="incomplete"):
         resolve_shards(str(second / "train-manifest.parquet"))
 
-    summary = prepare("digits", None, str(second), shard_size=200, progress=False)
+    summary = prepare("digits", None, str(second), ShardFormat(shard_size=200), progress=False)
     train = summary["splits"]["train"]
     assert (train["shards"], train["shards_skipped"], train["shards_written"]) == (8, 3, 5)
     assert summary["splits"]["val"]["shards_written"] == 0
@@ -115,11 +116,12 @@ def test_interrupted_prep_resumes_without_duplicates_or_losses(ray_local, tmp_pa
     assert len(keys) == len(set(keys)) == 1497
 
     with pytest.raises(DataError, match="different settings"):
-        prepare("digits", None, str(second), shard_size=200, image_size=24, progress=False)
+        prepare("digits", None, str(second), ShardFormat(shard_size=200, image_size=24), progress=False)
 
 
 def test_prep_into_memory_url(ray_local):
-    summary = prepare("digits", None, "memory://prep-test/digits", shard_size=1000, splits=["val"], progress=False)
+    summary = prepare("digits", None, "memory://prep-test/digits", ShardFormat(shard_size=1000), splits=["val"],
+                      progress=False)
     assert summary["splits"]["val"]["samples"] == 300
     assert len(read_split("memory://prep-test/digits", "val")) == 300
 
@@ -135,12 +137,12 @@ def test_cli_prep(ray_local, tmp_path, capsys):
 
 def test_rerun_rewrites_a_same_size_corrupted_shard(ray_local, tmp_path):
     out = tmp_path / "d"
-    prepare("digits", None, str(out), shard_size=100, splits=["val"], progress=False)
+    prepare("digits", None, str(out), ShardFormat(shard_size=100), splits=["val"], progress=False)
     shard = out / "val-000001.tar"
     good = shard.read_bytes()
     fx.flip_label_same_size(shard, read_split(str(out), "val")[100].key)
     assert shard.read_bytes() != good and len(shard.read_bytes()) == len(good)
-    summary = prepare("digits", None, str(out), shard_size=100, splits=["val"], progress=False)
+    summary = prepare("digits", None, str(out), ShardFormat(shard_size=100), splits=["val"], progress=False)
     assert (summary["splits"]["val"]["shards_skipped"], summary["splits"]["val"]["shards_written"]) == (2, 1)
     assert shard.read_bytes() == good
 
@@ -148,7 +150,7 @@ def test_rerun_rewrites_a_same_size_corrupted_shard(ray_local, tmp_path):
 def test_dangling_symlinks_are_counted_in_the_summary(ray_local, tmp_path):
     expected = fx.make_imagenet_folders(tmp_path / "src")
     (tmp_path / "src" / "train" / fx.WNIDS[0] / "dangling.JPEG").symlink_to(tmp_path / "gone.JPEG")
-    summary = prepare("imagenet", str(tmp_path / "src"), str(tmp_path / "out"), shard_size=4, image_size=16,
-                      progress=False)
+    summary = prepare("imagenet", str(tmp_path / "src"), str(tmp_path / "out"),
+                      ShardFormat(shard_size=4, image_size=16), progress=False)
     assert summary["files_skipped_by_reason"] == {"dangling symlink": 1, "undecodable source image": 1}
     assert Counter(s.key for s in read_split(str(tmp_path / "out"), "train")) == Counter(list(expected["train"]))

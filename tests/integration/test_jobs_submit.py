@@ -105,9 +105,10 @@ def digits_data(tmp_path_factory):
     home = tmp_path_factory.mktemp("home-prep")
     env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
-    code = ("import ray; from lipnext_scale.data.prep import prepare; "
+    code = ("import ray; from lipnext_scale.data.prep import ShardFormat, prepare; "
             "ray.init(address='local', num_cpus=2, include_dashboard=False); "
-            f"prepare('digits', None, {str(out)!r}, image_size=32, workers=2, progress=False); ray.shutdown()")
+            f"prepare('digits', None, {str(out)!r}, ShardFormat(image_size=32), workers=2, progress=False); "
+            "ray.shutdown()")
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300, cwd=REPO)
     return out
 

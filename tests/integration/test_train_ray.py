@@ -56,10 +56,10 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def digits(ray_cluster, tmp_path_factory):
-    from lipnext_scale.data.prep import prepare
+    from lipnext_scale.data.prep import ShardFormat, prepare
 
     out = tmp_path_factory.mktemp("digits")
-    prepare("digits", None, str(out), image_size=32, progress=False)
+    prepare("digits", None, str(out), ShardFormat(image_size=32), progress=False)
     return out
 
 
