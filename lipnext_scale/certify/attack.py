@@ -40,21 +40,17 @@ def _project_l2(delta: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def pgd_l2(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, labels: torch.Tensor, eps: float,
-           *, steps: int = 10, step_size: float | None = None, random_start: bool = True,
-           seed: int = 0) -> torch.Tensor:
+           *, steps: int = 10, step_size: float | None = None, seed: int = 0) -> torch.Tensor:
     """Adversarial images within ||x_adv - x||_2 <= eps (and in [0, 1]) that try to change `model`'s
-    prediction away from `labels`. Returns the best iterate per sample."""
+    prediction away from `labels`, from a random start inside the ball (seeded). Returns the best iterate per
+    sample."""
     if eps <= 0:
         return x.detach().clone()
     step_size = 2.5 * eps / steps if step_size is None else step_size
     x = x.detach()
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    if random_start:
-        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        delta = _project_l2(noise * (eps / 4) / noise.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1),
-                            eps)
-    else:
-        delta = torch.zeros_like(x)
+    noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    delta = _project_l2(noise * (eps / 4) / noise.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1), eps)
     delta = ((x + delta).clamp(0, 1) - x)
     best = x.clone()
     best_loss = torch.full((x.shape[0],), float("-inf"), dtype=x.dtype, device=x.device)
