@@ -45,8 +45,7 @@ CONFIGS = (("certify_0_workers", 0), ("certify_0_workers_no_fp_allowance", 0), (
            ("certify_2_workers", 2))
 
 
-def reference_certify_batch(model, images, labels, eps_list, lipschitz, attack_steps=0, pair_distances=None,
-                            **_ignored):
+def reference_certify_batch(model, images, labels, checks, lipschitz, pair_distances=None, **_ignored):
     """The per-batch certificate before issue 15 (unsound under floating-point attacks; a baseline only)."""
     import torch
 
@@ -57,7 +56,7 @@ def reference_certify_batch(model, images, labels, eps_list, lipschitz, attack_s
         logits = model(images.to(torch.float32))
     pred, margin, radius = certified_radius(logits.double(), pair_distances, lipschitz)
     out = {"prediction": pred, "margin": margin, "radius": radius, worker.RADIUS_EXACT: radius}
-    for eps in eps_list:
+    for eps in checks.eps_list:
         out[worker.certified_column(eps)] = (pred == labels.to(pred.device)) & (radius > eps)
     return out
 

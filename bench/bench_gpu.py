@@ -190,7 +190,7 @@ def part_certify(task: dict) -> dict:
     torch, device, spec, model = _setup(task)
     from lipnext_scale.certify.certify import model_pair_distances
     from lipnext_scale.certify.fp_error import float_error_model
-    from lipnext_scale.certify.worker import certify_batch
+    from lipnext_scale.certify.worker import Checks, certify_batch
 
     torch.backends.cuda.matmul.allow_tf32 = False  # certification runs in true fp32 (as the job does)
     model.eval()
@@ -202,7 +202,7 @@ def part_certify(task: dict) -> dict:
             model(x).argmax(1)
 
         def certify():
-            certify_batch(model, x, y, [36 / 255], 1.0, pair_distances=pairs, fp_model=fp_model)
+            certify_batch(model, x, y, Checks([36 / 255]), 1.0, pair_distances=pairs, fp_model=fp_model)
 
         out = {}
         for name, fn in (("forward", forward), ("certify", certify), ("forward_again", forward)):

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lipnext_scale.config import Attack, CertifyConfig, choices
 from lipnext_scale.certify.data_access import data_fingerprint, preflight, resolve_shards, shard_name
 from lipnext_scale.certify.fp_error import float_error_model
 from lipnext_scale.certify.model_loading import CertifyError, load_model, verify_model
 from lipnext_scale.certify.report import build_report, merge_shard_tables, read_shard_result, write_outputs
-from lipnext_scale.certify.worker import RESULTS_DIR, ShardCertifier, shard_result_url
+from lipnext_scale.certify.worker import RESULTS_DIR, CertifierProcess, Checks, ShardCertifier, shard_result_url
 from lipnext_scale.eps import format_eps, parse_eps_list
 from lipnext_scale.storage import (check_url, exists, file_in_the_way, is_dir, is_process_local, join_url, list_dir,
                                    parse_json, read_bytes, write_json)
@@ -147,13 +147,15 @@ def _run_ray(pending: list[str], out_url: str, worker_kwargs: dict, actors: int,
     from lipnext_scale.runtime import connect_ray
 
     connect_ray(runtime.ray_address)
-    use_gpu = str(worker_kwargs["device"]).startswith("cuda")
+    process = worker_kwargs["process"]
+    use_gpu = str(process.device).startswith("cuda")
     # An actor whose process dies (killed, out of memory, its node lost) is restarted by Ray and its shards
     # certified again: a shard's result is written atomically once the shard is done, so nothing half-done
     # survives it, and the report is the one an uninterrupted run gives. An exception is not retried.
-    actor_cls = ray.remote(num_cpus=max(1, worker_kwargs["threads"]), num_gpus=1 if use_gpu else 0,
+    actor_cls = ray.remote(num_cpus=max(1, process.threads), num_gpus=1 if use_gpu else 0,
                            max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)(ShardCertifier)
-    pool = [actor_cls.remote(**worker_kwargs, own_process=True) for _ in range(min(actors, len(pending)))]
+    own = {**worker_kwargs, "process": replace(process, own_process=True)}
+    pool = [actor_cls.remote(**own) for _ in range(min(actors, len(pending)))]
     totals = {"samples": 0, "cpu_seconds": 0.0}
     try:
         try:
@@ -250,10 +252,10 @@ def certify_job(ckpt_url: str, data_url: str, out_url: str, cfg: CertifyConfig |
     del loaded  # each worker (this process or an actor) loads its own copy
 
     pending, broken = _pending(out_url, shards)
-    worker_kwargs = dict(ckpt_url=ckpt_url, eps_list=eps_list, batch_size=batch_size, lipschitz_tol=lipschitz_tol,
-                         allow_approx=cfg.allow_approx, attack_steps=attack_steps, attack=attack or "pgd",
-                         device=runtime.device,
-                         threads=runtime.threads_per_worker if actors > 0 else 0,
+    checks = Checks(eps_list, attack_steps, attack or "pgd")
+    worker_kwargs = dict(ckpt_url=ckpt_url, checks=checks,
+                         batch_size=batch_size, lipschitz_tol=lipschitz_tol, allow_approx=cfg.allow_approx,
+                         process=CertifierProcess(runtime.device, runtime.threads_per_worker if actors > 0 else 0),
                          expected_sha256=identity["weights_sha256"])
     run_started = time.perf_counter()
     if not pending:
@@ -275,8 +277,7 @@ def certify_job(ckpt_url: str, data_url: str, out_url: str, cfg: CertifyConfig |
               "certify_seconds": seconds, "images_per_s": n / seconds if seconds > 0 else None,
               "worker_cpu_seconds": cpu, "images_per_cpu_s": n / cpu if cpu > 0 else None,
               "total_seconds": time.perf_counter() - started}
-    report = build_report(table, eps_list, verification=verification.as_dict(), checkpoint=checkpoint,
-                          data=data, attack_steps=attack_steps, timing=timing, attack=attack or "pgd",
-                          floating_point=floating_point)
+    report = build_report(table, checks, verification=verification.as_dict(), checkpoint=checkpoint, data=data,
+                          timing=timing, floating_point=floating_point)
     write_outputs(out_url, table, report, eps_list)
     return report

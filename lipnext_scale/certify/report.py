@@ -15,7 +15,7 @@ import numpy as np
 
 from lipnext_scale.certify.model_loading import CertifyError
 from lipnext_scale.certify.worker import (
-    ATTACK_DISTANCE, RADIUS_EXACT, broken_column, certified_column, shard_result_url, write_parquet_atomic,
+    ATTACK_DISTANCE, RADIUS_EXACT, Checks, broken_column, certified_column, shard_result_url, write_parquet_atomic,
 )
 from lipnext_scale.ckpt.layout import REPORT_FILE, RunLayout
 from lipnext_scale.ckpt.retention import UnreadableScore
@@ -138,8 +138,9 @@ def min_distance_over_radius(table) -> dict | None:
             "points": int(ok.sum())}
 
 
-def build_report(table, eps_list: list[float], *, verification: dict, checkpoint: dict, data: dict,
-                 attack_steps: int, timing: dict, attack: str = "pgd", floating_point: dict | None = None) -> dict:
+def build_report(table, checks: Checks, *, verification: dict, checkpoint: dict, data: dict, timing: dict,
+                 floating_point: dict | None = None) -> dict:
+    eps_list, attack_steps, attack = checks.eps_list, checks.attack_steps, checks.attack
     n = table.num_rows
     if n == 0:
         raise CertifyError(f"the data ({data.get('url')!r}) holds no samples; nothing to certify")

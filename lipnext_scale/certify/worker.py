@@ -9,6 +9,8 @@ the job is found unreadable by job.py, certified again and replaced).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lipnext_scale.certify.attack import attack_breaks, fmn_l2_distances
@@ -70,12 +72,34 @@ def certify_logits(model: torch.nn.Module, images: torch.Tensor, lipschitz: floa
             RADIUS_EXACT: radius_exact}
 
 
-def certify_batch(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, eps_list: list[float],
-                  lipschitz: float, attack_steps: int = 0, pair_distances: torch.Tensor | None = None, *,
-                  attack: str = "pgd", fp_model: FloatErrorModel | None = None) -> dict[str, torch.Tensor]:
-    """Per-sample prediction, margin, radius, radius_exact_arithmetic, certified@eps and, when
-    attack_steps > 0, pgd_broken@eps for the certified points (`attack="pgd"`, False elsewhere) or
-    attack_distance for every point (`attack="fmn"`).
+@dataclass(frozen=True)
+class Checks:
+    """What is computed per sample besides the radius: certified@eps for each radius of `eps_list` (parsed
+    once, where the job starts) and, when attack_steps > 0, an attack looking for counterexamples:
+    pgd_broken@eps for the certified points (`attack="pgd"`, False elsewhere) or attack_distance for every
+    point (`attack="fmn"`)."""
+
+    eps_list: list[float]
+    attack_steps: int = 0
+    attack: str = "pgd"
+
+
+@dataclass(frozen=True)
+class CertifierProcess:
+    """Facts of the process a `ShardCertifier` runs in: its torch `device`, its torch `threads` (0: leave
+    torch's setting) and whether it is a process of its own (a Ray actor or Serve replica), which may tune
+    the allocator (`keep_freed_memory`)."""
+
+    device: str = "cpu"
+    threads: int = 0
+    own_process: bool = False
+
+
+def certify_batch(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, checks: Checks,
+                  lipschitz: float, pair_distances: torch.Tensor | None = None, *,
+                  fp_model: FloatErrorModel | None = None) -> dict[str, torch.Tensor]:
+    """Per-sample prediction, margin, radius, radius_exact_arithmetic and the `checks` (certified@eps,
+    pgd_broken@eps or attack_distance).
 
     Features in fp32, head in float64 from them with the forward's rows (`head_logits64`); the radius
     subtracts the floating-point allowances of `fp_error`, so it certifies `model(x).argmax()` as it
@@ -90,6 +114,7 @@ def certify_batch(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
     del out["logits"]  # not a per-sample result column
     pred, radius = out["prediction"], out["radius"]
     labels = labels.to(pred.device)
+    eps_list, attack_steps, attack = checks.eps_list, checks.attack_steps, checks.attack
     for eps in eps_list:
         certified = (pred == labels) & (radius > eps)
         out[certified_column(eps)] = certified
@@ -143,12 +168,12 @@ def keep_freed_memory() -> bool:
 class ShardCertifier:
     """Holds one verified model; `certify_shard` may be called for any number of shards."""
 
-    def __init__(self, ckpt_url: str, *, eps_list: list[float], batch_size: int, lipschitz_tol: float,
-                 allow_approx: bool, attack_steps: int = 0, attack: str = "pgd", device: str = "cpu",
-                 threads: int = 0, expected_sha256: str | None = None, own_process: bool = False):
-        if threads > 0:
-            torch.set_num_threads(threads)
-        self.allocator_tuned = keep_freed_memory() if own_process else False
+    def __init__(self, ckpt_url: str, checks: Checks, *, batch_size: int, lipschitz_tol: float, allow_approx: bool,
+                 process: CertifierProcess = CertifierProcess(), expected_sha256: str | None = None):
+        device = process.device
+        if process.threads > 0:
+            torch.set_num_threads(process.threads)
+        self.allocator_tuned = keep_freed_memory() if process.own_process else False
         if str(device).startswith("cuda"):
             # TF32 matmuls keep 10 mantissa bits: logits (hence margins) would be ~1e-3 off, enough to
             # certify a point that is not robust. Certification runs in true fp32 (process-wide setting).
@@ -159,7 +184,8 @@ class ShardCertifier:
             raise CertifyError(f"checkpoint {ckpt_url!r} changed while the job was starting (weights hash "
                                f"{self.loaded.weights_sha256[:12]} != {expected_sha256[:12]}); rerun the job")
         self.verification = verify_model(self.loaded.model, lipschitz_tol, allow_approx)
-        self.eps_list, self.batch_size, self.attack_steps, self.attack = eps_list, batch_size, attack_steps, attack
+        self.checks, self.batch_size = checks, batch_size
+        self.eps_list, self.attack_steps, self.attack = checks.eps_list, checks.attack_steps, checks.attack
         self.device = torch.device(device)
         spec = self.loaded.model.spec
         self.image_size, self.num_classes = spec.image_size, spec.num_classes
@@ -177,9 +203,9 @@ class ShardCertifier:
 
         pa.table({"key": pa.array([], pa.string())})
         images = torch.full((2, 3, self.image_size, self.image_size), 0.5, device=self.device)
-        certify_batch(self.loaded.model, images, torch.zeros(2, dtype=torch.long), self.eps_list[:1],
-                      self.verification.lipschitz_used, attack_steps=min(self.attack_steps, 1),
-                      pair_distances=self.pair_distances, attack=self.attack, fp_model=self.fp_model)
+        warm_up = Checks(self.eps_list[:1], attack_steps=min(self.attack_steps, 1), attack=self.attack)
+        certify_batch(self.loaded.model, images, torch.zeros(2, dtype=torch.long), warm_up,
+                      self.verification.lipschitz_used, pair_distances=self.pair_distances, fp_model=self.fp_model)
 
     def column_names(self) -> list[str]:
         names = ["prediction", "margin", "radius", RADIUS_EXACT]
@@ -206,9 +232,8 @@ class ShardCertifier:
         def flush() -> None:
             images = torch.stack(batch_images).to(self.device)
             labels = torch.tensor(batch_labels, dtype=torch.long)
-            result = certify_batch(self.loaded.model, images, labels, self.eps_list,
-                                   self.verification.lipschitz_used, self.attack_steps, self.pair_distances,
-                                   attack=self.attack, fp_model=self.fp_model)
+            result = certify_batch(self.loaded.model, images, labels, self.checks,
+                                   self.verification.lipschitz_used, self.pair_distances, fp_model=self.fp_model)
             columns["key"] += batch_keys
             columns["label"] += batch_labels
             for name, values in result.items():

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lipnext_scale.certify.certify import certified_mask
-from lipnext_scale.certify.worker import ShardCertifier, certify_logits
+from lipnext_scale.certify.worker import CertifierProcess, Checks, ShardCertifier, certify_logits
 from lipnext_scale.errors import LipnextError
 from lipnext_scale.serve.requests import BadRequest, ServedModel, answers, check_length, decode_request
 
@@ -61,11 +61,10 @@ class CertifyServer:
 
     def __init__(self, settings: ServeSettings):
         self.settings = settings
-        self.certifier = ShardCertifier(settings.ckpt_url, eps_list=list(settings.eps),
+        self.certifier = ShardCertifier(settings.ckpt_url, Checks(list(settings.eps)),
                                         batch_size=settings.max_batch_size, lipschitz_tol=settings.lipschitz_tol,
-                                        allow_approx=settings.allow_approx, device=settings.device,
-                                        threads=settings.threads, expected_sha256=settings.weights_sha256,
-                                        own_process=True)
+                                        allow_approx=settings.allow_approx, expected_sha256=settings.weights_sha256,
+                                        process=CertifierProcess(settings.device, settings.threads, own_process=True))
         self.image_size = self.certifier.image_size
         self.served = ServedModel(settings.eps, self.certifier.verification.lipschitz_bound,
                                   self.certifier.loaded.weights_sha256)

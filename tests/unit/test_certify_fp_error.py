@@ -12,7 +12,7 @@ from lipnext_scale.certify.certify import certified_radius, head_pair_distances,
 from lipnext_scale.certify.fp_error import (
     U32, float_error_model, gamma, input_norm_bound, matmul_error,
 )
-from lipnext_scale.certify.worker import certify_batch, features_and_norms
+from lipnext_scale.certify.worker import Checks, certify_batch, features_and_norms
 from lipnext_scale.model import create_model
 
 
@@ -89,7 +89,7 @@ def test_a_huge_common_head_bias_is_refused():
     broken_old = _pgd_flips(model, x, pred_old, radius_old)
     assert broken_old.any(), "the attack is not reproduced: old certificates were not broken"
 
-    out = certify_batch(model, x, pred_old, [0.0], lipschitz=1.0)
+    out = certify_batch(model, x, pred_old, Checks([0.0]), lipschitz=1.0)
     assert not out["certified@0"].any()  # refused: no radius survives the allowance
     assert (out["radius"] < 0).all()
     assert (out["radius_exact_arithmetic"] > 0).any()  # ... which is what exact arithmetic would claim
@@ -115,14 +115,14 @@ def test_identical_rows_with_a_tiny_bias_gap_are_refused_and_a_real_gap_certifie
     with torch.no_grad():
         assert int(pred_old) == 1 and float(radius_old) > float((far - x[:1]).norm())
         assert int(model(far).argmax(1)) == 0
-    out = certify_batch(model, torch.cat([x, far]), torch.ones(len(x) + 1, dtype=torch.long), [0.0],
+    out = certify_batch(model, torch.cat([x, far]), torch.ones(len(x) + 1, dtype=torch.long), Checks([0.0]),
                         lipschitz=1.0)
     assert (out["prediction"] == 1).all()
     assert not out["certified@0"].any() and (out["radius"] == -math.inf).all()
 
     with torch.no_grad():
         model.head.bias[1] = 1.0  # a gap of 1: identical rows can never swap, certified soundly
-    out = certify_batch(model, x, torch.ones(24, dtype=torch.long), [0.0], lipschitz=1.0)
+    out = certify_batch(model, x, torch.ones(24, dtype=torch.long), Checks([0.0]), lipschitz=1.0)
     assert (out["prediction"] == 1).all() and out["certified@0"].all()
     certified = out["certified@0"]
     radius = torch.where(certified, out["radius"], torch.zeros_like(out["radius"]))
@@ -132,7 +132,7 @@ def test_identical_rows_with_a_tiny_bias_gap_are_refused_and_a_real_gap_certifie
 def test_pgd_never_breaks_the_allowed_radius_of_a_normal_model():
     model = _model(width=32, depth=2)
     x = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(5))
-    out = certify_batch(model, x, torch.zeros(16, dtype=torch.long), [], lipschitz=1.0)
+    out = certify_batch(model, x, torch.zeros(16, dtype=torch.long), Checks([]), lipschitz=1.0)
     assert (out["radius"] > 0).any()
     assert not _pgd_flips(model, x, out["prediction"], out["radius"]).any()
     # the allowance is small: an absolute 3e-4 here, well under 1% of any radius that is not a near-tie (a random

@@ -10,7 +10,7 @@ from lipnext_scale.certify.certify import certified_radius, head_logits64, model
 from lipnext_scale.certify.fp_error import float_error_model
 from lipnext_scale.certify.model_loading import CertifyRefused, state_dict_sha256, verify_model
 from lipnext_scale.certify.report import build_report, format_table, plot_certified_accuracy, soundness_alarms
-from lipnext_scale.certify.worker import certified_column, certify_batch
+from lipnext_scale.certify.worker import Checks, certified_column, certify_batch
 from lipnext_scale.model import create_model
 from lipnext_scale.model.lipschitz import rigorous_lipschitz_bound
 
@@ -54,12 +54,12 @@ def test_certify_batch_matches_the_radius_formula(tiny):
         _, _, exact = certified_radius(logits, model_pair_distances(tiny), 1.25)
         _, _, radius_fp32_logits = certified_radius(tiny(x).double(), model_pair_distances(tiny), 1.25)
     fp_model = float_error_model(tiny, 1.25)
-    out = certify_batch(tiny, x, torch.zeros(16, dtype=torch.long), [], lipschitz=1.25)
+    out = certify_batch(tiny, x, torch.zeros(16, dtype=torch.long), Checks([]), lipschitz=1.25)
     pred, radius = out["prediction"], out["radius"]
     labels = pred.clone()
     labels[:4] = (labels[:4] + 1) % 10  # four wrong: never certified
     eps = [0.0, float(radius.median())]
-    out = certify_batch(tiny, x, labels, eps, lipschitz=1.25, attack_steps=3)
+    out = certify_batch(tiny, x, labels, Checks(eps, attack_steps=3), lipschitz=1.25)
     assert torch.equal(out["prediction"], pred) and torch.equal(out["radius"], radius)
     assert torch.equal(out["radius_exact_arithmetic"], exact)
     # without allowances: the old formula on fp32 logits, up to the fp32 head's rounding
@@ -88,8 +88,8 @@ def test_alarm_lists_exactly_the_broken_certified_points():
 def test_report_table_and_plot():
     table = _table([True, False, True, True], [False, False, False, False])
     verification = {"lipschitz_bound": 1.2, "lipschitz_used": 1.2, "approx": True, "max_orthogonality_error": 0.1}
-    report = build_report(table, [0.1], verification=verification, checkpoint={"model": "m"}, data={"url": "d"},
-                          attack_steps=5, timing={})
+    report = build_report(table, Checks([0.1], attack_steps=5), verification=verification, checkpoint={"model": "m"},
+                          data={"url": "d"}, timing={})
     assert report["samples"] == 4 and report["clean_accuracy"] == 1.0
     assert report["certified_accuracy"] == {"0.1": 0.75}
     assert "1.2" in report["note"] and report["soundness_alarm"] == []
@@ -113,8 +113,9 @@ def test_fmn_report_bounds_and_alarms():
     broken = table.set_column(7, "attack_distance", pa.array([0.09, 0.2, float("inf"), 0.0]))
     assert soundness_alarms(broken, [0.1]) == [{"eps": "0.1", "shard": "s", "key": "k0"},
                                                {"eps": "radius", "shard": "s", "key": "k0"}]
-    report = build_report(table, [0.1], verification={"lipschitz_used": 1.0, "max_orthogonality_error": 0.0},
-                          checkpoint={"model": "m"}, data={"url": "d"}, attack_steps=5, timing={}, attack="fmn")
+    report = build_report(table, Checks([0.1], attack_steps=5, attack="fmn"),
+                          verification={"lipschitz_used": 1.0, "max_orthogonality_error": 0.0},
+                          checkpoint={"model": "m"}, data={"url": "d"}, timing={})
     assert report["attack"]["empirical_robust_accuracy"] == {"0.1": 0.75}
     text = format_table(report)
     assert "empirical robust acc" in text and "smallest attack distance / certified radius: 1.6" in text
