@@ -15,7 +15,7 @@ from lipnext_scale.optim.manifold import (
     ManifoldParameterError, check_manifold_parameter, orthogonality_error, project_tangent, riemannian_grad,
     riemannian_momentum_step, sym, tangent_skew_error,
 )
-from lipnext_scale.optim.update import manifold_update, state_shapes
+from lipnext_scale.optim.update import StepAt, manifold_update, state_shapes
 from lipnext_scale.optim.optimizer import STATE_FORMAT, ManifoldOptimizer, split_parameters
 from lipnext_scale.optim.retraction import (
     RETRACTIONS, orthogonalize_exact, polar_newton_schulz, retract, retract_polar_ns,
@@ -26,7 +26,8 @@ from lipnext_scale.optim.sharded import ShardedManifoldStep, assign_owners, buil
 
 __all__ = [
     "ERROR_TARGETS", "FASTEXP_THRESHOLDS", "ManifoldOptimizer", "ManifoldParameterError", "RETRACTIONS", "STATE_FORMAT",
-    "ShardedManifoldStep", "assign_owners", "branch_names", "build_zero3_optimizers", "check_manifold_parameter", "choose_branch",
+    "ShardedManifoldStep", "StepAt", "assign_owners", "branch_names", "build_zero3_optimizers",
+    "check_manifold_parameter", "choose_branch",
     "drain_fast_exp_stats", "fast_exp",
     "fast_exp_error_bound", "join_partitions", "lr_multiplier", "manifold_update", "ns_polish",
     "orthogonality_error", "orthogonalize_exact", "partition_of", "partition_size", "polar_exact",

@@ -9,11 +9,16 @@ modes compute bit-for-bit the same update from the same inputs.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from lipnext_scale.errors import LipnextError
 from lipnext_scale.model.layers import orthogonality_error  # one definition, shared with certification
 from lipnext_scale.optim.retraction import orthogonalize_exact, retract
+
+if TYPE_CHECKING:
+    from lipnext_scale.config import OptimConfig
 
 
 class ManifoldParameterError(LipnextError, ValueError):
@@ -76,14 +81,15 @@ def check_manifold_parameter(name: str, shape: tuple[int, ...], value: torch.Ten
 
 
 def riemannian_momentum_step(x: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor | None, *,
-                             lr: float, momentum: float, method: str, ns_iters: int = 6,
-                             exact: bool = False, stats: dict | None = None
+                             lr: float, cfg: OptimConfig, exact: bool = False, stats: dict | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """One heavy-ball step on the manifold; returns (new point, new momentum), both fp32 (fp64 stays fp64).
+    Of `cfg`: momentum, retraction (R) and ns_iters (polar_ns's Newton-Schulz iterations).
 
     m <- momentum * proj_X(m) + grad_R f(X)   (the old momentum lives at the previous point: re-project)
     X <- R_X(-lr m)                           (then, if `exact`, the exact polar re-orthogonalisation)
     """
+    momentum, method, ns_iters = cfg.momentum, cfg.retraction, cfg.ns_iters
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, g = x.to(dtype), grad.to(dtype)
     if momentum_buffer is None or momentum == 0.0:

@@ -25,7 +25,7 @@ from lipnext_scale.optim.euclidean import build_euclidean_optimizer
 from lipnext_scale.optim.fast_exp import next_squaring_budget, window_scalars, window_summary
 from lipnext_scale.optim.manifold import check_manifold_parameter
 from lipnext_scale.optim.schedule import lr_multiplier
-from lipnext_scale.optim.update import manifold_update, state_shapes
+from lipnext_scale.optim.update import StepAt, manifold_update, state_shapes
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,7 @@ class ManifoldOptimizer(torch.optim.Optimizer):
         keys = state_shapes(shape, self.cfg)
         state = _stack_state([self.state[p] for p in params], keys)
         new = manifold_update(torch.stack([x.detach() for x in points]), torch.stack([p.grad for p in params]),
-                              state, step=self.step_count, lr=lr, cfg=self.cfg, stats=self.ns_stats,
-                              sync_lookahead=self._sync_next)
+                              state, StepAt(self.step_count, lr, self._sync_next), cfg=self.cfg, stats=self.ns_stats)
         for i, p in enumerate(params):
             for k, v in state.items():
                 self.state[p][k] = v[i].clone()

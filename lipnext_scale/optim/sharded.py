@@ -45,7 +45,7 @@ from lipnext_scale.optim.optimizer import (
 from lipnext_scale.optim.partition import join_partitions, partition_of, partition_range, partition_size
 from lipnext_scale.optim.retraction import orthogonalize_exact
 from lipnext_scale.optim.schedule import lr_multiplier
-from lipnext_scale.optim.update import manifold_update
+from lipnext_scale.optim.update import StepAt, manifold_update
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +264,8 @@ class ShardedManifoldStep:
             keys = set.intersection(*(set(s) for s in states))
             stacked = {k: torch.stack([s[k] for s in states]) for k in keys}
             out = manifold_update(torch.stack([masters[n] for n in names]), torch.stack([grads[n] for n in names]),
-                                  stacked, step=self.step_count, lr=lr, cfg=self.cfg, stats=self.ns_stats,
-                                  sync_lookahead=self._sync_next)
+                                  stacked, StepAt(self.step_count, lr, self._sync_next), cfg=self.cfg,
+                                  stats=self.ns_stats)
             for i, n in enumerate(names):
                 self.state[n] = {k: v[i].clone() for k, v in stacked.items()}
                 new[n] = out[i]

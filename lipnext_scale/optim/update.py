@@ -32,6 +32,8 @@ its branch counts and norms go to `stats` as device tensors (read at log steps, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lipnext_scale.optim.fast_exp import fast_exp, ns_polish, polar_exact, stiefel_exp_action
@@ -89,12 +91,22 @@ def _t(x: torch.Tensor, wide: bool) -> torch.Tensor:
     return x.mT if wide else x
 
 
-def manifold_update(x: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], *, step: int, lr: float,
-                    cfg, stats: dict | None = None, sync_lookahead: bool = False) -> torch.Tensor:
-    """New value of the stacked matrices `x` (b, r, c) after optimizer step `step` (0-based) at learning rate
-    `lr`; `state` (stacked like x, updated in place or filled) carries the moments and the Lookahead copy.
-    `sync_lookahead`: this step ends with the Lookahead update whether or not k steps have passed (slow and fast
-    weights synchronised before an evaluation or a checkpoint, as timm's `sync_lookahead` in LiResNet++)."""
+@dataclass(frozen=True)
+class StepAt:
+    """Where the optimizer is: step `step` (0-based) at learning rate `lr`; `sync_lookahead`: this step ends
+    with the Lookahead update whether or not k steps have passed (slow and fast weights synchronised before an
+    evaluation or a checkpoint, as timm's `sync_lookahead` in LiResNet++)."""
+
+    step: int
+    lr: float
+    sync_lookahead: bool = False
+
+
+def manifold_update(x: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], at: StepAt, *, cfg,
+                    stats: dict | None = None) -> torch.Tensor:
+    """New value of the stacked matrices `x` (b, r, c) after the optimizer step `at`; `state` (stacked like x,
+    updated in place or filled) carries the moments and the Lookahead copy."""
+    step, lr, sync_lookahead = at.step, at.lr, at.sync_lookahead
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, g = x.to(dtype), grad.to(dtype)
     if cfg.retraction == "polar_ns":
@@ -145,8 +157,7 @@ def _polar_ns_update(x, g, state, *, step, lr, cfg, stats):
     old = state.get("momentum_buffer")
     news, bufs = [], []
     for i in range(x.shape[0]):
-        new, buf = riemannian_momentum_step(x[i], g[i], None if old is None else old[i], lr=lr,
-                                            momentum=cfg.momentum, method="polar_ns", ns_iters=cfg.ns_iters,
+        new, buf = riemannian_momentum_step(x[i], g[i], None if old is None else old[i], lr=lr, cfg=cfg,
                                             exact=exact, stats=stats)
         news.append(new)
         bufs.append(buf)

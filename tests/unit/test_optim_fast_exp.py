@@ -7,8 +7,8 @@ import torch
 
 from lipnext_scale.config import OptimConfig
 from lipnext_scale.optim import (
-    ERROR_TARGETS, branch_names, choose_branch, drain_fast_exp_stats, fast_exp, fast_exp_error_bound, manifold_update,
-    ns_polish, orthogonality_error, polar_exact, remainder_bound, stiefel_exp_action, taylor_order,
+    ERROR_TARGETS, StepAt, branch_names, choose_branch, drain_fast_exp_stats, fast_exp, fast_exp_error_bound,
+    manifold_update, ns_polish, orthogonality_error, polar_exact, remainder_bound, stiefel_exp_action, taylor_order,
 )
 
 
@@ -129,7 +129,7 @@ def test_fast_exp_makes_no_host_read(monkeypatch):
         x = x if shape[1] >= shape[2] else x.mT.contiguous()
         state = {}
         for step in range(4):
-            x = manifold_update(x, torch.randn(shape), state, step=step, lr=0.3, cfg=cfg, stats=stats)
+            x = manifold_update(x, torch.randn(shape), state, StepAt(step, 0.3), cfg=cfg, stats=stats)
     monkeypatch.undo()
     assert calls == []
     assert float(drain_fast_exp_stats(stats)["counts"].sum()) == 4 + 1 + 4 * (3 + 2 + 2)
@@ -185,7 +185,7 @@ def test_adam_moments_first_step_is_a_unit_sign_rotation_in_the_body_frame():
     x = _orth(10, 10)[None].float()
     g = torch.randn(1, 10, 10, generator=torch.Generator().manual_seed(10))
     state = {}
-    y = manifold_update(x, g, state, step=0, lr=0.01, cfg=_cfg())
+    y = manifold_update(x, g, state, StepAt(0, 0.01), cfg=_cfg())
     m = x.mT @ g
     gamma = 0.5 * (m - m.mT)  # body-frame Riemannian gradient (exactly skew: Adam's sign keeps the zero diagonal)
     a = -0.01 * gamma / (gamma.abs() + 1e-8)  # step 1: m_hat / sqrt(v_hat) = sign
@@ -193,14 +193,14 @@ def test_adam_moments_first_step_is_a_unit_sign_rotation_in_the_body_frame():
     assert set(state) == {"exp_avg", "exp_avg_sq"} and torch.allclose(state["exp_avg"], 0.1 * gamma)
     # the moments of a constant Riemannian gradient stay skew: the direction is a rotation generator
     for step in range(1, 4):
-        manifold_update(y, g, state, step=step, lr=0.01, cfg=_cfg())
+        manifold_update(y, g, state, StepAt(step, 0.01), cfg=_cfg())
     assert torch.allclose(state["exp_avg"], -state["exp_avg"].mT, atol=1e-6)
 
 
 def test_tall_update_first_order_is_minus_lr_times_the_canonical_gradient():
     x = _orth(24, 6)[None]
     g = torch.randn(1, 24, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
-    y = manifold_update(x, g, {}, step=0, lr=1e-4, cfg=_cfg(moments="momentum", momentum=0.0))
+    y = manifold_update(x, g, {}, StepAt(0, 1e-4), cfg=_cfg(moments="momentum", momentum=0.0))
     canonical = g - x @ g.mT @ x  # Edelman et al.'s gradient for the canonical metric
     assert torch.allclose((y - x) / 1e-4, -0.5 * canonical, atol=1e-3)
     assert orthogonality_error(y[0]) < 1e-12
@@ -218,7 +218,7 @@ def test_manifold_lookahead(shape):
         cfg = _cfg(lookahead_k=lookahead_k, moments="momentum", momentum=0.5, lr=0.05, polish_every=1)
         state, x = {}, x0
         for step, g in enumerate(grads):
-            x = manifold_update(x, g, state, step=step, lr=0.05, cfg=cfg)
+            x = manifold_update(x, g, state, StepAt(step, 0.05), cfg=cfg)
         return x, state
 
     x, state = run(k)
@@ -239,7 +239,7 @@ def test_normalized_step_fixes_the_generator_norm_at_lr_sqrt_p():
         stats = {}
         for scale in (1e-3, 1e3):  # whatever the gradient's size
             g = scale * torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-            manifold_update(x, g, {}, step=5, lr=0.01, cfg=_cfg(normalize_step=True), stats=stats)
+            manifold_update(x, g, {}, StepAt(5, 0.01), cfg=_cfg(normalize_step=True), stats=stats)
         fro = drain_fast_exp_stats(stats)["norms"][0]
         p = min(shape[1:])
         want = 0.01 * p ** 0.5 * (1.0 if shape[1] == shape[2] else 0.5 * 2 ** 0.5)  # tall: ||c (D X^T - X D^T)||_F
@@ -259,7 +259,7 @@ def test_rotation_dtype_and_polish_period(rotation_dtype):
     for polish_every in (1, 0):
         cfg, y, state = _cfg(rotation_dtype=rotation_dtype, polish_every=polish_every), x.clone(), {}
         for step in range(50):
-            y = manifold_update(y, torch.randn(2, 64, 64), state, step=step, lr=1e-3, cfg=cfg)
+            y = manifold_update(y, torch.randn(2, 64, 64), state, StepAt(step, 1e-3), cfg=cfg)
         assert y.dtype == torch.float32
         results[polish_every] = max(orthogonality_error(y[i]) for i in range(2))
     assert results[1] < 2e-6

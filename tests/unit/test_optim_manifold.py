@@ -40,7 +40,8 @@ def test_riemannian_grad_formula_square():
 def test_momentum_step_direction_is_tangent(method):
     x = _orth(32, 16).float()
     old = torch.randn(32, 16)  # momentum from another point: must be re-projected
-    new, buf = riemannian_momentum_step(x, torch.randn(32, 16), old, lr=0.1, momentum=0.9, method=method)
+    cfg = OptimConfig(momentum=0.9, retraction=method, moments="momentum", ns_iters=6)
+    new, buf = riemannian_momentum_step(x, torch.randn(32, 16), old, lr=0.1, cfg=cfg)
     assert tangent_skew_error(x, buf) < 1e-6
     assert tangent_skew_error(x, -0.1 * buf) < 1e-6
 
