@@ -216,7 +216,7 @@ def predicted(depth: int, ranks: int, micro_batch: int, runtime_bytes: int) -> d
     from lipnext_scale.config import load_config
 
     optim = load_config(REPO / RECIPE).optim  # the recipe's optimizer: Lookahead copies, manifold buckets
-    plan = memory_plan("lipnext-1b", ranks, micro_batch, precision=PRECISION, zero=ZeroSettings(**zero_settings()),
+    plan = memory_plan("lipnext-1b", ranks, micro_batch, zero=ZeroSettings(**zero_settings(), precision=PRECISION),
                        runtime_bytes=runtime_bytes, optim_cfg=optim, num_classes=10, depth=depth, image_size=224)
     return {"bytes": plan["bytes"], "total_bytes": plan["total_bytes"], "params": plan["params"],
             "phases": plan["phases"], "manifold_state_bytes_by_rank": plan["manifold_state_bytes_by_rank"]}

@@ -549,9 +549,9 @@ class Rehearsal:
 
         cfg = config_from_dict(json.loads((run / "config.json").read_text()))  # the run's resolved config
         zero = json.loads((REPO / cfg.train.deepspeed).read_text())["zero_optimization"]
-        plan = memory_plan("lipnext-2b", workers, 1, precision="fp32", optim_cfg=cfg.optim,
+        plan = memory_plan("lipnext-2b", workers, 1, optim_cfg=cfg.optim,
                            zero=ZeroSettings(zero.get("stage3_prefetch_bucket_size", 50_000_000),
-                                             zero.get("reduce_bucket_size", 50_000_000)),
+                                             zero.get("reduce_bucket_size", 50_000_000), precision="fp32"),
                            runtime_bytes=CPU_RUNTIME_BYTES, width=self.args.width, depth=self.args.depth)
         return {"command": f"lipnext plan lipnext-2b --gpus {workers} --gpu-mem 24 --micro-batch 1 --precision fp32 "
                            f"--device cpu --width {self.args.width} --depth {self.args.depth} "

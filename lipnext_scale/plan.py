@@ -60,16 +60,17 @@ class ZeroSettings:
     """The DeepSpeed settings that change memory (configs/deepspeed/*.json)."""
     prefetch_bucket_size: int = 50_000_000  # elements
     reduce_bucket_size: int = 50_000_000  # elements
+    precision: str = "bf16"  # bf16: bf16 parameters and fp32 masters (zero3_bf16.json); fp32: fp32 only
 
 
 def _partition(numel: int, world: int) -> int:
     return -(-numel // world)
 
 
-def memory_plan(model: str, gpus: int, micro_batch: int, *, precision: str = "bf16", optim_cfg=None,
-                zero: ZeroSettings = ZeroSettings(), grad_accum: int = 1, runtime_bytes: int = RUNTIME_BYTES,
-                **model_overrides) -> dict:
-    """Per-GPU bytes by kind for `model` on `gpus` data-parallel ZeRO-3 ranks at `micro_batch` images per GPU."""
+def memory_plan(model: str, gpus: int, micro_batch: int, *, optim_cfg=None, zero: ZeroSettings = ZeroSettings(),
+                grad_accum: int = 1, runtime_bytes: int = RUNTIME_BYTES, **model_overrides) -> dict:
+    """Per-GPU bytes by kind for `model` on `gpus` data-parallel ZeRO-3 ranks at `micro_batch` images per GPU
+    (`zero.precision`: bf16 or fp32)."""
     from lipnext_scale.config import OptimConfig
     from lipnext_scale.model import get_spec
     from lipnext_scale.optim import assign_owners, state_shapes
@@ -77,6 +78,7 @@ def memory_plan(model: str, gpus: int, micro_batch: int, *, precision: str = "bf
     if gpus < 1 or micro_batch < 1:
         raise ValueError(f"gpus={gpus}, micro_batch={micro_batch}: both must be >= 1")
     cfg = optim_cfg or OptimConfig()
+    precision = zero.precision
     spec = get_spec(model, **model_overrides)
     e = 2 if precision == "bf16" else 4
     C, T, L = spec.width, spec.tokens, spec.depth
@@ -231,7 +233,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.model not in list_models():
         raise LipnextError(f"unknown model {args.model!r}; choose one of {', '.join(list_models())}")
     overrides = {k: getattr(args, k) for k in ("depth", "width") if getattr(args, k) is not None}
-    kw = dict(precision=args.precision, grad_accum=args.grad_accum,
+    kw = dict(zero=ZeroSettings(precision=args.precision), grad_accum=args.grad_accum,
               runtime_bytes=CPU_RUNTIME_BYTES if args.device == "cpu" else RUNTIME_BYTES, **overrides)
     if args.config:
         from lipnext_scale.config import load_config

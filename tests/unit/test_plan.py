@@ -8,7 +8,7 @@ import pytest
 
 from lipnext_scale.config import OptimConfig
 from lipnext_scale.model import get_spec
-from lipnext_scale.plan import GIB, HEADROOM, format_plan, memory_plan, smallest_gpu_count
+from lipnext_scale.plan import GIB, HEADROOM, ZeroSettings, format_plan, memory_plan, smallest_gpu_count
 
 
 def test_one_gpu_holds_everything_once():
@@ -36,7 +36,7 @@ def test_partitions_shrink_with_gpus_and_activations_do_not():
 
 
 def test_fp32_has_no_masters_and_four_byte_parameters():
-    b = memory_plan("lipnext-tiny", 2, 8, precision="fp32")["bytes"]
+    b = memory_plan("lipnext-tiny", 2, 8, zero=ZeroSettings(precision="fp32"))["bytes"]
     assert b["fp32_masters"] == 0 and b["parameters"] == 2 * b["gradients"] / 2
 
 
@@ -149,12 +149,12 @@ def test_plan_of_the_scale_smoke_is_within_20_percent_of_its_measured_rss():
     result = json.loads((repo / "bench" / "results" / "scale.json").read_text())
     model, settings = result["model"], result["settings"]
     zero = ZeroSettings(prefetch_bucket_size=settings["prefetch_bucket_size"],
-                        reduce_bucket_size=settings["reduce_bucket_size"])
+                        reduce_bucket_size=settings["reduce_bucket_size"], precision=settings["precision"])
     optim = load_config(repo / settings["recipe"]).optim
     for phase, ranks in (("train_2_ranks", 2), ("resume_1_rank", 1)):
-        plan = memory_plan(model["name"], ranks, settings["micro_batch"], precision=settings["precision"], zero=zero,
-                           runtime_bytes=CPU_RUNTIME_BYTES, optim_cfg=optim, num_classes=model["num_classes"],
-                           depth=model["depth"], image_size=model["image_size"])
+        plan = memory_plan(model["name"], ranks, settings["micro_batch"], zero=zero, runtime_bytes=CPU_RUNTIME_BYTES,
+                           optim_cfg=optim, num_classes=model["num_classes"], depth=model["depth"],
+                           image_size=model["image_size"])
         measured = max(result["memory"][phase]["measured_peak_rss_bytes"]["steps"])
         assert abs(plan["total_bytes"] - measured) <= 0.2 * measured, (phase, plan["total_bytes"], measured)
 
