@@ -5,7 +5,7 @@
 2. start a local Ray instance (CPU, dashboard on 127.0.0.1);
 3. train lipnext-tiny with 2 CPU workers under DeepSpeed ZeRO-3 (configs/train/demo.toml); every
    checkpoint is certified on the held-out split by `lipnext certify`'s job in a Ray task of its own while
-   training goes on (`lipnext_scale.train.validation`; one extra CPU slot is given to Ray for it);
+   training goes on (`lipnext_scale.certify.during_training`; one extra CPU slot is given to Ray for it);
 4. print clean accuracy and CRA from the last certified checkpoint's report (the final one's, normally):
    no separate certification pass;
 5. leave checkpoints, TensorBoard logs and the certification reports in `{out}/{name}`.
