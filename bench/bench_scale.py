@@ -126,7 +126,7 @@ def measure_manifold_workspace(matrices: int, size: int = 4096) -> float:
 import torch
 torch.set_num_threads(1)
 from lipnext_scale.config import OptimConfig
-from lipnext_scale.optim.update import manifold_update
+from lipnext_scale.optim.update import StepAt, manifold_update
 def rss(key):
     return int(dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines())[key].split()[0]) * 1024
 n, c = {matrices}, {size}
@@ -137,7 +137,7 @@ states = [{{"exp_avg": torch.zeros(c, c), "exp_avg_sq": torch.zeros(c, c), "slow
 base = rss("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # VmHWM := the current RSS
 stacked = {{k: torch.stack([s[k] for s in states]) for k in states[0]}}
-new = manifold_update(torch.stack(masters), torch.stack(grads), stacked, step=0, lr=0.002, cfg=OptimConfig())
+new = manifold_update(torch.stack(masters), torch.stack(grads), stacked, StepAt(0, 0.002), cfg=OptimConfig())
 states = [{{k: v[i].clone() for k, v in stacked.items()}} for i in range(n)]
 print((rss("VmHWM") - base) / (4 * n * c * c))
 """
