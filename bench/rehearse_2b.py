@@ -365,7 +365,7 @@ class Rehearsal:
     def __init__(self, args, workdir: Path):
         self.args, self.workdir = args, workdir
         self.data, self.storage = workdir / "imagenet-shards", workdir / "runs"
-        self.certify_data = workdir / "imagenet-certify-224"
+        self.certify_data = self.data  # certification reads the training prep's val split (centre crop)
         self.results: dict = {"phases_s": {}}
         self.cluster: RehearsalCluster | None = None
 
@@ -394,14 +394,10 @@ class Rehearsal:
         job = submit(self.cluster.url, ["python", "data_prep/imagenet.py", "--source", str(source), "--out",
                                         str(self.data), "--shard-size", str(a.shard_size), "--no-progress"])
         wait_job(self.cluster.url, job, timeout=900)
-        # Certification takes images at the model's size (224), the training prep stores 256 px (random crops):
-        # the val split again at 224 px, as the certification error asks (docs §5).
-        job = submit(self.cluster.url, ["python", "data_prep/imagenet.py", "--source", str(source), "--out",
-                                        str(self.certify_data), "--splits", "val", "--image-size", "224",
-                                        "--shard-size", str(a.shard_size), "--no-progress"])
-        wait_job(self.cluster.url, job, timeout=900)
         info["shards"] = {s: len(list(self.data.glob(f"{s}-*.tar"))) for s in ("train", "val")}
-        info["certify_shards_224px"] = len(list(self.certify_data.glob("val-*.tar")))
+        # Certification reads the same val split (stored at 256 px) and takes its centre 224 crop, exactly as
+        # training's evaluation does (certify/data_access.py evaluation_view): no second prep job.
+        info["certify_view"] = "val split as prepared (short side 256), centre 224 crop"
         self.results["data"] = info
 
     # drill --------------------------------------------------------------------------------------------

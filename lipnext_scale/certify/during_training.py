@@ -91,7 +91,7 @@ def check_validation(cfg: JobConfig) -> None:
             shards = resolve_shards(url)
             if not shards:
                 raise CertifyError("it resolves to no shards")
-            preflight(shards, cfg.model.image_size, cfg.model.num_classes)
+            preflight(shards, cfg.model.image_size, cfg.model.num_classes, cfg.data.dataset)
         except CertifyError as e:
             raise ConfigError(f"certify.data_url={url!r} is not usable: {e}") from None
 

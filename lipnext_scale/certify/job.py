@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass, replace
 
 from lipnext_scale.config import Attack, CertifyConfig, choices
-from lipnext_scale.certify.data_access import data_fingerprint, preflight, resolve_shards, shard_name
+from lipnext_scale.certify.data_access import (checkpoint_dataset, data_fingerprint, preflight, resolve_shards,
+                                              shard_name)
 from lipnext_scale.certify.fp_error import float_error_model
 from lipnext_scale.certify.model_loading import CertifyError, load_model, verify_model
 from lipnext_scale.certify.report import build_report, merge_shard_tables, read_shard_result, write_outputs
@@ -237,7 +238,7 @@ def certify_job(ckpt_url: str, data_url: str, out_url: str, cfg: CertifyConfig |
     if len(set(names)) != len(names):
         raise CertifyError(f"--data {data_url!r}: two shards share a base name; results are stored per "
                            "shard name, so give every shard a distinct name")
-    preflight(shards, spec.image_size, spec.num_classes)
+    preflight(shards, spec.image_size, spec.num_classes, checkpoint_dataset(loaded.config))
     data = {"url": data_url, "shards": len(shards), "fingerprint": data_fingerprint(shards)}
     identity = {"weights_sha256": loaded.weights_sha256, "eps": [format_eps(e) for e in eps_list],
                 "data_fingerprint": data["fingerprint"], "lipschitz_used": verification.lipschitz_used,

@@ -15,7 +15,7 @@ import torch
 
 from lipnext_scale.certify.attack import attack_breaks, fmn_l2_distances
 from lipnext_scale.certify.certify import certified_radius, head_logits64, model_pair_distances
-from lipnext_scale.certify.data_access import check_sample, iter_shard_samples, shard_name
+from lipnext_scale.certify.data_access import check_sample, checkpoint_dataset, iter_shard_samples, shard_name
 from lipnext_scale.certify.fp_error import FloatErrorModel, batch_allowances, float_error_model
 from lipnext_scale.certify.model_loading import CertifyError, load_model, verify_model
 from lipnext_scale.eps import format_eps
@@ -189,6 +189,7 @@ class ShardCertifier:
         self.device = torch.device(device)
         spec = self.loaded.model.spec
         self.image_size, self.num_classes = spec.image_size, spec.num_classes
+        self.dataset = checkpoint_dataset(self.loaded.config)  # fixes the evaluation view (a centre crop or none)
         self.pair_distances = model_pair_distances(self.loaded.model)  # once per model
         self.fp_model = float_error_model(self.loaded.model, self.verification.lipschitz_used)
         self._warm_up()
@@ -242,7 +243,7 @@ class ShardCertifier:
                 pending.clear()
 
         for key, image, label in iter_shard_samples(shard_url):
-            check_sample(shard_url, key, image, label, self.image_size, self.num_classes)
+            image = check_sample(shard_url, key, image, label, self.image_size, self.num_classes, self.dataset)
             batch_keys.append(key)
             batch_images.append(image)
             batch_labels.append(label)

@@ -117,3 +117,5 @@ def test_final_certification_on_two_nodes_at_the_default_tolerance(rehearsal):
     assert len(cert["actor_nodes"]) == 2
     assert 1.0 <= cert["lipschitz_bound"] <= 1.0 + 1e-4 and not cert["report"]["lipschitz"].get("approx")
     assert 0.0 <= cert["radius_loss"] < 1e-4
+    # the val split as the training prep stored it (256 px), every image certified on its centre 224 crop
+    assert cert["report"]["samples"] == rehearsal["data"]["val_images"], cert["report"]["samples"]
