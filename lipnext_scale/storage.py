@@ -413,23 +413,25 @@ def list_dir(url: str, error: type[Exception] = StorageError, *, missing_ok: boo
     return out
 
 
+def _retried(url: str, doing: str, verb: str, error: type[Exception], call: Callable[[], T]) -> T:
+    """`call()` with the storage retries; an OSError left after them is `error`'s one line (`_failure`)."""
+    try:
+        return with_retries(url, doing, call)
+    except OSError as e:
+        raise error(_failure(url, verb, e)) from None
+
+
 def glob(pattern: str, error: type[Exception] = StorageError) -> list[str]:
     """Sorted URLs (with their protocol) of what matches a glob pattern URL."""
     fs, path = url_to_fs(pattern, error)
-    try:
-        found = with_retries(pattern, "listing", lambda: fs.glob(path))
-    except OSError as e:
-        raise error(_failure(pattern, "list", e)) from None
+    found = _retried(pattern, "listing", "list", error, lambda: fs.glob(path))
     return [fs.unstrip_protocol(p) for p in sorted(found)]
 
 
 def find_files(url: str, error: type[Exception] = StorageError) -> list[str]:
     """URLs of every file under the directory `url`, at any depth (`url` joined with each relative path)."""
     fs, path = url_to_fs(url, error)
-    try:
-        found = with_retries(url, "listing", lambda: fs.find(path))
-    except OSError as e:
-        raise error(_failure(url, "list", e)) from None
+    found = _retried(url, "listing", "list", error, lambda: fs.find(path))
     root = path.rstrip("/")
     return [join_url(url, p[len(root):].lstrip("/")) if p.startswith(root + "/") else fs.unstrip_protocol(p)
             for p in found]
@@ -479,10 +481,7 @@ def local_path(url: str, error: type[Exception] = StorageError) -> str | None:
 def makedirs(url: str, error: type[Exception] = StorageError) -> None:
     """Create the directory `url` and its parents (nothing when it exists; object stores have none)."""
     fs, path = url_to_fs(url, error)
-    try:
-        with_retries(url, "creating", lambda: fs.makedirs(path, exist_ok=True))
-    except OSError as e:
-        raise error(_failure(url, "create", e)) from None
+    _retried(url, "creating", "create", error, lambda: fs.makedirs(path, exist_ok=True))
 
 
 def move(src: str, dst: str, error: type[Exception] = StorageError) -> None:
