@@ -135,7 +135,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
-    # The schedule length. Not a config key: `JobConfig` sets it from train.steps (one source); set it
+    # The schedule length. Not a config key: `JobConfig.derive` sets it from train.steps (one source); set it
     # directly only when using the optimizer on its own (tests, benches).
     total_steps: int = 1000
     min_lr_ratio: float = 0.0
@@ -186,7 +186,7 @@ class DataConfig:
     train_url: str = ""
     eval_url: str = ""
     dataset: Dataset = "digits"  # picks the augmentation
-    batch_size: int = 64  # per training rank (micro-batch)
+    batch_size: int = 64  # per training rank: the largest micro-batch (the split at a world size: JobConfig.batch_plan)
     loader_processes: int = 2  # DataLoader processes per training rank
     shuffle_buffer: int = 1000
     seed: int = 0
@@ -295,8 +295,8 @@ class TrainConfig:
     # One training run: where it writes (checkpoints, TensorBoard, resolved config) and how it runs.
     name: str = "run"
     storage: str = "./runs"  # fsspec URL (local path, file://, s3://, gs://); the run lives in {storage}/{name}
-    steps: int = 1000  # optimizer steps (each = grad_accum micro-batches per worker)
-    grad_accum: int = 1
+    steps: int = 1000  # optimizer steps (each = the BatchPlan's accumulation micro-batches per worker)
+    grad_accum: int = 1  # with global_batch 0: the accumulation at the most workers (sets the default global batch)
     precision: Precision = "bf16"  # fp32 gives bit-exact resume checks
     # Ray Train workers = data-parallel ranks. A range ("2-4" or [2, 4]) is elastic: Ray Train starts with as
     # many as the cluster holds (at least the minimum), restarts at the size left when a node goes and grows
@@ -304,7 +304,7 @@ class TrainConfig:
     num_workers: int | str | list[int] = 2
     # Images per optimizer step over all workers, the same at every world size (the schedule counts steps).
     # 0: data.batch_size x grad_accum x the most workers. At W workers each takes global_batch / W images per
-    # step, as micro-batches of at most data.batch_size (`batch_split`); it must divide by every allowed W.
+    # step, as micro-batches of at most data.batch_size (`JobConfig.batch_plan`); it must divide by every allowed W.
     global_batch: int = 0
     resize_check_s: float = 60.0  # elastic runs: how often Ray Train re-counts the workers it could run
     cpus_per_worker: int = 1
@@ -417,10 +417,22 @@ class JobConfig:
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
-        self.optim.total_steps = self.train.steps  # the schedule spans the run: one source
+        self.derive()
+
+    def derive(self) -> None:
+        """The values derived from others, set in this one place: the schedule spans the run, so
+        optim.total_steps (read by the lr schedule) is train.steps. Run again by `validate`, after a caller
+        changed train.steps (the demo's --steps)."""
+        self.optim.total_steps = self.train.steps
+
+    def batch_plan(self, world: int) -> BatchPlan:
+        """How a step is batched at `world` workers (config/batch.py): the global batch is the config's at every
+        size, split into micro-batches of at most data.batch_size; data.batch_size itself is never rewritten.
+        Raises ConfigError."""
+        return self.train.batch_plan(world, self.data.batch_size)
 
     def validate(self) -> None:
-        self.optim.total_steps = self.train.steps
+        self.derive()
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if hasattr(section, "validate"):

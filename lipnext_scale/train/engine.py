@@ -1,6 +1,6 @@
 """Build the training engine: model, optimizer and DeepSpeed config sections -> a ZeRO-3 engine + the manifold step.
 
-    ds = deepspeed_config(base_json, cfg.train, cfg.data, cfg.optim, world_size)
+    ds = deepspeed_config(base_json, cfg.train, cfg.batch_plan(world_size), cfg.optim, world_size)
     built = build_engine(cfg.model, cfg.optim, cfg.loss, ds, seed=cfg.train.seed)
     loss, logits = built.engine(images, labels, eps); built.engine.backward(loss)
     built.manifold.step(); built.engine.step()
@@ -20,19 +20,23 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lipnext_scale.config import ConfigError, DataConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig
+from lipnext_scale.config import BatchPlan, ConfigError, LossConfig, ModelConfig, OptimConfig, TrainConfig
 from lipnext_scale.train.loss import certified_loss
 
 
-def deepspeed_config(base: dict[str, Any], train: TrainConfig, data: DataConfig, optim: OptimConfig,
+def deepspeed_config(base: dict[str, Any], train: TrainConfig, plan: BatchPlan, optim: OptimConfig,
                      world_size: int, node_of_rank: list[int] | None = None) -> dict[str, Any]:
-    """The engine config: ZeRO settings from the JSON file, everything the job config owns set from it
-    (so batch, accumulation, clipping and precision have one source of truth), and ZeRO++'s hierarchical
-    partition resolved for the cluster's shape (`node_of_rank`: the node index of each world rank, in rank
-    order; None: one node). `world_size` is an int: an elastic range is resolved per size by the caller."""
+    """The engine config: ZeRO settings from the JSON file, everything the job owns set from it (batch and
+    accumulation from this world size's `plan`, clipping and precision from the config, so each has one
+    source of truth), and ZeRO++'s hierarchical partition resolved for the cluster's shape (`node_of_rank`:
+    the node index of each world rank, in rank order; None: one node). `world_size` is an int: an elastic
+    range is resolved per size by the caller."""
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise TypeError(f"deepspeed_config: world_size must be a positive int, got {world_size!r} (resolve "
                         "train.num_workers' range with TrainConfig.worker_range first)")
+    if plan.micro * plan.accumulation * world_size != plan.global_batch:
+        raise ValueError(f"deepspeed_config: {plan} is not a plan for {world_size} ranks (make it with "
+                         "JobConfig.batch_plan(world_size))")
     out = copy.deepcopy(base)
     zero = out.get("zero_optimization", {})
     if int(zero.get("stage", 0)) != 3:
@@ -47,9 +51,9 @@ def deepspeed_config(base: dict[str, Any], train: TrainConfig, data: DataConfig,
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                 "gradient_clipping", "optimizer", "scheduler", "fp16"):
         out.pop(key, None)
-    out["train_micro_batch_size_per_gpu"] = data.batch_size
-    out["gradient_accumulation_steps"] = train.grad_accum
-    out["train_batch_size"] = data.batch_size * train.grad_accum * world_size
+    out["train_micro_batch_size_per_gpu"] = plan.micro
+    out["gradient_accumulation_steps"] = plan.accumulation
+    out["train_batch_size"] = plan.global_batch
     # Clips the Euclidean group; the manifold step clips its own gradients (they are zeroed before).
     out["gradient_clipping"] = optim.grad_clip
     out["bf16"] = {**out.get("bf16", {}), "enabled": train.precision == "bf16"}

@@ -1,6 +1,7 @@
 """One training worker (one data-parallel rank): build, resume, then a short loop.
 
-Per optimizer step: grad_accum x [data, forward, backward, retraction, engine.step], and nothing else: no
+Per optimizer step: accumulation x [data, forward, backward, retraction, engine.step] (the `BatchPlan` of this
+world size, planned once per (re)start and carried by the Position), and nothing else: no
 host read and no collective of the loop's own. On log steps (and checkpoint steps) one all-reduce agrees
 on the loss window and on stopping (SIGTERM / the platform's preemption notice), and a non-finite loss
 stops the run before any checkpoint of its weights is written; log steps also write scalars, eval steps
@@ -21,7 +22,7 @@ from typing import Any, Callable
 from lipnext_scale.certify.during_training import retention
 from lipnext_scale.ckpt import CheckpointManager, NonFiniteState
 from lipnext_scale.ckpt.manager import Report
-from lipnext_scale.config import JobConfig, config_to_dict
+from lipnext_scale.config import DataConfig, JobConfig, config_to_dict
 from lipnext_scale.eps import parse_eps_list
 from lipnext_scale.model.lipschitz import lipschitz_from_orthogonality_error
 from lipnext_scale.train.engine import (Built, WorkerRuntime, build_engine, deepspeed_config, gather_node_of_rank,
@@ -29,7 +30,7 @@ from lipnext_scale.train.engine import (Built, WorkerRuntime, build_engine, deep
 from lipnext_scale.train.evaluate import evaluate
 from lipnext_scale.train.loss import training_eps
 from lipnext_scale.train.metrics import PhaseTimer, Window
-from lipnext_scale.train.resume import Position, restart_scalars, resume, sized_for_world
+from lipnext_scale.train.resume import Position, plan_for_world, restart_scalars, resume
 from lipnext_scale.train.tb import ScalarLog
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def train_worker(cfg: JobConfig, ds_base: dict, run_url: str, runtime: WorkerRun
     from lipnext_scale.data.shards import LoaderRuntime, make_train_loader
 
     rank, world, device = runtime.rank, runtime.world, runtime.device
-    cfg = sized_for_world(cfg, world, rank)  # the config's global batch split over this world size (logged)
+    plan = plan_for_world(cfg, world, rank)  # the config's global batch split over this world size (logged)
     tc = cfg.train
     init_distributed(device)
     node_of_rank = gather_node_of_rank(runtime.node, world)
@@ -77,12 +78,14 @@ def train_worker(cfg: JobConfig, ds_base: dict, run_url: str, runtime: WorkerRun
         choice = hpz_partition_size(ds_base["zero_optimization"]["zero_hpz_partition_size"], node_of_rank,
                                     tc.deepspeed)
         log.warning("world size %d: %s", world, choice.reason)
-    ds_config = deepspeed_config(ds_base, tc, cfg.data, cfg.optim, world, node_of_rank)
+    ds_config = deepspeed_config(ds_base, tc, plan, cfg.optim, world, node_of_rank)
     built = build_engine(cfg.model, cfg.optim, cfg.loss, ds_config, seed=tc.seed)
     manager = CheckpointManager(run_url, retention=retention(cfg), rank=rank, world=world, report=report,
                                 device=device)
-    position = resume(manager, built, start, grad_accum=tc.grad_accum, batch_size=cfg.data.batch_size)
-    loader = make_train_loader(cfg.data.train_url, replace(cfg.data, seed=cfg.data.seed + tc.seed),
+    position = resume(manager, built, start, plan)
+    # the loader's batches are this size's micro-batches; data.batch_size (their bound) stays what the user wrote
+    data = replace(cfg.data, seed=cfg.data.seed + tc.seed, batch_size=plan.micro)
+    loader = make_train_loader(cfg.data.train_url, data,
                                image_size=cfg.model.image_size, num_classes=cfg.model.num_classes,
                                runtime=LoaderRuntime(rank=rank, world_size=world, start_batch=position.batches_done,
                                                      deterministic=tc.deterministic_data, uint8=True,
@@ -93,16 +96,19 @@ def train_worker(cfg: JobConfig, ds_base: dict, run_url: str, runtime: WorkerRun
 def train(cfg: JobConfig, built: Built, manager: CheckpointManager, position: Position, batches, *,
           report: Report, runtime: WorkerRuntime) -> dict[str, Any]:
     tc, rank, world, device = cfg.train, manager.rank, manager.world, runtime.device
+    plan = position.plan
+    eval_data = replace(cfg.data, batch_size=plan.micro)  # held-out batches as large as the training micro-batches
     stop = StopRequest(runtime.preempted)
     tb = ScalarLog(manager.layout.tensorboard(), enabled=rank == 0)
     timer, window = PhaseTimer(device), Window(device)
     step, batches_done, skipped = position.step, position.batches_done, built.manifold.skipped_steps
     last: dict[str, Any] = {"resumed_from": position.resumed_from or "", "start_step": step}
     bar = _progress(rank, tc, step)
-    tb.scalars(restart_scalars(position, world, cfg), step)  # each (re)start and its world size
+    tb.scalars(restart_scalars(position, world), step)  # each (re)start, its world size and batching
 
     def save(metrics: dict[str, Any]) -> None:
-        data = {"batches_per_rank": batches_done, "world_size": world, "seed": cfg.data.seed + tc.seed, "epoch": 0}
+        data = {"batches_per_rank": batches_done, "world_size": world, "seed": cfg.data.seed + tc.seed, "epoch": 0,
+                "batch_plan": plan._asdict()}  # how its steps were batched (the stored config is the job's)
         with timer.phase("checkpoint"):
             manager.save(step, built.engine, built.model, built.manifold, data=data, config=config_to_dict(cfg),
                          metrics=metrics)
@@ -114,8 +120,8 @@ def train(cfg: JobConfig, built: Built, manager: CheckpointManager, position: Po
     while step < tc.steps:
         if _sync_before(step + 1, tc, cfg.ckpt.every_steps):
             built.manifold.request_lookahead_sync()  # the step before an evaluation or a scheduled checkpoint
-        _train_step(built, batches, window, timer, training_eps(step, tc.steps, cfg.loss), tc.grad_accum, device)
-        batches_done += tc.grad_accum
+        _train_step(built, batches, window, timer, training_eps(step, tc.steps, cfg.loss), plan.accumulation, device)
+        batches_done += plan.accumulation
         step += 1
         if bar is not None:
             bar.update(1)
@@ -130,7 +136,7 @@ def train(cfg: JobConfig, built: Built, manager: CheckpointManager, position: Po
             if log_step:
                 last.update(_log_step(step, agreed, window, timer, built, cfg, tb))
             if eval_step:
-                last.update(_evaluate(step, built, cfg, runtime, tb))
+                last.update(_evaluate(step, built, cfg, eval_data, runtime, tb))
             try:
                 if ckpt_step or agreed.stop:
                     save({**last, "step": step, **({"final": True} if step == tc.steps else
@@ -156,11 +162,11 @@ def train(cfg: JobConfig, built: Built, manager: CheckpointManager, position: Po
     return {**last, "step": step}
 
 
-def _train_step(built: Built, batches, window: Window, timer: PhaseTimer, eps: float, grad_accum: int,
+def _train_step(built: Built, batches, window: Window, timer: PhaseTimer, eps: float, accumulation: int,
                 device: str) -> None:
     """One optimizer step: only kernel launches and the optimizers' own collectives, no host read here."""
     engine = built.engine
-    for _ in range(grad_accum):
+    for _ in range(accumulation):
         with timer.phase("data"):
             images, labels = next(batches)  # uint8, pinned on a GPU host: the copy overlaps compute
             images = images.to(device, non_blocking=True).float().div_(255.0).to(built.dtype)
@@ -201,8 +207,9 @@ def _diverged_message(reason: str, manager: CheckpointManager) -> str:
             "it with a lower optim.lr / optim.euclid_lr, optim.grad_clip > 0 or train.precision=fp32")
 
 
-def _evaluate(step: int, built: Built, cfg: JobConfig, runtime: WorkerRuntime, tb: ScalarLog) -> dict[str, float]:
-    scores = evaluate(built, cfg.data, image_size=cfg.model.image_size, radii=parse_eps_list(cfg.certify.eps),
+def _evaluate(step: int, built: Built, cfg: JobConfig, data: DataConfig, runtime: WorkerRuntime,
+              tb: ScalarLog) -> dict[str, float]:
+    scores = evaluate(built, data, image_size=cfg.model.image_size, radii=parse_eps_list(cfg.certify.eps),
                       batches=cfg.train.eval_batches, loss_eps=cfg.loss.eps, runtime=runtime)
     tb.scalars(scores, step)
     return scores

@@ -19,7 +19,6 @@ from lipnext_scale.ckpt.layout import RunLayout
 from lipnext_scale.config import ConfigError, DataConfig, JobConfig, ModelConfig, config_to_dict
 from lipnext_scale.storage import atomic_write_bytes, is_file, join_url, makedirs, read_json, remove, write_json
 from lipnext_scale.train.engine import deepspeed_config
-from lipnext_scale.train.resume import batch_split_config
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -146,18 +145,18 @@ def check_resume(cfg: JobConfig, run_url: str) -> StartPoint | None:
 
 
 def check_engine_configs(cfg: JobConfig, ds_base: dict[str, Any]) -> None:
-    """The engine config every world size of train.num_workers' range would train with (its batch split and
+    """The engine config every world size of train.num_workers' range would train with (its `BatchPlan` and
     the DeepSpeed file's settings, hpZ included) builds, so an elastic run cannot fail at a resize. The
     cluster's shape is only known to the workers (they size hpZ from it and log the choice); here each size
     is checked on one node and, where it splits evenly, on nodes of the range's smallest size."""
     low, high = cfg.train.worker_range
     for world in range(low, high + 1):
-        sized = batch_split_config(cfg, world)
+        plan = cfg.batch_plan(world)
         shapes = [[0] * world]
         if world > low and world % low == 0:
             shapes.append([r // low for r in range(world)])
         for node_of_rank in shapes:  # raises ConfigError on a non-ZeRO-3 file or a bad hpZ setting
-            deepspeed_config(ds_base, sized.train, sized.data, sized.optim, world, node_of_rank)
+            deepspeed_config(ds_base, cfg.train, plan, cfg.optim, world, node_of_rank)
 
 
 def check_job(cfg: JobConfig) -> JobStart:

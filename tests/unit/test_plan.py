@@ -218,16 +218,20 @@ def test_batch_split_keeps_the_global_batch_with_the_fewest_accumulation_steps()
     assert _train(num_workers=[1, 2]).batch_split(1, 8) == (8, 2)  # half the workers: twice the accumulation
 
 
-def test_sized_for_world_sets_the_split_and_makes_the_global_batch_explicit():
+def test_plan_for_world_is_the_split_with_the_global_batch_and_leaves_the_config_alone():
+    from dataclasses import replace
+
     from lipnext_scale.config import load_config
-    from lipnext_scale.train.resume import restart_scalars, sized_for_world
+    from lipnext_scale.train.resume import plan_for_world, restart_scalars
     from lipnext_scale.train.resume import Position
 
     cfg = load_config(None, ["train.num_workers=1-2", "data.batch_size=8"])
-    one = sized_for_world(cfg, 1)
-    assert (one.data.batch_size, one.train.grad_accum, one.train.global_batch) == (8, 2, 16)
+    one = plan_for_world(cfg, 1)
+    assert (one.micro, one.accumulation, one.global_batch) == (8, 2, 16)
     assert cfg.data.batch_size == 8 and cfg.train.global_batch == 0  # the job's config is not changed
-    assert sized_for_world(one, 2).train.grad_accum == 1  # idempotent: a stored split re-splits the same way
-    scalars = restart_scalars(Position(10, 20, "ckpt", 2), 1, one)
+    # a config stored by an older version (checkpoints stored the split at their size) re-splits the same way
+    stored = replace(cfg, data=replace(cfg.data, batch_size=8), train=replace(cfg.train, grad_accum=2, global_batch=16))
+    assert plan_for_world(stored, 2).accumulation == 1
+    scalars = restart_scalars(Position(10, 20, "ckpt", 2, plan=one), 1)
     assert scalars == {"run/world_size": 1, "run/resumed": 1.0, "run/checkpoint_world_size": 2, "run/micro_batch": 8,
                        "run/grad_accum": 2, "run/global_batch": 16}

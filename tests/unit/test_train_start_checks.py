@@ -80,11 +80,11 @@ def test_deepspeed_file_checks(job, tmp_path):
 
 
 def test_engine_config_takes_batch_accumulation_clipping_and_precision_from_the_job():
-    cfg = load_config(DEMO, ["data.batch_size=8", "train.grad_accum=3",
+    cfg = load_config(DEMO, ["data.batch_size=8", "train.grad_accum=3", "train.num_workers=4",
                                                   "optim.grad_clip=2.5", "train.precision=bf16"])
     base = read_deepspeed_config("configs/deepspeed/zero3_fp32.json")
-    out = deepspeed_config({**base, "train_batch_size": 999, "gradient_clipping": 9.0}, cfg.train, cfg.data,
-                           cfg.optim, world_size=4)
+    out = deepspeed_config({**base, "train_batch_size": 999, "gradient_clipping": 9.0}, cfg.train,
+                           cfg.batch_plan(4), cfg.optim, world_size=4)
     assert out["train_micro_batch_size_per_gpu"] == 8 and out["gradient_accumulation_steps"] == 3
     assert out["train_batch_size"] == 8 * 3 * 4 and out["gradient_clipping"] == 2.5
     assert out["bf16"]["enabled"] is True and out["zero_optimization"]["stage"] == 3

@@ -18,8 +18,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 def _ds(name: str, world: int, per_node: int | None):
     cfg = load_config(None, [f'train.deepspeed="configs/deepspeed/{name}"'])
     nodes = None if per_node is None else [r // per_node for r in range(world)]
-    return deepspeed_config(json.loads((CONFIGS / name).read_text()), cfg.train, cfg.data, cfg.optim, world,
-                            nodes)["zero_optimization"]
+    return deepspeed_config(json.loads((CONFIGS / name).read_text()), cfg.train, cfg.batch_plan(world), cfg.optim,
+                            world, nodes)["zero_optimization"]
 
 
 def test_hpz_is_the_node_size_on_many_nodes_and_off_on_one():
