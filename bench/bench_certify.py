@@ -10,17 +10,27 @@
   certify 2 workers  the job on two Ray actors
 
 "N workers" in these names (and the result keys) is `CertifyConfig(actors=N)`: N Ray actors, 0 in process.
-`certify_ratio_vs_forward` = certified images/s of the 1-worker Ray job (its shard phase, once the actor
-has loaded and verified the model: reading, forward, float64 radii, parquet writes) / forward images/s,
-both on one CPU thread. `speedup_2_workers` = 2-worker / 1-worker certified images/s. Every job runs
-right after a forward baseline of its own, `--repeats` times, and each ratio is the median over repeats
-of job / adjacent forward, so load drifting during the run (a shared machine) cancels. The `*_cpu_time`
-ratio uses CPU seconds of the working process instead of wall time. One-time costs (actor start, model
-load) are in `end_to_end_*`. Results: bench/results/certify.json.
+Each round runs two triples back to back, (forward, certify 0 workers, certify 0 workers no fp allowance) and
+(forward, certify 1 worker, certify 2 workers), in reverse order on odd rounds, each with a forward pass of its
+own; every comparison is the median over rounds of that round's ratio of neighbours (bench/paired.py), with
+min, max and the per-round ratios under "comparisons":
 
-    python bench/bench_certify.py [--images 6000] [--model lipnext-tiny] [--repeats 3]
+  certify_1_worker_vs_forward           1-worker Ray job's shard phase (once the actor has loaded and verified
+                                        the model: reading, forward, float64 radii, parquet writes) / forward,
+                                        images/s, both on one CPU thread (`certify_ratio_vs_forward`, >= 0.9)
+  certify_1_worker_vs_forward_cpu_time  the same per CPU second of the working process
+  certify_1_worker_end_to_end_vs_forward  the same with one-time costs (actor start, model load)
+  certify_in_process_vs_forward         the job in process / forward, images/s
+  fp_allowance_on_vs_off                in process with / without the floating-point allowances, images per CPU
+                                        second (the cost of sound certificates is 1 - this; >= 0.9)
+  certify_2_workers_vs_1_worker         2 / 1 Ray workers, images/s (`speedup_2_workers`)
+
+The older top-level keys hold the same paired medians. Results: bench/results/certify.json.
+
+    python bench/bench_certify.py [--images 6000] [--model lipnext-tiny] [--rounds 3]
     python bench/bench_certify.py --width 256 --depth 12 --patch-size 2 --images 1200 --batch-size 64 \
         --out bench/results/certify_tiny_w256_d12_p2.json      # compute-bound: the model dominates
+    python bench/bench_certify.py --quick --out /tmp/certify.json   # smoke run: 200 images, 2 rounds
 
 On a shared machine, read `machine.loadavg_*` and rerun when it was busy.
 """
@@ -36,13 +46,47 @@ import tempfile
 import time
 from pathlib import Path
 
+from paired import comparison, paired_order  # bench/paired.py (this script's directory is on sys.path)
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a bench must not write ~/.ray/auth_token
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 RESULTS = Path(__file__).resolve().parent / "results" / "certify.json"
-CONFIGS = (("certify_0_workers", 0), ("certify_0_workers_no_fp_allowance", 0), ("certify_1_worker", 1),
-           ("certify_2_workers", 2))
+THREADS = 1  # torch threads of the forward pass and of every certifying process
+CONFIGS = {"certify_0_workers": 0, "certify_0_workers_no_fp_allowance": 0, "certify_1_worker": 1,
+           "certify_2_workers": 2}  # name -> Ray actors (0: in process)
+# each round: these triples, every job next to the ones it is compared with
+TRIPLES = (("forward", "certify_0_workers", "certify_0_workers_no_fp_allowance"),
+           ("forward", "certify_1_worker", "certify_2_workers"))
+# name -> (ours, its field, alternative, its field, what, target); a field of "forward" is its own figure
+COMPARISONS = {
+    "certify_1_worker_vs_forward": (
+        "certify_1_worker", "images_per_s", "forward", "images_per_s",
+        "1-worker Ray certification (shard phase) / plain fp32 forward, images/s on one thread", 0.9),
+    "certify_1_worker_vs_forward_cpu_time": (
+        "certify_1_worker", "images_per_cpu_s", "forward", "images_per_cpu_s",
+        "1-worker Ray certification (shard phase) / plain fp32 forward, images per CPU second", None),
+    "certify_1_worker_end_to_end_vs_forward": (
+        "certify_1_worker", "end_to_end_images_per_s", "forward", "images_per_s",
+        "1-worker Ray certification incl. actor start and model load / plain fp32 forward, images/s", None),
+    "certify_in_process_vs_forward": (
+        "certify_0_workers", "images_per_s", "forward", "images_per_s",
+        "in-process certification / plain fp32 forward, images/s", None),
+    "fp_allowance_on_vs_off": (
+        "certify_0_workers", "images_per_cpu_s", "certify_0_workers_no_fp_allowance", "images_per_cpu_s",
+        "in-process certification with / without the floating-point allowances, images per CPU second", 0.9),
+    "certify_2_workers_vs_1_worker": (
+        "certify_2_workers", "images_per_s", "certify_1_worker", "images_per_s",
+        "2-worker / 1-worker Ray certification (shard phase), images/s", None),
+}
+# existing top-level keys -> the comparison whose paired median they now hold
+LEGACY_KEYS = {"certify_ratio_vs_forward": "certify_1_worker_vs_forward",
+               "speedup_2_workers": "certify_2_workers_vs_1_worker",
+               "certify_ratio_vs_forward_cpu_time": "certify_1_worker_vs_forward_cpu_time",
+               "in_process_ratio_vs_forward": "certify_in_process_vs_forward",
+               "fp_allowance_throughput_ratio": "fp_allowance_on_vs_off",
+               "end_to_end_ratio_vs_forward": "certify_1_worker_end_to_end_vs_forward"}
 
 
 def reference_certify_batch(model, images, labels, checks, lipschitz, pair_distances=None, **_ignored):
@@ -89,7 +133,7 @@ def forward_images_per_s(ckpt: str, shards: list[str], batch_size: int) -> dict:
     from lipnext_scale.certify.data_access import iter_shard_samples
     from lipnext_scale.certify.model_loading import load_model
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
     model = load_model(ckpt).model
     n, started, cpu_started = 0, time.perf_counter(), time.process_time()
     for shard in shards:
@@ -123,7 +167,8 @@ def certify_images_per_s(ckpt: str, data: str, out: Path, actors: int, batch_siz
         # fp32-initialised matrices of a deep random model can sum to a rigorous bound just above 1 + 1e-4;
         # a throughput bench certifies them anyway (the radii are divided by the bound, as always)
         report = certify_job(ckpt, data, str(out), CertifyConfig(actors=actors, batch_size=batch_size,
-                                                                 lipschitz_tol=1e-3), CertifyRuntime(progress=False))
+                                                                 lipschitz_tol=1e-3),
+                             CertifyRuntime(progress=False, threads_per_worker=THREADS))
     finally:
         worker.certify_batch = allowed
     t = report["timing"]
@@ -139,6 +184,33 @@ def machine() -> dict:
             "loadavg_at_start": list(os.getloadavg())}
 
 
+def run_round(round_index: int, ckpt: str, data: str, work: Path, batch_size: int) -> dict[str, dict]:
+    """One round: each triple back to back (reversed on odd rounds); name -> its figures, the forward of the
+    triple a job ran in beside each job ("forward_images_per_s", "forward_images_per_cpu_s")."""
+    from lipnext_scale.certify.data_access import resolve_shards
+
+    shards, out = resolve_shards(data), {}
+    for triple in TRIPLES:
+        measured = {}
+        for name in paired_order(round_index, triple):
+            measured[name] = (forward_images_per_s(ckpt, shards, batch_size) if name == "forward" else
+                              certify_images_per_s(ckpt, data, work / name, CONFIGS[name], batch_size))
+        forward = measured.pop("forward")
+        for name, job in measured.items():
+            out[name] = {**job, "forward_images_per_s": forward["images_per_s"],
+                         "forward_images_per_cpu_s": forward["images_per_cpu_s"]}
+    return out
+
+
+def comparisons_of(runs: dict[str, list[dict]]) -> dict:
+    """The paired comparisons from every round's runs (a job's own triple's forward for "forward")."""
+    def figures(name: str, field: str, partner: str) -> list[float]:
+        return [r[f"forward_{field}"] for r in runs[partner]] if name == "forward" else [r[field] for r in runs[name]]
+
+    return {key: comparison(what, figures(ours, f_ours, alt), figures(alt, f_alt, ours), target=target)
+            for key, (ours, f_ours, alt, f_alt, what, target) in COMPARISONS.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=6000)
@@ -148,9 +220,13 @@ def main() -> None:
     parser.add_argument("--width", type=int, help="model override (with --depth, --patch-size)")
     parser.add_argument("--depth", type=int)
     parser.add_argument("--patch-size", type=int)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 200 images in shards of 100, batch 32, "
+                                                             "2 rounds (not a measurement)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
+    if args.quick:
+        args.images, args.shard_size, args.batch_size, args.rounds = 200, 100, 32, 2
 
     import ray
     import torch
@@ -165,7 +241,7 @@ def main() -> None:
 
     keep_freed_memory()  # as `lipnext certify --actors 0` does for its process (and every actor for its own)
     info = machine()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # a private instance
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data_dir = make_shards(work, args.images, args.shard_size)
@@ -178,44 +254,32 @@ def main() -> None:
         save_exported(create_model(args.model, **overrides).state_dict(), cfg, str(work / "model"))
         ckpt, shards = str(work / "model"), resolve_shards(data)
 
-        runs: dict[str, list] = {key: [] for key, _ in CONFIGS}
-        for _ in range(args.repeats):
-            for key, actors in CONFIGS:  # each job right after its own forward baseline: load cancels
-                forward = forward_images_per_s(ckpt, shards, args.batch_size)
-                job = certify_images_per_s(ckpt, data, work / key, actors, args.batch_size)
-                runs[key].append({**job, "forward_images_per_s": forward["images_per_s"],
-                                  "forward_images_per_cpu_s": forward["images_per_cpu_s"]})
+        runs: dict[str, list] = {key: [] for key in CONFIGS}
+        for r in range(args.rounds):
+            for name, figures in run_round(r, ckpt, data, work, args.batch_size).items():
+                runs[name].append(figures)
     ray.shutdown()
 
-    def vs_forward(key: str, field: str = "images_per_s") -> list[float]:
-        return [r[field] / r[f"forward_{field}"] for r in runs[key]]
+    comparisons = comparisons_of(runs)
 
     def median(values) -> float:
         return statistics.median(list(values))
 
     result = {
         "benchmark": "certify",
-        "certify_ratio_vs_forward": median(vs_forward("certify_1_worker")),
-        # 2 vs 1 worker, each normalised by the forward pass measured just before it
-        "speedup_2_workers": median(a / b for a, b in zip(vs_forward("certify_2_workers"),
-                                                          vs_forward("certify_1_worker"))),
-        "certify_ratio_vs_forward_cpu_time": median(vs_forward("certify_1_worker", "images_per_cpu_s")),
-        "in_process_ratio_vs_forward": median(vs_forward("certify_0_workers")),
-        # in-process with / without the floating-point allowances, per CPU second (both right after
-        # their own forward baseline; the cost of sound certificates is 1 - this)
-        "fp_allowance_throughput_ratio": median(a / b for a, b in zip(
-            vs_forward("certify_0_workers", "images_per_cpu_s"),
-            vs_forward("certify_0_workers_no_fp_allowance", "images_per_cpu_s"))),
-        "end_to_end_ratio_vs_forward": median(r["end_to_end_images_per_s"] / r["forward_images_per_s"]
-                                              for r in runs["certify_1_worker"]),
+        **{key: comparisons[name]["median"] for key, name in LEGACY_KEYS.items()},
+        "comparisons": comparisons,
         "images_per_s_median": {"forward": median(r["forward_images_per_s"] for v in runs.values() for r in v),
                                 **{k: median(r["images_per_s"] for r in v) for k, v in runs.items()}},
         "all_runs": runs,
         "setup": {"model": args.model, "model_overrides": overrides, "images": args.images, "shards": len(shards),
-                  "batch_size": args.batch_size,
-                  "threads_per_worker": 1, "repeats": args.repeats, "device": "cpu",
+                  "batch_size": args.batch_size, "threads_per_worker": THREADS,
+                  "rounds": args.rounds, "quick": args.quick, "device": "cpu",
                   "data": "digits train images (lipnext prep, 32x32 PNG) repeated under new keys"},
-        "targets": {"certify_ratio_vs_forward": ">= 0.9", "fp_allowance_throughput_ratio": ">= 0.9"},
+        "targets": {key: f">= {COMPARISONS[name][-1]}" for key, name in LEGACY_KEYS.items()
+                    if COMPARISONS[name][-1] is not None},
+        "notes": [", ".join(f"{k} = comparisons.{v}.median" for k, v in LEGACY_KEYS.items())
+                  + " (paired per-round medians); images_per_s_median is each variant's own median (not paired)"],
         "machine": {**info, "loadavg_at_end": list(os.getloadavg())},
         "versions": versions(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
