@@ -17,9 +17,9 @@ Tables (marker: results files):
 Every perf row: the figure, its value (median, with min-max and rounds when the JSON has them), its target and
 whether it is met ("missed" in bold), the results file, and the file's conditions: QUIET when its `conditions`
 entry says so, otherwise "not quiet: to be re-measured". A file with a top-level `comparisons` object (written
-by bench/paired.py) gives one row per entry, labelled by its "what"; without one the rows below read the file's
-own keys. Rows computed rather than measured (FLOP counts, figures for hardware not run) are labelled
-"projection".
+by bench/paired.py) gives one row per entry, labelled by its "what", then its rows marked `kept` (figures no
+ratio replaces: memory, lags, step times); without one, all the rows below read the file's own keys. Rows
+computed rather than measured (FLOP counts, figures for hardware not run) are labelled "projection".
 
 Pure string and JSON work; no benchmark runs here.
 """
@@ -94,13 +94,15 @@ class Row:
     value: a dotted path into the JSON (list indices as numbers) or a function of the whole JSON; it may lead to
     a number, a bool, a string, a {"median", "min", "max", "rounds"} object or a list of per-round values.
     target: None, ">= X" / "<= X" with X a number or a dotted path, "A..B" (inside the range), or a bare dotted
-    path to a string such as ">= 0.9" (certify.json's `targets`)."""
+    path to a string such as ">= 0.9" (certify.json's `targets`).
+    kept: shown beside the file's `comparisons` too (a figure no paired ratio replaces: memory, lags, sizes)."""
 
     label: str
     value: str | Callable[[dict], Any]
     unit: str = "x"
     target: str | None = None
     projection: bool = False
+    kept: bool = False
 
 
 def _at(result: dict, path: str) -> Any:
@@ -212,11 +214,13 @@ def _comparison_cells(entry: dict) -> list[str]:
 
 
 def _file_rows(file: str, result: dict, rows: list[Row]) -> list[list[str]]:
-    """The file's `comparisons` when it has them (one row each), otherwise `rows` read from its own keys."""
+    """The file's `comparisons` when it has them (one row each, then the `kept` rows), otherwise `rows` read from
+    its own keys."""
     suffix = [f"`{file}`", _conditions(result)]
     comparisons = result.get("comparisons")
     if comparisons:
-        return [_comparison_cells(entry) + suffix for entry in comparisons.values()]
+        return ([_comparison_cells(entry) + suffix for entry in comparisons.values()]
+                + [_row_cells(result, row) + suffix for row in rows if row.kept])
     return [_row_cells(result, row) + suffix for row in rows]
 
 
@@ -264,7 +268,7 @@ CERTIFY_ROWS = [
 
 
 def _with_model(rows: list[Row], model: str) -> list[Row]:
-    return [Row(f"{r.label}, {model}", r.value, r.unit, r.target, r.projection) for r in rows]
+    return [Row(f"{r.label}, {model}", r.value, r.unit, r.target, r.projection, r.kept) for r in rows]
 
 
 PERF_MODEL = {"model.json": [
@@ -303,20 +307,22 @@ PERF_DATA = {"data.json": [
 
 PERF_TRAIN = {
     "train.json": [
-        Row("step time, one process, 1 thread (demo recipe, lipnext-tiny)", "results.single-1thread.step_ms", "ms"),
-        Row("step time, ZeRO-3 on 2 workers, 1 thread each", "results.zero3-2workers.step_ms", "ms"),
+        Row("step time, one process, 1 thread (demo recipe, lipnext-tiny)", "results.single-1thread.step_ms", "ms",
+            kept=True),
+        Row("step time, ZeRO-3 on 2 workers, 1 thread each", "results.zero3-2workers.step_ms", "ms", kept=True),
         Row("a checkpoint's step stall, asynchronous / synchronous upload, lipnext-tiny",
             "checkpoint_stall_s.zero3-2workers.ratio"),
         Row("the same at width 1024, depth 4", "checkpoint_stall_s.zero3-2workers-w1024.ratio"),
         Row("checkpoint written -> its certificate ready (in-run certification), mean", "validation_lag_s.mean",
-            "s"),
-        Row("the same, worst checkpoint", "validation_lag_s.max", "s"),
+            "s", kept=True),
+        Row("the same, worst checkpoint", "validation_lag_s.max", "s", kept=True),
     ],
     "scale.json": [
         Row("`lipnext plan` / measured peak RSS, 2 ZeRO-3 ranks at width 4096 (the plan's constants were fitted on "
-            "this run)", "memory.train_2_ranks.predicted_over_measured_steps_peak", target="0.8..1.2"),
+            "this run)", "memory.train_2_ranks.predicted_over_measured_steps_peak", target="0.8..1.2",
+            kept=True),
         Row("the same, resumed at 1 rank (fitted on this run too)",
-            "memory.resume_1_rank.predicted_over_measured_steps_peak", target="0.8..1.2"),
+            "memory.resume_1_rank.predicted_over_measured_steps_peak", target="0.8..1.2", kept=True),
     ],
 }
 

@@ -47,7 +47,8 @@ def _readme() -> str:
 def test_readme_tables_match_the_results_files():
     tables = _tables()
     readme = _readme()
-    assert tables.render(readme) == readme, "README.md's tables differ from bench/results: python bench/readme_tables.py"
+    assert tables.render(readme) == readme, ("README.md's tables differ from bench/results: "
+                                             "python bench/readme_tables.py")
 
 
 def test_the_check_command_passes_on_the_committed_readme():
@@ -88,7 +89,8 @@ def test_check_exits_1_when_the_readme_disagrees(tmp_path, monkeypatch):
     tables = _tables()
     readme = tables.render(_readme())
     serve = _section(readme, "perf-serve")
-    (tmp_path / "README.md").write_text(readme.replace(serve, serve.replace("requests/s |", "requests/s (edited) |", 1)))
+    edited = serve.replace("requests/s |", "requests/s (edited) |", 1)
+    (tmp_path / "README.md").write_text(readme.replace(serve, edited))
     monkeypatch.setattr(tables, "README", tmp_path / "README.md")
     monkeypatch.setattr(sys, "argv", ["readme_tables.py", "--check"])
     assert tables.main() == 1
@@ -105,10 +107,25 @@ def test_comparisons_are_preferred_over_the_files_own_keys(tmp_path):
     projected = {**entry, "what": "share at 64 GPUs", "target": None, "target_met": None, "projection": True}
     _edit(results, "model.json", lambda r: r.update(comparisons={"paper_block_vs_matmuls": entry, "p": projected}))
     table = _section(tables.render(_readme(), results), "perf-model")
-    assert ("| paper block / its two matmuls alone, forward + backward time (lower is better) | 1.43× (1.20×–1.90×, "
-            "15 rounds) | ≤ 1.30×: **missed** | `model.json` |") in table
+    assert ("| paper block / its two matmuls alone, forward + backward time (lower is better) | "
+            "1.43× (1.20×–1.90×, 15 rounds) | ≤ 1.30×: **missed** | `model.json` |") in table
     assert "| projection: share at 64 GPUs |" in table
     assert "textbook roll" not in table, "with comparisons, the file's own keys give no rows"
+
+
+def test_figures_no_ratio_replaces_stay_beside_the_comparisons(tmp_path):
+    tables = _tables()
+    results = _results_copy(tmp_path)
+    entry = {"what": "2 ranks / 1 rank, step time (lower is better)", "median": 0.7, "min": 0.6, "max": 0.8,
+             "rounds": 5, "per_round": [0.7] * 5, "target": None, "target_met": None}
+    _edit(results, "scale.json", lambda r: r.update(comparisons={"step": entry}))
+    _edit(results, "train.json", lambda r: r.update(comparisons={"step": entry}))
+    table = _section(tables.render(_readme(), results), "perf-train")
+    assert table.count("| 2 ranks / 1 rank, step time (lower is better) | 0.70× (0.60×–0.80×, 5 rounds) |") == 2
+    for kept in ("`lipnext plan` / measured peak RSS, 2 ZeRO-3 ranks", "the same, resumed at 1 rank",
+                 "step time, one process", "its certificate ready"):
+        assert kept in table, kept
+    assert "a checkpoint's step stall" not in table, "a ratio row gives way to the comparisons"
 
 
 def test_conditions_say_quiet_only_when_the_file_says_so(tmp_path):
