@@ -1,4 +1,4 @@
-"""`ray job submit` of a launcher against a real local Ray head with token authentication on.
+"""`ray job submit --working-dir` of a launcher against a real local Ray head with token authentication on.
 
 The head runs as `ray start --head --block` in its own process group, with HOME pointed at a temporary
 directory (so the token lives there, never in the real ~/.ray/auth_token) and RAY_AUTH_MODE=token on
@@ -98,21 +98,6 @@ def token_head(tmp_path_factory):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def digits_data(tmp_path_factory):
-    """Real digits shards, prepared in a subprocess with its own short-lived local Ray instance."""
-    out = tmp_path_factory.mktemp("data") / "digits"
-    home = tmp_path_factory.mktemp("home-prep")
-    env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    env.pop("RAY_ADDRESS", None)
-    code = ("import ray; from lipnext_scale.data.prep import ShardFormat, prepare; "
-            "ray.init(address='local', num_cpus=2, include_dashboard=False); "
-            f"prepare('digits', None, {str(out)!r}, ShardFormat(image_size=32), workers=2, progress=False); "
-            "ray.shutdown()")
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300, cwd=REPO)
-    return out
-
-
 def ray_job(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run([RAY, "job", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
@@ -125,22 +110,20 @@ def test_submit_without_token_is_refused(token_head, tmp_path):
     assert "AuthenticationError" in result.stderr, result.stderr[-2000:]
 
 
-def test_ray_job_submit_train_launcher(token_head, digits_data, tmp_path):
+def test_ray_job_submit_with_working_dir_runs_a_launcher_on_the_cluster(token_head, tmp_path):
+    """`ray job submit --working-dir . -- python data_prep/digits.py`: the checkout is uploaded as the job's
+    working directory and the launcher's Ray tasks run on the token-auth cluster. (The training launcher through
+    the Jobs API, elastic and multi-node, is tests/integration/test_rehearsal.py's; this test is about the
+    upload and the submission, so it runs the cheapest launcher that uses the cluster.)"""
     url, env = token_head
-    storage = tmp_path / "runs"
-    launcher_args = [
-        "python", "launchers/train.py", "--config", "configs/train/demo.toml",
-        "--set", f'data.train_url="{digits_data}/train-manifest.parquet"',
-        "--set", 'data.eval_url=""', "--set", "data.loader_processes=0",
-        "--set", f'train.storage="{storage}"', "--set", "train.name=submitted", "--set", "train.num_workers=1",
-        "--set", "train.steps=2", "--set", "optim.warmup_steps=0",
-        "--set", "train.progress_bar=false",
-    ]  # one worker, no eval: this test is about submission; the 2-worker path is the demo's e2e test
+    out = tmp_path / "digits"
     result = ray_job(["submit", "--address", url, "--working-dir", str(REPO),
                       "--runtime-env-json", '{"excludes": ["runs", ".git", "bench/results", "*.egg-info"]}',
-                      "--", *launcher_args], env, timeout=420)
+                      "--", "python", "data_prep/digits.py", "--out", str(out), "--no-progress"], env, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "succeeded" in output, output[-4000:]
-    assert "training finished: submitted" in output
-    assert (storage / "submitted" / "step_00000002" / "meta.json").is_file(), "no checkpoint under the storage URL"
+    assert "working_dir" in output or "Uploading package" in output, output[-4000:]  # the checkout went up
+    for split in ("train", "val"):
+        assert (out / f"{split}-manifest.parquet").is_file(), f"no {split} manifest under the job's --out"
+    assert sorted(out.glob("train-*.tar")), "no train shard under the job's --out"
