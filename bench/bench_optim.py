@@ -126,6 +126,11 @@ def bench_train_step(width: int, depth: int, batch: int, rounds: int, retraction
             if r:  # round 0 warms up
                 step_times[name].append(end - start)
                 opt_times[name].append(end - mid)
+            if hasattr(opt, "fast_exp_scalars"):
+                # What the trainer does at its log steps (every train.log_every steps): FastExp's squaring budget
+                # follows what the steps needed. Without it every step paid the first window's budget (all
+                # `fast_exp_squarings` squarings). Not timed: one small host read per log window, not per step.
+                opt.fast_exp_scalars()
     med = {k: statistics.median(v) for k, v in step_times.items()}
     paired = {k: [a / b for a, b in zip(step_times[k], step_times["adamw"])] for k in variants if k.startswith("ours_")}
     out = {"width": width, "depth": depth, "batch": batch, "image_size": 32, "patch_size": TRAIN_STEP_PATCH,
