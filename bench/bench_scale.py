@@ -22,7 +22,15 @@ scalars) and checkpoint (the save after them); with the kernel's high-water mark
 predicts the steps window (tests/unit/test_plan.py: within 20 %). Before the jobs, the manifold update's
 workspace (plan.MANIFOLD_UPDATE_WORKSPACE) is measured in a child process. Data: digits at 224 px, 10 classes.
 
-    RAY_AUTH_MODE=disabled python bench/bench_scale.py [--depth 4] [--out bench/results/scale.json]
+Comparisons (bench/paired.py; under "comparisons"):
+  matmul_bf16_vs_fp32               one-thread GFLOPS of the 196 x W x W product, bf16 / fp32, measured back to
+                                    back in each of --rounds rounds (why this CPU trains in fp32)
+  plan_vs_measured_rss_train_2_ranks, plan_vs_measured_rss_resume_1_rank
+                                    `lipnext plan`'s per-rank total / the busiest rank's measured steps peak RSS
+                                    (one round: one training job each; tests/unit/test_plan.py allows 20 %)
+
+    RAY_AUTH_MODE=disabled python bench/bench_scale.py [--depth 4] [--rounds 3] [--out bench/results/scale.json]
+    RAY_AUTH_MODE=disabled python bench/bench_scale.py --quick --out /tmp/scale.json   # smoke: width 256, depth 1
 
 Needs ~(2 x the plan's per-rank total) of free memory; run it on a quiet machine (`uptime`).
 """
@@ -32,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -41,24 +50,32 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 from bench_train import machine_info, read_scalars  # noqa: E402  (the shared machine description)
+from paired import comparison, paired_order  # noqa: E402  (bench/paired.py)
 
 GIB = 2 ** 30
 STEP_PHASES = ("data", "forward", "backward", "retraction", "optimizer")
 PRECISION = "fp32"  # set from --precision
 RECIPE = "configs/train/imagenet_2b.toml"  # shrunk to the smoke's model by --set values only
+MODEL = "lipnext-1b"  # its width, patch and image size; --depth blocks (--width in smoke runs)
+IMAGE_SIZE, NUM_CLASSES, CERTIFY_IMAGES = 224, 10, 16
 
 
-def matmul_gflops() -> dict[str, float]:
-    """One-thread throughput of a 196 x 4096 x 4096 product (a 224 px image's tokens through one matrix)."""
+def matmul_gflops(width: int, rounds: int) -> dict[str, list[float]]:
+    """One-thread throughput of a 196 x width x width product (a 224 px image's tokens through one matrix), fp32
+    and bf16 back to back in each round (reversed on odd rounds)."""
     import torch
 
     torch.set_num_threads(1)
-    out = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(196, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
-        t0 = time.perf_counter()
-        a @ b
-        out[name] = round(2 * 196 * 4096 * 4096 / (time.perf_counter() - t0) / 1e9, 2)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    out: dict[str, list[float]] = {name: [] for name in dtypes}
+    for dtype in dtypes.values():  # warm-up: kernels and thread pool, on a small product
+        torch.randn(196, 256, dtype=dtype) @ torch.randn(256, 256, dtype=dtype)
+    for r in range(rounds):
+        for name in paired_order(r, list(dtypes)):
+            a, b = torch.randn(196, width, dtype=dtypes[name]), torch.randn(width, width, dtype=dtypes[name])
+            t0 = time.perf_counter()
+            a @ b
+            out[name].append(round(2 * 196 * width * width / (time.perf_counter() - t0) / 1e9, 2))
     return out
 
 
@@ -146,11 +163,14 @@ print((rss("VmHWM") - base) / (4 * n * c * c))
     return round(float(done.stdout.strip().splitlines()[-1]), 2)
 
 
-def _overrides(data: Path, storage: Path, name: str, depth: int, *extra: str) -> list[str]:
+def _overrides(data: Path, storage: Path, name: str, shape: tuple[int, int], *extra: str) -> list[str]:
+    """The job's --set values: the recipe shrunk to `shape` = (width, depth) of MODEL, then `extra`."""
     from lipnext_scale.train.cli import dataset_overrides, toml_string
 
+    width, depth = shape
     return [*dataset_overrides(str(data)), f"train.storage={toml_string(str(storage))}", f"train.name={name}",
-            "model.name=lipnext-1b", f"model.depth={depth}", "model.num_classes=10", "model.image_size=224",
+            f"model.name={MODEL}", f"model.width={width}", f"model.depth={depth}", f"model.num_classes={NUM_CLASSES}",
+            f"model.image_size={IMAGE_SIZE}",
             "data.dataset=digits", "data.batch_size=1", "data.loader_processes=0", "data.shuffle_buffer=16",
             'data.eval_url=""', "train.global_batch=2", f"train.precision={PRECISION}", "train.use_gpu=false",
             'train.deepspeed="configs/deepspeed/zero3_bf16.json"', "train.log_every=1", "train.eval_every=0",
@@ -210,103 +230,138 @@ def zero_settings() -> dict[str, int]:
             "reduce_bucket_size": int(zero["reduce_bucket_size"])}
 
 
-def predicted(depth: int, ranks: int, micro_batch: int, runtime_bytes: int) -> dict:
+def predicted(shape: tuple[int, int], ranks: int, micro_batch: int, runtime_bytes: int) -> dict:
     from lipnext_scale.plan import ZeroSettings, memory_plan
 
     from lipnext_scale.config import load_config
 
+    width, depth = shape
     optim = load_config(REPO / RECIPE).optim  # the recipe's optimizer: Lookahead copies, manifold buckets
-    plan = memory_plan("lipnext-1b", ranks, micro_batch, zero=ZeroSettings(**zero_settings(), precision=PRECISION),
-                       runtime_bytes=runtime_bytes, optim_cfg=optim, num_classes=10, depth=depth, image_size=224)
+    plan = memory_plan(MODEL, ranks, micro_batch, zero=ZeroSettings(**zero_settings(), precision=PRECISION),
+                       runtime_bytes=runtime_bytes, optim_cfg=optim, num_classes=NUM_CLASSES, width=width, depth=depth,
+                       image_size=IMAGE_SIZE)
     return {"bytes": plan["bytes"], "total_bytes": plan["total_bytes"], "params": plan["params"],
             "phases": plan["phases"], "manifold_state_bytes_by_rank": plan["manifold_state_bytes_by_rank"]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--depth", type=int, default=4, help="blocks of 4096 x 4096 matrices (lipnext-1b has 32)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16 only on CPUs with native bf16 matmuls (see the module docstring)")
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "scale.json"))
-    args = p.parse_args(argv)
-    global PRECISION
-    PRECISION = args.precision
-    throughput = matmul_gflops()
-    print(f"[bench] one-thread GFLOPS of a 196 x 4096 x 4096 product: {throughput}", flush=True)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.chdir(REPO)
-    import ray
-
+def run_phases(shape: tuple[int, int], tmp: Path) -> tuple[dict, dict[str, dict], int, dict]:
+    """Prepare, the tiny baseline job, train on 2 ranks, resume on 1, export, certify: (phase times, the two
+    jobs' figures by name, the baseline's peak RSS, the certification report's summary)."""
     from lipnext_scale.ckpt import export_checkpoint
     from lipnext_scale.certify.job import CertifyRuntime, certify_job
     from lipnext_scale.config import CertifyConfig
     from lipnext_scale.data.prep import ShardFormat, prepare
-    from lipnext_scale.plan import CPU_RUNTIME_BYTES, MANIFOLD_UPDATE_WORKSPACE
 
-    load_start = os.getloadavg()[0]
-    workspace = {f"round_of_{n}": measure_manifold_workspace(n) for n in (1, 4)}
-    print(f"[bench] manifold update workspace per round element: {workspace}", flush=True)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    phases, memory = {}, {}
-    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
-        tmp = Path(tmp)
-        t0 = time.perf_counter()
-        prepare("digits", None, str(tmp / "digits224"), ShardFormat(shard_size=16, image_size=224), progress=False,
-                workers=2)
-        phases["prepare_data_s"] = round(time.perf_counter() - t0, 1)
+    phases = {}
+    t0 = time.perf_counter()
+    prepare("digits", None, str(tmp / "digits224"), ShardFormat(shard_size=CERTIFY_IMAGES, image_size=IMAGE_SIZE),
+            progress=False, workers=2)
+    phases["prepare_data_s"] = round(time.perf_counter() - t0, 1)
+    tiny = run_job(_overrides(tmp / "digits224", tmp / "runs", "baseline", (16, 1), "model.name=lipnext-tiny",
+                              "train.num_workers=2", "train.steps=2",
+                              "ckpt.every_steps=2"), "baseline")
+    train = run_job(_overrides(tmp / "digits224", tmp / "runs", "scale", shape, "train.num_workers=2",
+                               "train.steps=3", "ckpt.every_steps=3"), "train-2-ranks")
+    resume = run_job(_overrides(tmp / "digits224", tmp / "runs", "scale-1rank", shape, "train.num_workers=1",
+                                "train.steps=4", "ckpt.every_steps=4",
+                                f"train.resume={json.dumps(train['checkpoint'])}"), "resume-1-rank")
+    t0 = time.perf_counter()
+    export_checkpoint(resume["checkpoint"], str(tmp / "export"))
+    phases["export_s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    # wide fp32 matrices: the rigorous bound from max|W^T W - I| is ~1 + 1e-4 even right after training
+    # steps, above the default 1e-4 allowance; certification uses the bound it measured (sound either way).
+    report = certify_job(str(tmp / "export"), str(tmp / "digits224" / "val-000000.tar"), str(tmp / "certify"),
+                         CertifyConfig(eps="36/255", actors=0, batch_size=CERTIFY_IMAGES, lipschitz_tol=1e-3),
+                         CertifyRuntime(progress=False))
+    phases[f"certify_{report['samples']}_images_s"] = round(time.perf_counter() - t0, 1)
+    certified = {k: report.get(k) for k in ("n", "samples", "results", "verification") if k in report}
+    return phases, {"train_2_ranks": train, "resume_1_rank": resume}, \
+        max(tiny["peak_rss_bytes"]["whole_run_high_water"]), certified
 
-        tiny = run_job(_overrides(tmp / "digits224", tmp / "runs", "baseline", 1, "model.name=lipnext-tiny",
-                                  "model.depth=1", "model.width=16", "train.num_workers=2", "train.steps=2",
-                                  "ckpt.every_steps=2"), "baseline")
-        baseline = max(tiny["peak_rss_bytes"]["whole_run_high_water"])
-        train = run_job(_overrides(tmp / "digits224", tmp / "runs", "scale", args.depth, "train.num_workers=2",
-                                   "train.steps=3", "ckpt.every_steps=3"), "train-2-ranks")
-        resume = run_job(_overrides(tmp / "digits224", tmp / "runs", "scale-1rank", args.depth, "train.num_workers=1",
-                                    "train.steps=4", "ckpt.every_steps=4",
-                                    f"train.resume={json.dumps(train['checkpoint'])}"), "resume-1-rank")
-        t0 = time.perf_counter()
-        export_checkpoint(resume["checkpoint"], str(tmp / "export"))
-        phases["export_s"] = round(time.perf_counter() - t0, 1)
-        t0 = time.perf_counter()
-        # 4096-wide fp32 matrices: the rigorous bound from max|W^T W - I| is ~1 + 1e-4 even right after training
-        # steps, above the default 1e-4 allowance; certification uses the bound it measured (sound either way).
-        report = certify_job(str(tmp / "export"), str(tmp / "digits224" / "val-000000.tar"), str(tmp / "certify"),
-                             CertifyConfig(eps="36/255", actors=0, batch_size=16, lipschitz_tol=1e-3),
-                             CertifyRuntime(progress=False))
-        phases["certify_16_images_s"] = round(time.perf_counter() - t0, 1)
-        certified = {k: report.get(k) for k in ("n", "samples", "results", "verification") if k in report}
 
-    ray.shutdown()
-    for name, run in (("train_2_ranks", train), ("resume_1_rank", resume)):
-        phases[name] = {k: run[k] for k in ("startup_s", "step_s", "step_split_s", "checkpoint_s", "run_wall_s")}
-        plan = predicted(args.depth, run["workers"], 1, CPU_RUNTIME_BYTES)
+def memory_against_plan(jobs: dict[str, dict], shape: tuple[int, int]) -> tuple[dict, dict]:
+    """Per job: measured peak RSS beside the plan's prediction (the "memory" section) and the comparison entry."""
+    from lipnext_scale.plan import CPU_RUNTIME_BYTES
+
+    memory, comparisons = {}, {}
+    for name, run in jobs.items():
+        plan = predicted(shape, run["workers"], 1, CPU_RUNTIME_BYTES)
         steps_peak = max(run["peak_rss_bytes"]["steps"])
         memory[name] = {"measured_peak_rss_bytes": run["peak_rss_bytes"],
                         "predicted_bytes_by_kind": plan["bytes"], "predicted_phases_bytes": plan["phases"],
                         "predicted_total_bytes": plan["total_bytes"],
                         "predicted_manifold_state_bytes_by_rank": plan["manifold_state_bytes_by_rank"],
                         "predicted_over_measured_steps_peak": round(plan["total_bytes"] / steps_peak, 3)}
+        comparisons[f"plan_vs_measured_rss_{name}"] = comparison(
+            f"`lipnext plan`'s per-rank total / the busiest rank's measured peak RSS while it steps, {name} "
+            "(tests/unit/test_plan.py allows 0.8-1.2)", [plan["total_bytes"]], [steps_peak], higher_is_better=None)
+    return memory, comparisons
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--depth", type=int, default=4, help=f"blocks of width x width matrices ({MODEL} has 32)")
+    p.add_argument("--width", type=int, default=4096, help=f"{MODEL}'s 4096 unless a smoke run shrinks it")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16 only on CPUs with native bf16 matmuls (see the module docstring)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the fp32 / bf16 matmul comparison")
+    p.add_argument("--quick", action="store_true", help="smoke run: width 256, depth 1, 2 rounds (not a measurement)")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "scale.json"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.width, args.depth, args.rounds = 256, 1, 2
+    global PRECISION
+    PRECISION = args.precision
+    shape = (args.width, args.depth)
+    gflops = matmul_gflops(args.width, args.rounds)
+    throughput = {name: statistics.median(v) for name, v in gflops.items()}
+    print(f"[bench] one-thread GFLOPS of a 196 x {args.width} x {args.width} product: {gflops}", flush=True)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.chdir(REPO)
+    import ray
+
+    from lipnext_scale.plan import CPU_RUNTIME_BYTES, MANIFOLD_UPDATE_WORKSPACE
+
+    load_start = os.getloadavg()[0]
+    workspace = {f"round_of_{n}": measure_manifold_workspace(n, args.width) for n in (1, 4)}
+    print(f"[bench] manifold update workspace per round element: {workspace}", flush=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        phases, jobs, baseline, certified = run_phases(shape, Path(tmp))
+    ray.shutdown()
+    for name, run in jobs.items():
+        phases[name] = {k: run[k] for k in ("startup_s", "step_s", "step_split_s", "checkpoint_s", "run_wall_s")}
+    memory, comparisons = memory_against_plan(jobs, shape)
+    comparisons["matmul_bf16_vs_fp32"] = comparison(
+        f"one-thread GFLOPS of a 196 x {args.width} x {args.width} product, bf16 / fp32", gflops["bf16"],
+        gflops["fp32"])
     out = {
-        "benchmark": f"scale smoke: lipnext-1b width/patch at depth {args.depth} (4096 x 4096 matrices), "
-                     f"ZeRO-3 {PRECISION} on 2 CPU ranks; checkpoint, resume at 1 rank, export, certify 16 images",
+        "benchmark": f"scale smoke: {MODEL} width/patch at depth {args.depth} ({args.width} x {args.width} matrices), "
+                     f"ZeRO-3 {PRECISION} on 2 CPU ranks; checkpoint, resume at 1 rank, export, certify "
+                     f"{certified.get('samples')} images",
         "machine": {**machine_info(), "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]}},
-        "model": {"name": "lipnext-1b", "depth": args.depth, "width": 4096, "image_size": 224, "num_classes": 10,
-                  "params": predicted(args.depth, 2, 1, CPU_RUNTIME_BYTES)["params"]},
+        "model": {"name": MODEL, "depth": args.depth, "width": args.width, "image_size": IMAGE_SIZE,
+                  "num_classes": NUM_CLASSES, "params": predicted(shape, 2, 1, CPU_RUNTIME_BYTES)["params"]},
         "settings": {"recipe": RECIPE, "micro_batch": 1, "global_batch": 2,
                      "deepspeed": "configs/deepspeed/zero3_bf16.json",
-                     "precision": PRECISION, "threads_per_rank": 1, **zero_settings(),
-                     "matmul_gflops_one_thread_196x4096x4096": throughput},
+                     "precision": PRECISION, "threads_per_rank": 1, **zero_settings(), "rounds": args.rounds,
+                     "quick": args.quick, f"matmul_gflops_one_thread_196x{args.width}x{args.width}": throughput},
+        "comparisons": comparisons,
         "cpu_runtime_baseline_bytes": {"measured": baseline, "plan_constant": CPU_RUNTIME_BYTES,
                                        "how": "peak RSS of a lipnext-tiny (width 16) ZeRO-3 rank, 2 ranks"},
         "manifold_update_workspace": {**workspace, "plan_constant": MANIFOLD_UPDATE_WORKSPACE,
+                                      "matrix_size": args.width,
                                       "how": "peak fp32 temporaries of one owner round per fp32 element of it"},
         "phases": phases,
         "memory": memory,
         "certify": certified,
     }
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    from lipnext_scale.storage import atomic_write_bytes
+
+    atomic_write_bytes(args.out, (json.dumps(out, indent=2) + "\n").encode())
     print(json.dumps(out, indent=2))
     return 0
 

@@ -27,20 +27,24 @@ def paired_order(round_index: int, names: Sequence[str]) -> list[str]:
 
 
 def ratio_summary(what: str, per_round: Sequence[float], *, target: float | None = None,
-                  higher_is_better: bool = True) -> dict:
-    """One "comparisons" entry from per-round ratios ours / alternative."""
+                  higher_is_better: bool | None = True) -> dict:
+    """One "comparisons" entry from per-round ratios ours / alternative. higher_is_better=None: a prediction
+    against its measurement, where 1 is best (no one-sided target then)."""
     if not per_round:
         raise ValueError(f"comparison {what!r}: no rounds measured; run at least one round")
+    if higher_is_better is None and target is not None:
+        raise ValueError(f"comparison {what!r}: a target needs a direction; pass higher_is_better=True or False")
     median = statistics.median(per_round)
     met = None if target is None else bool(median >= target if higher_is_better else median <= target)
-    return {"what": f"{what} ({'higher' if higher_is_better else 'lower'} is better)",
+    better = {True: "higher is better", False: "lower is better", None: "1 is best"}[higher_is_better]
+    return {"what": f"{what} ({better})",
             "median": round(median, DIGITS), "min": round(min(per_round), DIGITS),
             "max": round(max(per_round), DIGITS), "rounds": len(per_round),
             "per_round": [round(r, DIGITS) for r in per_round], "target": target, "target_met": met}
 
 
 def comparison(what: str, ours: Sequence[float], alternative: Sequence[float], *, target: float | None = None,
-               higher_is_better: bool = True) -> dict:
+               higher_is_better: bool | None = True) -> dict:
     """One "comparisons" entry from the same quantity measured for ours and the alternative in each round."""
     if len(ours) != len(alternative):
         raise ValueError(f"comparison {what!r}: {len(ours)} rounds of ours against {len(alternative)} of the "
