@@ -202,12 +202,13 @@ def run_round(round_index: int, ckpt: str, data: str, work: Path, batch_size: in
     return out
 
 
-def comparisons_of(runs: dict[str, list[dict]]) -> dict:
-    """The paired comparisons from every round's runs (a job's own triple's forward for "forward")."""
+def comparisons_of(runs: dict[str, list[dict]], model: str) -> dict:
+    """The paired comparisons from every round's runs (a job's own triple's forward for "forward"); `model`
+    names the model certified in each "what"."""
     def figures(name: str, field: str, partner: str) -> list[float]:
         return [r[f"forward_{field}"] for r in runs[partner]] if name == "forward" else [r[field] for r in runs[name]]
 
-    return {key: comparison(what, figures(ours, f_ours, alt), figures(alt, f_alt, ours), target=target)
+    return {key: comparison(f"{what}, {model}", figures(ours, f_ours, alt), figures(alt, f_alt, ours), target=target)
             for key, (ours, f_ours, alt, f_alt, what, target) in COMPARISONS.items()}
 
 
@@ -260,7 +261,8 @@ def main() -> None:
                 runs[name].append(figures)
     ray.shutdown()
 
-    comparisons = comparisons_of(runs)
+    model = ", ".join([args.model, *(f"{k.replace('_', ' ')} {v}" for k, v in overrides.items())])
+    comparisons = comparisons_of(runs, model)
 
     def median(values) -> float:
         return statistics.median(list(values))

@@ -139,14 +139,17 @@ def main() -> None:
     for r in range(args.rounds):
         for name in paired_order(r, list(variants)):
             times[name].append(time_fwd_bwd(variants[name], x))
-    comparisons = {key: comparison(what, times[ours], times[alt], target=TARGETS.get(key), higher_is_better=False)
+    dtype = str(x.dtype).removeprefix("torch.")
+    shape = f"width {args.width}, batch {args.batch}, {args.grid} x {args.grid} tokens, {dtype}"
+    comparisons = {key: comparison(f"{what}, {shape}", times[ours], times[alt], target=TARGETS.get(key),
+                                   higher_is_better=False)
                    for key, (ours, alt, what) in COMPARISONS.items()}
     median = {name: statistics.median(t) for name, t in times.items()}
     tokens = args.batch * args.grid ** 2
     result = {
         "benchmark": "model",
         "setting": {"width": args.width, "batch": args.batch, "grid": args.grid, "tokens": tokens,
-                    "dtype": str(x.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+                    "dtype": dtype, "threads": torch.get_num_threads(),
                     "rounds": args.rounds, "quick": args.quick},
         **{key: comparisons[name]["median"] for key, name in LEGACY_KEYS.items()},
         "comparisons": comparisons,
