@@ -116,12 +116,12 @@ def webdataset_loader(manifest: str, dataset: str, image_size: int, batch_size: 
 
     from lipnext_scale.data.shards import resolve_shards
     from lipnext_scale.data.streams import collate_train
-    from lipnext_scale.data.transforms import to_uint8_chw, train_augment
+    from lipnext_scale.data.transforms import to_uint8_hwc, train_augment
 
     rng = random.Random()
 
     def augment(img: Image.Image) -> torch.Tensor:
-        return to_uint8_chw(train_augment(img, dataset, image_size, rng))
+        return to_uint8_hwc(train_augment(img, dataset, image_size, rng))
 
     ds = (wds.WebDataset(resolve_shards(manifest), resampled=True, shardshuffle=False)
           .shuffle(1000).decode("pil").to_tuple("jpg;png", "cls").map_tuple(augment, int)

@@ -21,6 +21,7 @@ of batches is a pure function of the seeds: that is what makes exact resume poss
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from typing import TYPE_CHECKING, Iterable, Iterator
 
@@ -32,8 +33,7 @@ from lipnext_scale.data.errors import DataError
 from lipnext_scale.data.manifest import ShardDigest
 from lipnext_scale.data.tar_reader import (TRAINING_SUFFIXES, SkipStats, decode_raw, iter_raw_samples,
                                            iter_verified_samples)
-from lipnext_scale.data.transforms import (SampleError, eval_transform, stack_to_float, to_uint8_chw,
-                                           train_augment)
+from lipnext_scale.data.transforms import SampleError, eval_transform, hwc_to_chw_batch, to_uint8_hwc, train_augment
 
 if TYPE_CHECKING:
     from lipnext_scale.config import DataConfig
@@ -110,7 +110,7 @@ def decode(samples: Iterable, stats: SkipStats,
 
 
 def augment_from(samples: Iterable, first: int, base: int, dataset: str, image_size: int) -> Iterator:
-    """(key, image, label) -> (uint8 CHW augmented image, label), dropping the first `first` samples.
+    """(key, image, label) -> (uint8 HWC augmented image, label), dropping the first `first` samples.
 
     Hand-written for exact resume: sample n of the stream is augmented with a generator seeded by
     (base, n), so the augmentation of a sample does not depend on what came before; a resumed stream drops
@@ -121,7 +121,7 @@ def augment_from(samples: Iterable, first: int, base: int, dataset: str, image_s
     for n, (_, img, label) in enumerate(samples):
         if n >= first:
             img = train_augment(img, dataset, image_size, random.Random(base ^ (n * 0x9E3779B1)))
-            yield to_uint8_chw(img), label
+            yield to_uint8_hwc(img), label
 
 
 def eval_parts(urls: list[str], rank: int, world_size: int) -> Iterator[dict]:
@@ -144,21 +144,38 @@ def shuffle_stage(buffer_size: int, rng: random.Random):
     return wds.shuffle(buffer_size, initial=buffer_size, rng=rng)
 
 
+def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised batch tensor; in a DataLoader worker it lives in shared memory from the start (as
+    torch's default_collate does), so handing it to the main process passes a file descriptor. Built in
+    private memory, the worker would copy all of it into a fresh shared segment on the way out: for a float
+    ImageNet batch of 64 (38 MB) that copy and its page faults cost as much as the conversion itself."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def images_batch(images: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 HWC images -> one (B, 3, H, W) batch, float32 in [0, 1] or uint8 (`hwc_to_chw_batch`)."""
+    height, width, channels = images[0].shape
+    return hwc_to_chw_batch(images, batch_tensor((len(images), channels, height, width), dtype))
+
+
 def collate_train(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = zip(*samples)
-    return stack_to_float(list(images)), torch.tensor(labels, dtype=torch.int64)
+    return images_batch(images), torch.tensor(labels, dtype=torch.int64)
 
 
 def collate_train_uint8(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 batches: a quarter of the bytes to pin and copy to the GPU; the consumer normalises on the device
     (`images.float().div_(255)`, the same float32 values `collate_train` gives)."""
     images, labels = zip(*samples)
-    return torch.stack(list(images)), torch.tensor(labels, dtype=torch.int64)
+    return images_batch(images, torch.uint8), torch.tensor(labels, dtype=torch.int64)
 
 
 def collate_eval(samples: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     keys, images, labels = zip(*samples)
-    return stack_to_float(list(images)), torch.tensor(labels, dtype=torch.int64), list(keys)
+    return images_batch(images), torch.tensor(labels, dtype=torch.int64), list(keys)
 
 
 class TrainStream(IterableDataset):
@@ -213,7 +230,7 @@ class EvalStream(IterableDataset):
             lambda: eval_parts(self.urls, self.rank, self.world_size),
             lambda shards: read_shards(shards, self.stats, self.digests),
             lambda samples: decode(samples, self.stats, self.num_classes),
-            lambda samples: ((key, to_uint8_chw(eval_transform(img, self.dataset, self.image_size)), label)
+            lambda samples: ((key, to_uint8_hwc(eval_transform(img, self.dataset, self.image_size)), label)
                              for key, img, label in samples),
             wds.batched(self.batch_size, collation_fn=collate_eval, partial=True),
         )

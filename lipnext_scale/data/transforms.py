@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import random
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -135,6 +136,18 @@ def to_float_chw(img: Image.Image) -> torch.Tensor:
     return to_uint8_chw(img).float().div_(255.0)
 
 
-def stack_to_float(images: list[torch.Tensor]) -> torch.Tensor:
-    """uint8 CHW tensors -> one float32 batch in [0, 1] (one conversion per batch, not per image)."""
-    return torch.stack(images).float().div_(255.0)
+def to_uint8_hwc(img: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8, read-only: one copy out of PIL and no tensor yet (`hwc_to_chw_batch` writes the batch)."""
+    return np.asarray(img, dtype=np.uint8)
+
+
+def hwc_to_chw_batch(images: Sequence[np.ndarray], out: torch.Tensor) -> torch.Tensor:
+    """Equal-sized uint8 (H, W, 3) images -> `out` (B, 3, H, W): uint8 as they are, float32 in [0, 1] (the
+    values of `.float().div_(255)`, bit for bit). Each image is converted straight into its slot of `out` (a
+    loader worker's shared memory) while it is in cache: no per-image tensor, no float copy of the batch."""
+    slots = out.numpy()  # a view: numpy writes where `out` lives
+    for image, slot in zip(images, slots):
+        slot[...] = image.transpose(2, 0, 1)
+        if out.is_floating_point():
+            np.divide(slot, np.float32(255.0), out=slot)  # float32 / float32, as torch's div_ computes it
+    return out

@@ -1,0 +1,56 @@
+"""Batch assembly of the loaders: the values of the float batch and where a worker builds it."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from lipnext_scale.data.streams import collate_eval, collate_train, collate_train_uint8
+from lipnext_scale.data.transforms import hwc_to_chw_batch
+
+
+def _images(n: int = 3) -> list[np.ndarray]:
+    every_value = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    rng = np.random.default_rng(0)
+    return [np.stack([np.roll(every_value, i), every_value.T, rng.integers(0, 256, (16, 16), dtype=np.uint8)], axis=-1)
+            for i in range(n)]
+
+
+def _reference(images: list[np.ndarray]) -> torch.Tensor:
+    """What the loaders returned before: per-image CHW uint8 tensors, stacked, `.float().div_(255)`."""
+    return torch.stack([torch.from_numpy(a.copy()).permute(2, 0, 1) for a in images]).float().div_(255.0)
+
+
+def test_float_batch_is_bit_identical_to_float_div_255_for_every_pixel_value():
+    images = _images()
+    got = hwc_to_chw_batch(images, torch.empty(3, 3, 16, 16))
+    assert got.is_contiguous() and torch.equal(got, _reference(images))
+    got_u8 = hwc_to_chw_batch(images, torch.empty(3, 3, 16, 16, dtype=torch.uint8))
+    assert torch.equal(got_u8.float().div_(255.0), _reference(images))
+
+
+def test_collates_keep_labels_keys_and_values():
+    images = _images()
+    samples = [(img, label) for img, label in zip(images, (4, 0, 9))]
+    x, y = collate_train(samples)
+    assert x.dtype == torch.float32 and torch.equal(x, _reference(images)) and y.tolist() == [4, 0, 9]
+    x8, y8 = collate_train_uint8(samples)
+    assert x8.dtype == torch.uint8 and torch.equal(x8.float().div_(255.0), x) and torch.equal(y8, y)
+    xe, ye, keys = collate_eval([(f"k{i}", img, label) for i, (img, label) in enumerate(samples)])
+    assert torch.equal(xe, x) and torch.equal(ye, y) and keys == ["k0", "k1", "k2"]
+
+
+class _Batches(IterableDataset):
+    def __iter__(self):
+        images = _images()
+        batch = collate_train(list(zip(images, range(3))))
+        yield batch[0].is_shared(), batch[0], _reference(images)
+
+
+def test_a_worker_builds_its_batch_in_shared_memory():
+    """Built in shared memory, the batch leaves the worker without being copied into a fresh segment."""
+    (shared, got, want), = DataLoader(_Batches(), batch_size=None, num_workers=1)
+    assert shared and torch.equal(got, want)
+    x, _ = collate_train(list(zip(_images(), range(3))))  # outside a worker: ordinary memory
+    assert not x.is_shared()
