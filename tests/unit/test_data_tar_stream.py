@@ -48,3 +48,43 @@ def test_truncated_and_corrupt_streams_raise():
     bad[10] ^= 0xFF  # flip a byte of the first header's name
     with pytest.raises(TarError, match="checksum"):
         list(iter_tar_members(io.BytesIO(bytes(bad)), lambda n: True))
+
+
+class _Dribble(io.BytesIO):
+    """A network-like stream: each read returns at most 5 bytes; seekable only if asked."""
+
+    def __init__(self, data: bytes, seekable: bool):
+        super().__init__(data)
+        self._seekable = seekable
+
+    def read(self, n: int = -1) -> bytes:
+        return super().read(5 if n is None or n < 0 else min(n, 5))
+
+    def seekable(self) -> bool:
+        return self._seekable
+
+
+@pytest.mark.parametrize("seekable", [False, True])
+def test_chunked_reads_short_reads_and_skips_agree_with_tarfile(monkeypatch, seekable):
+    """Members and skips that straddle the reader's chunks, over a stream that gives few bytes per read."""
+    import lipnext_scale.data.tar_stream as tar_stream
+
+    monkeypatch.setattr(tar_stream, "READ_CHUNK", 700)
+    monkeypatch.setattr(tar_stream, "SKIP_CHUNK", 1000)
+    members = [("a.jpg", bytes(range(256)) * 9), ("a.cls", b"1"), ("b.pyd", b"z" * 5000), ("b.cls", b"2"),
+               ("c.png", b"p" * 699), ("c.cls", b"3")]
+    data = make_tar(members, tarfile.GNU_FORMAT)
+    want = [m for m in members if not m[0].endswith(".pyd")]
+    assert list(iter_tar_members(_Dribble(data, seekable), lambda n: not n.endswith(".pyd"))) == want
+    assert list(iter_tar_members(_Dribble(gzip.compress(data), seekable), lambda n: True)) == members
+    with pytest.raises(TarError, match="truncated"):
+        list(iter_tar_members(_Dribble(data[:4000], seekable), lambda n: not n.endswith(".pyd")))
+
+
+def test_header_byte_sum_is_sum():
+    import os
+
+    from lipnext_scale.data.tar_stream import _byte_sum
+
+    for block in (bytes(512), b"\xff" * 512, bytes(range(256)) * 2, os.urandom(512), b"\xff" * 256 + bytes(256)):
+        assert _byte_sum(block) == sum(block)
