@@ -33,7 +33,7 @@ from lipnext_scale.data.errors import DataError
 from lipnext_scale.data.manifest import ShardDigest
 from lipnext_scale.data.tar_reader import (TRAINING_SUFFIXES, SkipStats, decode_raw, iter_raw_samples,
                                            iter_verified_samples)
-from lipnext_scale.data.transforms import SampleError, eval_transform, hwc_to_chw_batch, to_uint8_hwc, train_augment
+from lipnext_scale.data.transforms import SampleError, eval_transform, hwc_to_chw_batch, to_uint8_hwc, train_crop
 
 if TYPE_CHECKING:
     from lipnext_scale.config import DataConfig
@@ -120,8 +120,8 @@ def augment_from(samples: Iterable, first: int, base: int, dataset: str, image_s
     """
     for n, (_, img, label) in enumerate(samples):
         if n >= first:
-            img = train_augment(img, dataset, image_size, random.Random(base ^ (n * 0x9E3779B1)))
-            yield to_uint8_hwc(img), label
+            img, mirror = train_crop(img, dataset, image_size, random.Random(base ^ (n * 0x9E3779B1)))
+            yield to_uint8_hwc(img, mirror), label
 
 
 def eval_parts(urls: list[str], rank: int, world_size: int) -> Iterator[dict]:

@@ -108,14 +108,19 @@ def padded_random_crop(img: Image.Image, size: int, pad: int, rng: random.Random
 
 
 def train_augment(img: Image.Image, dataset: str, image_size: int, rng: random.Random) -> Image.Image:
+    img, mirror = train_crop(img, dataset, image_size, rng)
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else img
+
+
+def train_crop(img: Image.Image, dataset: str, image_size: int, rng: random.Random) -> tuple[Image.Image, bool]:
+    """`train_augment` up to its horizontal flip: (the crop, whether to mirror it), the same draws from `rng`.
+    The loader mirrors while it copies the pixels into the batch (a reversed view), not as a PIL pass."""
     if dataset in RESIZED_CROP_DATASETS:
         box = random_resized_crop_box(img.width, img.height, rng)
         img = img.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box)
     else:
         img = padded_random_crop(img, image_size, max(1, image_size // 8), rng)
-    if rng.random() < 0.5:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return img
+    return img, rng.random() < 0.5
 
 
 def eval_transform(img: Image.Image, dataset: str, image_size: int) -> Image.Image:
@@ -136,9 +141,11 @@ def to_float_chw(img: Image.Image) -> torch.Tensor:
     return to_uint8_chw(img).float().div_(255.0)
 
 
-def to_uint8_hwc(img: Image.Image) -> np.ndarray:
-    """(H, W, 3) uint8, read-only: one copy out of PIL and no tensor yet (`hwc_to_chw_batch` writes the batch)."""
-    return np.asarray(img, dtype=np.uint8)
+def to_uint8_hwc(img: Image.Image, mirror: bool = False) -> np.ndarray:
+    """(H, W, 3) uint8, read-only: one copy out of PIL and no tensor yet (`hwc_to_chw_batch` writes the batch);
+    `mirror`: a left-right reversed view, the pixels of `img.transpose(FLIP_LEFT_RIGHT)`."""
+    pixels = np.asarray(img, dtype=np.uint8)
+    return pixels[:, ::-1] if mirror else pixels
 
 
 def hwc_to_chw_batch(images: Sequence[np.ndarray], out: torch.Tensor) -> torch.Tensor:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
+import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from lipnext_scale.data.streams import collate_eval, collate_train, collate_train_uint8
-from lipnext_scale.data.transforms import hwc_to_chw_batch
+from lipnext_scale.data.transforms import hwc_to_chw_batch, to_uint8_hwc, train_augment, train_crop
 
 
 def _images(n: int = 3) -> list[np.ndarray]:
@@ -54,3 +58,20 @@ def test_a_worker_builds_its_batch_in_shared_memory():
     assert shared and torch.equal(got, want)
     x, _ = collate_train(list(zip(_images(), range(3))))  # outside a worker: ordinary memory
     assert not x.is_shared()
+
+
+@pytest.mark.parametrize("dataset, size", [("imagenet", 24), ("cifar10", 32)])
+def test_the_loaders_mirrored_copy_is_train_augment_pixel_for_pixel(dataset, size):
+    """The loader crops with `train_crop` and mirrors while copying into the batch: the same pixels as
+    `train_augment` (crop, then PIL's flip) for the same generator, flipped or not."""
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (37, 45, 3), dtype=np.uint8))
+    mirrored = 0
+    for seed in range(12):
+        want = np.asarray(train_augment(img, dataset, size, random.Random(seed)))
+        crop, mirror = train_crop(img, dataset, size, random.Random(seed))
+        got = to_uint8_hwc(crop, mirror)
+        mirrored += mirror
+        assert np.array_equal(got, want)
+        batch = hwc_to_chw_batch([got], torch.empty(1, 3, size, size))
+        assert torch.equal(batch, _reference([want]))
+    assert 0 < mirrored < 12
