@@ -8,10 +8,11 @@
    then torchvision's ToTensor (per-image float conversion) re-implemented line for line. And, on the
    very same shards, webdataset's stock loader as its documentation writes it: `wds.WebDataset(urls,
    resampled=True).shuffle(1000).decode("pil").to_tuple("jpg;png", "cls")`, our augmentation mapped over
-   it, `.batched()` with our per-batch float conversion, in a `wds.WebLoader` with 2 workers: the
-   difference is then only the reading, grouping, decoding and shuffling plumbing. Two settings:
-   ImageNet-style (256-short-side JPEGs, random-resized-crop 224 + flip) and CIFAR-style (32x32 PNGs,
-   padded crop + flip). The variants run round-robin, several rounds, medians compared.
+   it, `.batched()` with our batch assembly (the float batch written in the worker's shared memory), in a
+   `wds.WebLoader` with 2 workers: the difference is then only the reading, grouping, decoding and
+   shuffling plumbing. Two settings: ImageNet-style (256-short-side JPEGs, random-resized-crop 224 + flip)
+   and CIFAR-style (32x32 PNGs, padded crop + flip). Each round measures the three back to back (rotated
+   order); the results are the per-round paired ratios ours / other: median, min, max and rounds.
 2. Prep throughput: `prepare("imagenet", ...)` with one Ray task per shard on 2 CPUs from larger JPEGs
    (an ImageNet-like 350-500 px), images/s per core.
 
@@ -86,7 +87,9 @@ class ImageFolderBaseline(torch.utils.data.Dataset):
         from lipnext_scale.data.transforms import decode_image, train_augment
 
         path, label = self.samples[i]
-        img = train_augment(decode_image(path.read_bytes()), self.dataset, self.image_size, random.Random())
+        # One generator per worker process, as torchvision's transforms draw from torch's: the `random` module,
+        # which the DataLoader seeds in each worker (a fresh random.Random() per image would cost an os.urandom).
+        img = train_augment(decode_image(path.read_bytes()), self.dataset, self.image_size, random)
         return to_tensor(img), label
 
 
@@ -97,8 +100,12 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def baseline_loader(root: Path, dataset: str, image_size: int, batch_size: int, workers: int):
+    """Shuffled like `shuffle=True`, in one epoch of at least CIFAR's 50,000 images: the bench's folders hold
+    only a few batches (the digits: 5 of 256), and restarting the workers every 5 batches would charge the
+    baseline a start-up that a real data set's epoch amortises."""
     ds = ImageFolderBaseline(root, dataset, image_size)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
+    sampler = torch.utils.data.RandomSampler(ds, num_samples=max(len(ds), 50_000))
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                        drop_last=True, persistent_workers=False)  # default_collate
 
 
@@ -118,10 +125,8 @@ def webdataset_loader(manifest: str, dataset: str, image_size: int, batch_size: 
     from lipnext_scale.data.streams import collate_train
     from lipnext_scale.data.transforms import to_uint8_hwc, train_augment
 
-    rng = random.Random()
-
-    def augment(img: Image.Image) -> torch.Tensor:
-        return to_uint8_hwc(train_augment(img, dataset, image_size, rng))
+    def augment(img: Image.Image) -> np.ndarray:  # `random`: seeded by the loader in each worker
+        return to_uint8_hwc(train_augment(img, dataset, image_size, random))
 
     ds = (wds.WebDataset(resolve_shards(manifest), resampled=True, shardshuffle=False)
           .shuffle(1000).decode("pil").to_tuple("jpg;png", "cls").map_tuple(augment, int)
@@ -147,6 +152,13 @@ def images_per_s(loader, batches: int, warmup: int = 3) -> float:
     return rate
 
 
+def paired(ours: list[float], other: list[float]) -> dict:
+    """Per-round ratios ours / other (each round's two measurements ran back to back): median, spread, rounds."""
+    ratios = [a / b for a, b in zip(ours, other)]
+    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
+            "max": round(max(ratios), 3), "rounds": len(ratios)}
+
+
 def bench_loader(name: str, make_ours, make_base, make_wds, batches: int, rounds: int) -> dict:
     ours, base, stock = [], [], []
     variants = [(ours, make_ours), (base, make_base), (stock, make_wds)]
@@ -165,6 +177,8 @@ def bench_loader(name: str, make_ours, make_base, make_wds, batches: int, rounds
     row["paired_ratio_median"] = round(statistics.median(a / b for a, b in zip(ours, base)), 3)
     row["paired_ratios_vs_webdataset"] = [round(a / b, 3) for a, b in zip(ours, stock)]
     row["paired_ratio_vs_webdataset_median"] = round(statistics.median(a / b for a, b in zip(ours, stock)), 3)
+    row["paired_vs_imagefolder"], row["paired_vs_webdataset"] = paired(ours, base), paired(ours, stock)
+    row["rounds"], row["batches_timed"] = rounds, batches
     print(json.dumps(row), flush=True)
     return row
 
@@ -201,7 +215,7 @@ def machine_info() -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=2000)
-    p.add_argument("--batches", type=int, default=15)
+    p.add_argument("--batches", type=int, default=30)  # per measurement; fewer makes the paired ratios noisy
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="a small smoke run (not for the committed numbers)")
     p.add_argument("--out", default=str(RESULTS))
@@ -215,7 +229,7 @@ def main() -> int:
 
     from lipnext_scale.data.prep import ShardFormat, prepare
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a foreign cluster
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_source_images(tmp / "src", args.images)
@@ -248,22 +262,27 @@ def main() -> int:
     result = {
         "loader_ratio_vs_imagefolder": rows[0]["ratio"],
         "loader_ratio_vs_webdataset": {row["setting"].split(":")[0]: row["ratio_vs_webdataset"] for row in rows},
+        "loader_paired_vs_imagefolder": {row["setting"].split(":")[0]: row["paired_vs_imagefolder"] for row in rows},
+        "loader_paired_vs_webdataset": {row["setting"].split(":")[0]: row["paired_vs_webdataset"] for row in rows},
         "prep_images_per_s_per_core": prep_row["images_per_s_per_core"],
         "loader": rows,
         "prep": prep_row,
         "digits_prep_images_per_s": digits["images_per_s"],
         "notes": ("Baseline = torchvision ImageFolder + DataLoader re-implemented (torchvision is not installable "
-                  "beside torch " + torch.__version__ + " here): one JPEG/PNG file per image on local disk, shuffled "
-                  "DataLoader + default_collate, same PIL decode and augmentation code, torchvision's ToTensor re-implemented "
-                  "(per-image float conversion), 2 workers, 1 intra-op thread. Ours: WebDataset "
-                  "tar shards from a manifest, resampled shards + shuffle buffer 1000, 2 workers, every shard "
-                  "checked against the manifest's sha256 while it streams. webdataset: its stock WebDataset "
+                  "beside torch " + torch.__version__ + " here): one JPEG/PNG file per image on local disk (the same "
+                  "stored 256-px / 32-px images the shards hold), shuffled by a RandomSampler over one epoch of at "
+                  "least 50,000 images (no worker restart every few batches), default_collate, same PIL decode and "
+                  "augmentation code drawing from the worker's `random`, torchvision's ToTensor re-implemented "
+                  "(per-image float conversion), 2 workers, 1 intra-op thread. Ours: WebDataset tar shards from a "
+                  "manifest, resampled shards + shuffle buffer 1000, 2 workers, every shard checked against the "
+                  "manifest's sha256 while it streams, float32 batches. webdataset: its stock WebDataset "
                   "(resampled, shuffle 1000, decode('pil'), to_tuple) on the same shards in a WebLoader with 2 "
-                  "workers, our augmentation and per-batch float conversion mapped over it, no checksum. "
-                  "Local disk with a warm page cache: the file-per-image penalty grows on network/object storage. Prep: one Ray task per "
-                  "250-image shard, 2 CPUs, source JPEGs 350-500 px resized to short side 256 at quality 95; the time "
-                  "includes Ray worker start-up and scheduling; build_shard_images_per_s_one_process is the same work in one "
-                  "process without Ray (the per-core ceiling). Medians of round-robin rounds; the machine is shared with other jobs."),
+                  "workers, our augmentation and batch assembly mapped over it, no checksum. Local disk with a "
+                  "warm page cache: the file-per-image penalty grows on network/object storage. Prep: one Ray task "
+                  "per 250-image shard, 2 CPUs, source JPEGs 350-500 px resized to short side 256 at quality 95; the "
+                  "time includes Ray worker start-up and scheduling; build_shard_images_per_s_one_process is the same "
+                  "work in one process without Ray (the per-core ceiling). Ratios: per round, the loaders measured "
+                  "back to back; paired_vs_* give their median, min, max and rounds."),
         "settings": {"images": args.images, "batches_timed": args.batches, "rounds": args.rounds, "quick": args.quick},
         "machine": machine_info(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
