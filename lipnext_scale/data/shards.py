@@ -11,7 +11,7 @@ one reader of a single shard (eval transform or stored size), used by certificat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Iterator
 
 from braceexpand import braceexpand
@@ -140,8 +140,11 @@ def _one_line(message: str) -> str:
     return last[-1][len(prefix):] if last else message
 
 
-def _loader(dataset, num_workers: int, pin_memory: bool = False):
+def _loader(dataset, num_workers: int, pin_memory: bool = False, to_float: bool = False):
+    """`to_float`: the dataset yields uint8 image batches, turned into float32 ones here (streams.FloatBatches)."""
     from torch.utils.data import DataLoader
+
+    from lipnext_scale.data.streams import FloatBatches
 
     class Loader(DataLoader):
         """A DataLoader whose DataErrors stay one line: torch re-raises a worker's exception with the
@@ -149,6 +152,7 @@ def _loader(dataset, num_workers: int, pin_memory: bool = False):
 
         def __iter__(self):
             batches = super().__iter__()
+            floats = FloatBatches() if to_float else None
             while True:
                 try:
                     batch = next(batches)
@@ -156,7 +160,7 @@ def _loader(dataset, num_workers: int, pin_memory: bool = False):
                     return
                 except DataError as e:
                     raise DataError(_one_line(str(e))) from None
-                yield batch
+                yield batch if floats is None else (floats(batch[0]), *batch[1:])
 
     if num_workers < 0:
         raise ValueError(f"num_workers={num_workers}: must be >= 0")
@@ -207,9 +211,12 @@ def make_train_loader(url: str | list[str], data: DataConfig, *, image_size: int
         raise ValueError(f"start_batch={runtime.start_batch}, shuffle_buffer={data.shuffle_buffer}: both must "
                          "be >= 0")
     urls = resolve_shards(url, split="train")
+    # Float batches are made from uint8 ones in this process (streams.FloatBatches), except where they are
+    # pinned by the DataLoader's own thread, which must see the final batch.
+    to_float = not runtime.uint8 and not runtime.pin_memory
     stream = TrainStream(urls, shard_digests(urls), data, image_size=image_size, num_classes=num_classes,
-                         runtime=runtime)
-    return _loader(stream, data.loader_processes, runtime.pin_memory)
+                         runtime=replace(runtime, uint8=True) if to_float else runtime)
+    return _loader(stream, data.loader_processes, runtime.pin_memory, to_float)
 
 
 def make_eval_loader(url: str | list[str], data: DataConfig, *, image_size: int, num_classes: int | None = None,

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from lipnext_scale.data.streams import collate_eval, collate_train, collate_train_uint8
+from lipnext_scale.data.streams import FloatBatches, collate_eval, collate_train, collate_train_uint8
 from lipnext_scale.data.transforms import hwc_to_chw_batch, to_uint8_hwc, train_augment, train_crop
 
 
@@ -75,3 +75,23 @@ def test_the_loaders_mirrored_copy_is_train_augment_pixel_for_pixel(dataset, siz
         batch = hwc_to_chw_batch([got], torch.empty(1, 3, size, size))
         assert torch.equal(batch, _reference([want]))
     assert 0 < mirrored < 12
+
+
+def test_float_batches_reuse_a_buffer_only_once_nothing_refers_to_it():
+    floats = FloatBatches()
+    u8 = [torch.from_numpy(np.stack(_images(2))).permute(0, 3, 1, 2).contiguous() + k for k in (0, 1, 2, 3)]
+    first = floats(u8[0])
+    assert torch.equal(first, u8[0].float().div_(255.0))
+    address = first.data_ptr()
+    del first
+    second = floats(u8[1])
+    assert second.data_ptr() == address and torch.equal(second, u8[1].float().div_(255.0))  # dropped: reused
+    kept_view = second[1, 2:]
+    del second
+    third = floats(u8[2])  # a view of the second batch is alive: its buffer is not overwritten
+    assert third.data_ptr() != address and torch.equal(kept_view, u8[1][1, 2:].float().div_(255.0))
+    kept_array = third.numpy()
+    del third, kept_view
+    fourth = floats(u8[3])
+    assert torch.equal(torch.from_numpy(kept_array), u8[2].float().div_(255.0))
+    assert fourth.data_ptr() == address and torch.equal(fourth, u8[3].float().div_(255.0))
