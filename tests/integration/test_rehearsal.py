@@ -1,14 +1,15 @@
 """The 2B release rehearsal, small: `python bench/rehearse_2b.py --quick` on a simulated multi-node cluster.
 
 One run of the rehearsal (its own process: Ray reads RAY_AUTH_MODE at import, and the suite's Ray runs without
-token auth) serves the module: a head with the Jobs API on 127.0.0.1 behind token auth and 3 one-CPU worker
-nodes on their own loopback addresses; an ImageNet look-alike (folders layout, 224 px) prepared by the
-`data_prep/imagenet.py` Ray job; `launchers/train_2b.py --num-workers 2-3` (the 2B recipe shrunk by --set:
-width 64, depth 1, patch 16 at 224 px, fp32) on the multi-node ZeRO config the launcher picks itself; a node
-killed mid-run (restart at 2 from the last checkpoint, lost steps counted) and added back (3 again); a preemption
-drain (checkpoint on the notice, the run continues on the nodes left); the job stopped and resumed with --resume
-at another count (bit-identical state); width steps measured; in-run certification and a final
-`launchers/certify.py` job with actors on 2 nodes at the default tolerance.
+token auth) serves the module: a head with the Jobs API on 127.0.0.1 behind token auth and 2 one-CPU worker
+nodes on their own loopback addresses (the full rehearsal: 3 nodes of 2 workers); an ImageNet look-alike
+(folders layout, 224 px) prepared by the `data_prep/imagenet.py` Ray job; `launchers/train_2b.py
+--num-workers 1-2` (the 2B recipe shrunk by --set: width 64, depth 1, patch 16 at 224 px, fp32) on the
+multi-node ZeRO config the launcher picks itself; a node killed mid-run (restart at 1 from the last
+checkpoint, lost steps counted) and added back (2 again); a preemption drain (checkpoint on the notice, the
+run continues on the node left); the job stopped and resumed with --resume at another count (bit-identical
+state); width steps measured; in-run certification and a final `launchers/certify.py` job with actors on 2
+nodes at the default tolerance.
 
 This replaces tests/integration/test_cluster_elastic.py (distinct nodes, node loss and return, exact resume at
 another size, certification actors on two nodes, preemption): the same checks on the documented commands.
@@ -28,6 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 REPO = Path(__file__).resolve().parents[2]
 MULTINODE = "configs/deepspeed/zero3_bf16_multinode.json"
+NODES = 2  # one worker each: the elastic range is 1-2
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +39,8 @@ def rehearsal(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "rehearse_2b.py"), "--quick", "--width", "64",
-                           "--out", str(out), "--workdir", str(work)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=1500)
+                           "--nodes", str(NODES), "--out", str(out), "--workdir", str(work)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     results = json.loads(out.read_text())
     print("\nrehearsal phases (s):", json.dumps(results["phases_s"]))
@@ -48,7 +50,7 @@ def rehearsal(tmp_path_factory):
 def test_cluster_of_distinct_nodes_behind_token_auth(rehearsal):
     cluster = rehearsal["cluster"]
     workers = [n for n in cluster["nodes"] if n["cpus"] > 0]
-    assert len(workers) == 3 and len({n["ip"] for n in workers}) == 3, cluster["nodes"]
+    assert len(workers) == NODES and len({n["ip"] for n in workers}) == NODES, cluster["nodes"]
     assert cluster["token_auth"], "the Jobs API answered a client without the token (or refused the token)"
     assert cluster["jobs_api"].startswith("http://127.0.0.1:")
     data = rehearsal["data"]
@@ -59,16 +61,19 @@ def test_launcher_picks_the_multinode_config_and_hpz_is_sized_per_world_size(reh
     drill = rehearsal["drill"]
     assert drill["deepspeed_config"] == MULTINODE
     hpz = {int(k): v for k, v in drill["hpz_by_world_size"].items()}
-    assert set(hpz) == {2, 3}, hpz
-    assert "3 ranks on 3 node(s)" in hpz[3] and "2 ranks on 2 node(s)" in hpz[2]  # one worker per node
+    assert set(hpz) == {NODES - 1, NODES}, hpz
+    assert f"{NODES} ranks on {NODES} node(s)" in hpz[NODES]  # one worker per node
+    assert f"{NODES - 1} ranks on {NODES - 1} node(s)" in hpz[NODES - 1]
     assert all("hpZ off" in v for v in hpz.values())  # one rank per node: nothing node-local to gain
 
 
 def test_node_loss_restarts_smaller_from_the_last_checkpoint_and_a_node_back_grows_it(rehearsal):
     drill = rehearsal["drill"]
-    assert [s["world_size"] for s in drill["starts"]] == [3, 2, 3, 2], drill["starts"]  # loss, return, preemption
+    high, low = NODES, NODES - 1
+    # started, node lost, node back, preempted
+    assert [s["world_size"] for s in drill["starts"]] == [high, low, high, low], drill["starts"]
     loss, add = drill["node_loss"], drill["node_add"]
-    assert loss["world_size_after"] == 2 and add["world_size_after"] == 3
+    assert loss["world_size_after"] == low and add["world_size_after"] == high
     every = rehearsal["conditions"]["args"]["ckpt_every"]
     # Restarted from the newest whole checkpoint: the lost node may have been writing the next one (then set
     # aside), so up to two checkpoint intervals are redone, never more.
@@ -78,15 +83,15 @@ def test_node_loss_restarts_smaller_from_the_last_checkpoint_and_a_node_back_gro
     assert set(range(every, drill["stopped_after_step"] + 1, every)) <= set(written)
     shrunk, grown = loss["restarted_from_step"], add["restarted_from_step"]
     preempted = drill["preemption"]["restarted_from_step"]
-    assert written == {s: 3 if s <= shrunk or grown < s <= preempted else 2 for s in written}
+    assert written == {s: high if s <= shrunk or grown < s <= preempted else low for s in written}
 
 
 def test_resume_at_another_worker_count_continues_exactly(rehearsal):
     resume = rehearsal["resume"]
     assert resume["state_identical"] and resume["data_position_exact"]
     assert set(resume["tensors_compared"]) >= {"weights", "manifold state"}
-    assert resume["to_workers"] == 3 and "at 2 workers" in resume["from"]
-    assert resume["finished_world_size"] == 3
+    assert resume["to_workers"] == NODES and f"at {NODES - 1} workers" in resume["from"]
+    assert resume["finished_world_size"] == NODES
 
 
 def test_preemption_notice_checkpoints_and_the_run_continues_on_the_nodes_left(rehearsal):
@@ -94,7 +99,7 @@ def test_preemption_notice_checkpoints_and_the_run_continues_on_the_nodes_left(r
     preempt = drill["preemption"]
     assert drill["node_add"]["restarted_from_step"] < preempt["notice_checkpoint_step"]
     assert preempt["restarted_from_step"] >= preempt["notice_checkpoint_step"]  # nothing before the notice redone
-    assert preempt["world_size_after"] == 2
+    assert preempt["world_size_after"] == NODES - 1
     assert int(max(drill["checkpoints"], key=int)) > preempt["restarted_from_step"]
 
 
