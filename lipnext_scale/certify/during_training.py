@@ -68,7 +68,7 @@ def retention(cfg: JobConfig) -> Retention:
 def check_validation(cfg: JobConfig) -> None:
     """Start-time checks of certification during training; raises ConfigError naming the fix."""
     best = cfg.ckpt.best_eps()
-    radii = parse_eps_list(cfg.certify.eps)
+    radii = cfg.certify.radii()
     if best is not None and best not in radii:
         raise ConfigError(f"ckpt.best_metric={cfg.ckpt.best_metric!r}: {format_eps(best)} is not one of "
                           f"certify.eps={cfg.certify.eps!r}; rank by one of those, e.g. "

@@ -29,7 +29,7 @@ from lipnext_scale.certify.fp_error import float_error_model
 from lipnext_scale.certify.model_loading import CertifyError, load_model, verify_model
 from lipnext_scale.certify.report import build_report, merge_shard_tables, read_shard_result, write_outputs
 from lipnext_scale.certify.worker import RESULTS_DIR, CertifierProcess, Checks, ShardCertifier, shard_result_url
-from lipnext_scale.eps import format_eps, parse_eps_list
+from lipnext_scale.eps import format_eps
 from lipnext_scale.storage import (check_url, exists, file_in_the_way, is_dir, is_process_local, join_url, list_dir,
                                    parse_json, read_bytes, write_json)
 
@@ -211,7 +211,7 @@ def certify_job(ckpt_url: str, data_url: str, out_url: str, cfg: CertifyConfig |
     cfg = cfg or CertifyConfig()
     runtime = runtime or CertifyRuntime()
     actors, batch_size, lipschitz_tol = cfg.actors, cfg.batch_size, cfg.lipschitz_tol
-    eps_list = parse_eps_list(cfg.eps)  # distinct radii: two spellings of one value are an error
+    eps_list = cfg.radii()  # distinct radii: two spellings of one value are an error
     attack = cfg.attack
     if attack not in (None, "", "none") + ATTACKS:
         raise CertifyError(f"--attack {attack!r}: choose one of {', '.join(ATTACKS)} (or leave it out)")

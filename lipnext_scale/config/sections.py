@@ -257,12 +257,17 @@ class CertifyConfig:
     # many seconds are skipped (logged), except the final checkpoint's, which always runs (under timeout_s).
     final_wait_s: float = 600.0
 
-    def validate(self) -> None:
-        check_choices(self, "certify")
+    def radii(self) -> list[float]:
+        """certify.eps as radii, in the order given (the one place they are parsed: every component that
+        certifies, estimates or serves reads them here); raises ConfigError naming the value and the problem."""
         try:
-            parse_eps_list(self.eps)
+            return parse_eps_list(self.eps)
         except ValueError as e:
             raise ConfigError(f"certify.eps={self.eps!r}: {e}") from None
+
+    def validate(self) -> None:
+        check_choices(self, "certify")
+        self.radii()
         if self.lipschitz_tol < 0:
             raise ConfigError(f"certify.lipschitz_tol={self.lipschitz_tol}: must be >= 0")
         if self.actors < 0 or self.batch_size < 1 or self.attack_steps < 1:

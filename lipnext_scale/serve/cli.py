@@ -83,7 +83,6 @@ def _read_token(path: str) -> str:
 
 def prepare(args: argparse.Namespace):
     """(ServeSettings, description): flags checked, weights loaded and verified on this process."""
-    from lipnext_scale.eps import parse_eps_list
     from lipnext_scale.certify.fp_error import float_error_model
     from lipnext_scale.certify.model_loading import load_model, verify_model
     from lipnext_scale.config import load_config
@@ -97,7 +96,7 @@ def prepare(args: argparse.Namespace):
         if getattr(args, flag) is not None:
             setattr(cfg, flag, getattr(args, flag))
     cfg.validate()
-    eps = parse_eps_list(cfg.eps)
+    eps = cfg.radii()
     loaded = load_model(args.ckpt)
     verification = verify_model(loaded.model, cfg.lipschitz_tol, cfg.allow_approx)
     floating_point = float_error_model(loaded.model, verification.lipschitz_used).as_dict()

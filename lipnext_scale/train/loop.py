@@ -23,7 +23,6 @@ from lipnext_scale.certify.during_training import retention
 from lipnext_scale.ckpt import CheckpointManager, NonFiniteState
 from lipnext_scale.ckpt.manager import Report
 from lipnext_scale.config import DataConfig, JobConfig, config_to_dict
-from lipnext_scale.eps import parse_eps_list
 from lipnext_scale.model.lipschitz import lipschitz_from_orthogonality_error
 from lipnext_scale.train.engine import (Built, WorkerRuntime, build_engine, deepspeed_config, gather_node_of_rank,
                                         hpz_partition_size, init_distributed)
@@ -209,7 +208,7 @@ def _diverged_message(reason: str, manager: CheckpointManager) -> str:
 
 def _evaluate(step: int, built: Built, cfg: JobConfig, data: DataConfig, runtime: WorkerRuntime,
               tb: ScalarLog) -> dict[str, float]:
-    scores = evaluate(built, data, image_size=cfg.model.image_size, radii=parse_eps_list(cfg.certify.eps),
+    scores = evaluate(built, data, image_size=cfg.model.image_size, radii=cfg.certify.radii(),
                       batches=cfg.train.eval_batches, loss_eps=cfg.loss.eps, runtime=runtime)
     tb.scalars(scores, step)
     return scores
