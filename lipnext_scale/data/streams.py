@@ -15,7 +15,9 @@ world_size, num_workers, worker); the rank comes from the caller, never from the
 streams are split the way webdataset splits resampled data (one ResampledShards per stream, each with its
 own seed); evaluation streams by `eval_parts`. Batches
 are assembled inside each worker and the DataLoader hands them out round-robin by worker id, so the order
-of batches is a pure function of the seeds: that is what makes exact resume possible.
+of batches is a pure function of the seeds: that is what makes exact resume possible. A worker writes its
+batch straight into shared memory (`batch_tensor`); float training batches are made from uint8 ones in the
+consumer's process, in reused memory (`FloatBatches`).
 """
 
 from __future__ import annotations
