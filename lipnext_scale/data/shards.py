@@ -160,7 +160,9 @@ def _loader(dataset, num_workers: int, pin_memory: bool = False, to_float: bool 
                     return
                 except DataError as e:
                     raise DataError(_one_line(str(e))) from None
-                yield batch if floats is None else (floats(batch[0]), *batch[1:])
+                if floats is not None:  # a list, as the DataLoader hands batches over
+                    batch = [floats(batch[0]), *batch[1:]]
+                yield batch
 
     if num_workers < 0:
         raise ValueError(f"num_workers={num_workers}: must be >= 0")
@@ -231,5 +233,5 @@ def make_eval_loader(url: str | list[str], data: DataConfig, *, image_size: int,
     _check_rank(runtime.rank, runtime.world_size, data.batch_size)
     urls = resolve_shards(url, split="val")
     stream = EvalStream(urls, shard_digests(urls), data, image_size=image_size, num_classes=num_classes,
-                        runtime=runtime)
-    return _loader(stream, data.loader_processes)
+                        runtime=replace(runtime, uint8=True))
+    return _loader(stream, data.loader_processes, to_float=True)

@@ -205,9 +205,13 @@ class FloatBatches:
         return out.copy_(images).div_(255.0)
 
 
-def collate_eval(samples: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def collate_eval(samples: list, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     keys, images, labels = zip(*samples)
-    return images_batch(images), torch.tensor(labels, dtype=torch.int64), list(keys)
+    return images_batch(images, dtype), torch.tensor(labels, dtype=torch.int64), list(keys)
+
+
+def collate_eval_uint8(samples: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    return collate_eval(samples, torch.uint8)
 
 
 class TrainStream(IterableDataset):
@@ -254,7 +258,7 @@ class EvalStream(IterableDataset):
                  num_classes: int | None, runtime: LoaderRuntime):
         self.urls, self.digests, self.image_size, self.batch_size = urls, digests, image_size, data.batch_size
         self.dataset, self.rank, self.world_size = data.dataset, runtime.rank, runtime.world_size
-        self.num_classes = num_classes
+        self.num_classes, self.uint8 = num_classes, runtime.uint8
         self.stats = SkipStats()
 
     def pipeline(self) -> wds.DataPipeline:
@@ -264,7 +268,8 @@ class EvalStream(IterableDataset):
             lambda samples: decode(samples, self.stats, self.num_classes),
             lambda samples: ((key, to_uint8_hwc(eval_transform(img, self.dataset, self.image_size)), label)
                              for key, img, label in samples),
-            wds.batched(self.batch_size, collation_fn=collate_eval, partial=True),
+            wds.batched(self.batch_size, collation_fn=collate_eval_uint8 if self.uint8 else collate_eval,
+                        partial=True),
         )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
