@@ -12,7 +12,8 @@
    `wds.WebLoader` with 2 workers: the difference is then only the reading, grouping, decoding and
    shuffling plumbing. Two settings: ImageNet-style (256-short-side JPEGs, random-resized-crop 224 + flip)
    and CIFAR-style (32x32 PNGs, padded crop + flip). Each round measures the three back to back (rotated
-   order); the results are the per-round paired ratios ours / other: median, min, max and rounds.
+   order); "comparisons" holds the per-round paired ratios ours / other (bench/paired.py): median, min,
+   max, rounds and the target.
 2. Prep throughput: `prepare("imagenet", ...)` with one Ray task per shard on 2 CPUs from larger JPEGs
    (an ImageNet-like 350-500 px), images/s per core.
 
@@ -36,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from paired import comparison  # bench/paired.py (this script's directory is on sys.path)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "data.json"
 CLASSES = 10
@@ -152,13 +155,6 @@ def images_per_s(loader, batches: int, warmup: int = 3) -> float:
     return rate
 
 
-def paired(ours: list[float], other: list[float]) -> dict:
-    """Per-round ratios ours / other (each round's two measurements ran back to back): median, spread, rounds."""
-    ratios = [a / b for a, b in zip(ours, other)]
-    return {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
-            "max": round(max(ratios), 3), "rounds": len(ratios)}
-
-
 def bench_loader(name: str, make_ours, make_base, make_wds, batches: int, rounds: int) -> dict:
     ours, base, stock = [], [], []
     variants = [(ours, make_ours), (base, make_base), (stock, make_wds)]
@@ -177,7 +173,13 @@ def bench_loader(name: str, make_ours, make_base, make_wds, batches: int, rounds
     row["paired_ratio_median"] = round(statistics.median(a / b for a, b in zip(ours, base)), 3)
     row["paired_ratios_vs_webdataset"] = [round(a / b, 3) for a, b in zip(ours, stock)]
     row["paired_ratio_vs_webdataset_median"] = round(statistics.median(a / b for a, b in zip(ours, stock)), 3)
-    row["paired_vs_imagefolder"], row["paired_vs_webdataset"] = paired(ours, base), paired(ours, stock)
+    setting = name.split(":")[0]
+    row["comparisons"] = {  # bench/paired.py's entries: median of the per-round ratios, min, max, rounds
+        f"loader-{setting}-vs-imagefolder": comparison(
+            f"{name}: images/s, our shard loader / an ImageFolder-style DataLoader", ours, base, target=1.2),
+        f"loader-{setting}-vs-webdataset": comparison(
+            f"{name}: images/s, our shard loader / webdataset's stock WebDataset loader, same shards", ours, stock,
+            target=1.0)}
     row["rounds"], row["batches_timed"] = rounds, batches
     print(json.dumps(row), flush=True)
     return row
@@ -262,8 +264,7 @@ def main() -> int:
     result = {
         "loader_ratio_vs_imagefolder": rows[0]["ratio"],
         "loader_ratio_vs_webdataset": {row["setting"].split(":")[0]: row["ratio_vs_webdataset"] for row in rows},
-        "loader_paired_vs_imagefolder": {row["setting"].split(":")[0]: row["paired_vs_imagefolder"] for row in rows},
-        "loader_paired_vs_webdataset": {row["setting"].split(":")[0]: row["paired_vs_webdataset"] for row in rows},
+        "comparisons": {key: entry for row in rows for key, entry in row.pop("comparisons").items()},
         "prep_images_per_s_per_core": prep_row["images_per_s_per_core"],
         "loader": rows,
         "prep": prep_row,
@@ -282,7 +283,7 @@ def main() -> int:
                   "per 250-image shard, 2 CPUs, source JPEGs 350-500 px resized to short side 256 at quality 95; the "
                   "time includes Ray worker start-up and scheduling; build_shard_images_per_s_one_process is the same "
                   "work in one process without Ray (the per-core ceiling). Ratios: per round, the loaders measured "
-                  "back to back; paired_vs_* give their median, min, max and rounds."),
+                  "back to back; 'comparisons' gives their median, min, max and rounds."),
         "settings": {"images": args.images, "batches_timed": args.batches, "rounds": args.rounds, "quick": args.quick},
         "machine": machine_info(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
