@@ -222,10 +222,14 @@ def hpz_lines(logs: str) -> dict[int, str]:
 
 
 def train_workers(alive_only: bool = True) -> list:
+    import ray
     from ray.util.state import list_actors
 
     filters = [("class_name", "=", "RayTrainWorker")] + ([("state", "=", "ALIVE")] if alive_only else [])
-    return list_actors(filters=filters, limit=1000, raise_on_missing_output=False)
+    # This cluster's address, not one resolved from the machine: beside other Ray instances (the test suite's),
+    # an unset address makes Ray scan for every GCS process and warn each poll.
+    address = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    return list_actors(address=address, filters=filters, limit=1000, raise_on_missing_output=False)
 
 
 class RssMonitor(threading.Thread):

@@ -59,3 +59,30 @@ def digits_shards(_ray_session, tmp_path_factory):
         return made[shard_size]
 
     return get
+
+
+REHEARSAL_TESTS = "tests/integration/test_rehearsal.py"
+
+
+def _is_rehearsal(item) -> bool:
+    return item.nodeid.startswith(REHEARSAL_TESTS)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The rehearsal's checks run last: its run starts in the background once the tests are collected
+    (tests/rehearsal_run.py), so by then it has had the rest of the suite's time."""
+    items.sort(key=_is_rehearsal)  # stable: every other test keeps its order
+
+
+def pytest_collection_finish(session):
+    if not session.config.option.collectonly and any(_is_rehearsal(item) for item in session.items):
+        import rehearsal_run
+
+        rehearsal_run.start()
+
+
+def pytest_sessionfinish(session):
+    import sys
+
+    if "rehearsal_run" in sys.modules:
+        sys.modules["rehearsal_run"].stop()

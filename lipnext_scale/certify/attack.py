@@ -21,6 +21,7 @@ ball's direction, so it never leaves the ball). The best (most adversarial) iter
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -33,24 +34,44 @@ def _margin_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return others.max(dim=1).values - true
 
 
-def _project_l2(delta: torch.Tensor, eps: float) -> torch.Tensor:
+def _project_l2(delta: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """delta scaled onto the l2 ball of radius eps ((B,) per sample) where it lies outside it."""
     norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
     factor = (eps / norms).clamp(max=1.0)
     return delta * factor.view(-1, *([1] * (delta.dim() - 1)))
 
 
-def pgd_l2(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, labels: torch.Tensor, eps: float,
-           *, steps: int = 10, step_size: float | None = None, seed: int = 0) -> torch.Tensor:
+def _inner_radius(x: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+    """(B,) radii, in x's dtype, inside which every iterate stays within eps after rounding to x's dtype.
+
+    x + delta is rounded to x's dtype, each entry (in [0, 1]) by at most half an ulp of 1: at most
+    sqrt(n) * u / 2 in l2 over n entries (u = finfo.eps). The projection itself (a norm, a quotient, a product)
+    and the cast of the radius are off by a few u relative. The radius is shrunk by twice the first and 8 u
+    relative for the rest: at a float32 certified radius of 1e-3 on a 3x32x32 image, 0.3 % of it."""
+    u = torch.finfo(x.dtype).eps
+    inner = torch.as_tensor(eps, dtype=torch.float64) * (1 - 8 * u) - math.sqrt(x[0].numel()) * u
+    return inner.clamp_min(0).to(x.dtype).expand(x.shape[0]).to(x.device)
+
+
+def pgd_l2(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, labels: torch.Tensor,
+           eps: float | torch.Tensor, *, steps: int = 10, step_size: float | None = None, seed: int = 0
+           ) -> torch.Tensor:
     """Adversarial images within ||x_adv - x||_2 <= eps (and in [0, 1]) that try to change `model`'s
-    prediction away from `labels`, from a random start inside the ball (seeded). Returns the best iterate per
-    sample."""
-    if eps <= 0:
-        return x.detach().clone()
-    step_size = 2.5 * eps / steps if step_size is None else step_size
+    prediction away from `labels`, from a random start inside the ball (seeded). `eps` is one radius or one
+    per sample ((B,)). Returns the best iterate per sample.
+
+    The ball holds for the returned images as stored, not only for the real-valued iterates: iterates are
+    projected onto a slightly smaller ball that absorbs the rounding (_inner_radius)."""
     x = x.detach()
+    if not torch.is_tensor(eps) and eps <= 0:
+        return x.clone()
+    shape = (-1, *([1] * (x.dim() - 1)))
+    radius = _inner_radius(x, eps)
+    step = (2.5 * radius / steps).view(shape) if step_size is None else step_size
     gen = torch.Generator(device=x.device).manual_seed(seed)
     noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-    delta = _project_l2(noise * (eps / 4) / noise.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1), eps)
+    delta = _project_l2(noise * (radius / 4).view(shape) / noise.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape),
+                        radius)
     delta = ((x + delta).clamp(0, 1) - x)
     best = x.clone()
     best_loss = torch.full((x.shape[0],), float("-inf"), dtype=x.dtype, device=x.device)
@@ -63,8 +84,8 @@ def pgd_l2(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, label
             improved = loss > best_loss
             best[improved] = (x + delta)[improved]
             best_loss = torch.where(improved, loss, best_loss)
-            g_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-            delta = _project_l2(delta + step_size * grad / g_norm, eps)
+            g_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
+            delta = _project_l2(delta + step * grad / g_norm, radius)
             delta = (x + delta).clamp(0, 1) - x
     return best.detach()
 

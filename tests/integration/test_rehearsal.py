@@ -1,48 +1,36 @@
 """The 2B release rehearsal, small: `python bench/rehearse_2b.py --quick` on a simulated multi-node cluster.
 
-One run of the rehearsal (its own process: Ray reads RAY_AUTH_MODE at import, and the suite's Ray runs without
-token auth) serves the module: a head with the Jobs API on 127.0.0.1 behind token auth and 2 one-CPU worker
-nodes on their own loopback addresses (the full rehearsal: 3 nodes of 2 workers); an ImageNet look-alike
-(folders layout, 224 px) prepared by the `data_prep/imagenet.py` Ray job; `launchers/train_2b.py
---num-workers 1-2` (the 2B recipe shrunk by --set: width 64, depth 1, patch 16 at 224 px, fp32) on the
-multi-node ZeRO config the launcher picks itself; a node killed mid-run (restart at 1 from the last
-checkpoint, lost steps counted) and added back (2 again); a preemption drain (checkpoint on the notice, the
+One run of the rehearsal serves the module. It is its own process (Ray reads RAY_AUTH_MODE at import, and the
+suite's Ray runs without token auth), started in the background when the tests are collected, with its own
+RAY_TMPDIR; these checks run last (tests/rehearsal_run.py, tests/conftest.py). It runs a head with the Jobs API
+on 127.0.0.1 behind token auth and 2 one-CPU worker nodes on their own loopback addresses (the full rehearsal: 3
+nodes of 2 workers); an ImageNet look-alike (folders layout, 224 px) prepared by the `data_prep/imagenet.py` Ray
+job; `launchers/train_2b.py --num-workers 1-2` (the 2B recipe shrunk by --set: width 64, depth 1, patch 16 at 224
+px, fp32) on the multi-node ZeRO config the launcher picks itself; a node killed mid-run (restart at 1 from the
+last checkpoint, lost steps counted) and added back (2 again); a preemption drain (checkpoint on the notice, the
 run continues on the node left); the job stopped and resumed with --resume at another count (bit-identical
-state); width steps measured; in-run certification and a final `launchers/certify.py` job with actors on 2
-nodes at the default tolerance.
+state); width steps measured; in-run certification and a final `launchers/certify.py` job with actors on 2 nodes
+at the default tolerance.
 
 This replaces tests/integration/test_cluster_elastic.py (distinct nodes, node loss and return, exact resume at
-another size, certification actors on two nodes, preemption): the same checks on the documented commands.
-"""
+another size, certification actors on two nodes, preemption): the same checks on the documented commands."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+import rehearsal_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-REPO = Path(__file__).resolve().parents[2]
 MULTINODE = "configs/deepspeed/zero3_bf16_multinode.json"
-NODES = 2  # one worker each: the elastic range is 1-2
+NODES = rehearsal_run.NODES
 
 
 @pytest.fixture(scope="module")
-def rehearsal(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rehearsal") / "rehearsal.json"
-    work = tmp_path_factory.mktemp("rehearsal-work")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "rehearse_2b.py"), "--quick", "--width", "64",
-                           "--nodes", str(NODES), "--out", str(out), "--workdir", str(work)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    results = json.loads(out.read_text())
+def rehearsal():
+    results = rehearsal_run.result()  # started in the background when the tests were collected
     print("\nrehearsal phases (s):", json.dumps(results["phases_s"]))
     return results
 

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fixtures_data as fx  # noqa: E402
 from faulty_fs import FAULTS  # noqa: E402  (registers faulty://)
+import rehearsal_run  # noqa: E402
 
 from lipnext_scale import storage  # noqa: E402
 from lipnext_scale.ckpt import (CheckpointError, checkpoint_dir_name, validate_checkpoint,  # noqa: E402
@@ -266,7 +267,6 @@ def test_a_certification_actor_killed_halfway_through_a_shard_changes_nothing(tm
     uninterrupted run."""
     import threading
 
-    import psutil
     import pyarrow.parquet as pq
 
     from lipnext_scale.certify.job import CertifyRuntime, certify_job
@@ -294,7 +294,7 @@ def test_a_certification_actor_killed_halfway_through_a_shard_changes_nothing(tm
         assert job.is_alive() and time.monotonic() < deadline
         time.sleep(0.05)
     # this process started the local Ray instance (conftest), so its actors are our descendants
-    (actor,) = [p for p in psutil.Process().children(recursive=True) if "ShardCertifier" in " ".join(p.cmdline())]
+    (actor,) = rehearsal_run.own_processes("ShardCertifier")
     assert not (out / "shards" / "val-000001.parquet").exists()  # halfway: shard 1 under way, not written
     actor.send_signal(signal.SIGKILL)
     job.join(timeout=180)

@@ -19,6 +19,8 @@ import time
 import pytest
 import torch
 
+import rehearsal_run
+
 from lipnext_scale.config import load_config
 from lipnext_scale.model import orthogonality_error
 from lipnext_scale.ckpt import CheckpointError, load_manifold_state, load_train_state, validate_checkpoint
@@ -128,17 +130,9 @@ def test_short_run_writes_checkpoints_and_tensorboard_scalars(ref, storage):
 
 
 def _worker_pids() -> list[int]:
-    """Ray Train worker processes started by this test process's own Ray instance (never anyone else's)."""
-    import psutil
-
-    out = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                out.append(proc.pid)
-        except psutil.Error:
-            continue
-    return out
+    """Ray Train worker processes started by this test process's own Ray instance (never anyone else's, nor the
+    background rehearsal's)."""
+    return [p.pid for p in rehearsal_run.own_processes("RayTrainWorker")]
 
 
 def _kill_a_worker_after(ckpt_dir, killed: list, deadline_s: float = 300) -> None:

@@ -24,6 +24,23 @@ def test_iterates_stay_in_the_ball_and_the_box():
     assert torch.equal(pgd_l2(model, x, y, 0.0), x)
 
 
+
+def test_float32_iterates_stay_in_the_ball_after_rounding():
+    """Images rounded to float32 after the step: x + delta is not exactly representable, and at small radii
+    (a certified radius can be ~1e-3 on a 3x32x32 image) the rounding of 3072 entries near 1 moved the returned
+    image out of the ball (found by test_certify_soundness). Distances measured exactly, in float64."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(2, 3 * 32 * 32, generator=g)
+    model = lambda x: x.flatten(1) @ w.t()  # noqa: E731
+    x = 0.5 + 0.5 * torch.rand(16, 3, 32, 32, generator=g)  # entries in [0.5, 1]: the largest rounding steps
+    y = model(x).argmax(1)
+    for eps in (1e-4, 1e-3, 1.7e-3, 0.05):
+        adv = pgd_l2(model, x, y, eps, steps=10, seed=1)
+        assert adv.dtype == torch.float32
+        dist = (adv.double() - x.double()).flatten(1).norm(dim=1)
+        assert (dist <= eps).all(), (eps, float(dist.max()))
+        assert (dist > 0.9 * eps).any()  # the attack still uses (nearly) all of its ball
+
 def test_linear_classifier_breaks_exactly_beyond_the_minimal_perturbation():
     model, w = _linear()
     x = torch.full((1, 3, 2, 2), 0.5, dtype=torch.float64)  # the box is far: the l2 ball binds
