@@ -91,7 +91,7 @@ def pgd_l2(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, label
 
 
 def attack_breaks(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, labels: torch.Tensor,
-                  eps: float, **pgd_kwargs) -> torch.Tensor:
+                  eps: float | torch.Tensor, **pgd_kwargs) -> torch.Tensor:
     """(B,) bool: PGD at eps found an input whose prediction differs from `labels`."""
     x_adv = pgd_l2(model, x, labels, eps, **pgd_kwargs)
     with torch.no_grad():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from processes import stop_process_group
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -49,21 +49,6 @@ def wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120.0)
         except OSError:
             time.sleep(1)
     raise TimeoutError(f"the Ray dashboard at {url} did not come up within {timeout:.0f} s")
-
-
-def stop_process_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
-    """SIGTERM the head we started (it shuts down its Ray processes), then SIGKILL what is left of its group."""
-    pgid = proc.pid  # start_new_session=True: the head leads its own process group
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.fixture(scope="module")
