@@ -18,7 +18,9 @@ Phases, each with the documented command (docs/multinode.md), on one `ray.cluste
            Euclidean state and data position continue exactly (its first checkpoint == the one it resumed)
   width    --width (4096) training steps with real gradients at the recipe's lr (warmup off): peak RSS per rank
            against `lipnext plan` for that shape, FastExp branch counts per step, the step time split,
-           checkpoint bytes and save time; every checkpoint certified while training runs on a held-out shard
+           checkpoint bytes and save time; every checkpoint certified while training runs on a held-out shard.
+           With --quick at the drill's shape (the test suite's) these are measured on the resume run instead,
+           which then runs to its next checkpoint and ends (one Ray Train run less; lr as the recipe schedules it)
   certify  `ray job submit -- python launchers/certify.py RUN --actors N` on the width run's last checkpoint at
            the default certify.lipschitz_tol, no --allow-approx: the bound and its loss of radius
 
@@ -372,6 +374,7 @@ class Rehearsal:
         self.certify_data = self.data  # certification reads the training prep's val split (centre crop)
         self.results: dict = {"phases_s": {}}
         self.cluster: RehearsalCluster | None = None
+        self.width_run: Path | None = None  # the run the width figures come from, certified at the end
 
     def timed(self, phase: str, fn):
         started = time.monotonic()
@@ -475,51 +478,78 @@ class Rehearsal:
 
     # resume -------------------------------------------------------------------------------------------
     def resume(self) -> None:
-        """The stopped run resubmitted from its last checkpoint at another worker count (docs §6, §7)."""
+        """The stopped run resubmitted from its last checkpoint at another worker count (docs §6, §7). With
+        `args.width_on_resume` (--quick at the drill's shape) it also is the width phase: it runs to its next
+        checkpoint and ends (train.steps), certifying its checkpoints in the run, measured as `width` does."""
         a, url = self.args, self.cluster.url
         at = self.results["drill"]["stopped_after_step"]
         source = self.storage / "drill" / f"step_{at:08d}"
         run = self.storage / "drill-resumed"
-        workers = a.resume_workers
+        workers, end_step = a.resume_workers, at + a.ckpt_every
         over = [*shrink(a, width=a.drill_width, depth=a.drill_depth, steps=a.steps, micro=a.micro_batch,
                         global_batch=a.global_batch, every=a.ckpt_every), "train.name=drill-resumed",
-                "certify.during_training=false"]
-        job = submit(url, launcher(self.data, self.storage, str(workers), over, resume=str(source)))
-        alive = running(url, job)
-        wait_for(lambda: at + a.ckpt_every in valid_steps(run), f"step {at + a.ckpt_every} after the resume", alive=alive)
-        stop_job(url, job)
-        logs = job_logs(url, job)
+                *([f"train.steps={end_step}", *self._in_run_certify_overrides()] if a.width_on_resume
+                  else ["certify.during_training=false"])]
+        monitor = RssMonitor() if a.width_on_resume else None
+        if monitor:
+            monitor.start()
+        try:
+            job = submit(url, launcher(self.data, self.storage, str(workers), over, resume=str(source)))
+            if a.width_on_resume:
+                logs = wait_job(url, job, timeout=1800)
+            else:
+                wait_for(lambda: end_step in valid_steps(run), f"step {end_step} after the resume",
+                         alive=running(url, job))
+                stop_job(url, job)
+                logs = job_logs(url, job)
+        finally:
+            peaks = monitor.stop() if monitor else []
         from lipnext_scale.ckpt import load_train_state
 
         compared = same_state(str(source), str(run / f"step_{at:08d}"))  # the copy its first save wrote
         state = load_train_state(str(run / f"step_{at:08d}"))
         tc = state.config["train"]
         position = state.data["batches_per_rank"] == at * tc["grad_accum"]
-        end = load_train_state(str(run / f"step_{at + a.ckpt_every:08d}"))
+        end = load_train_state(str(run / f"step_{end_step:08d}"))
         self.results["resume"] = {
             "from": f"step {at} at {load_train_state(str(source)).world_size} workers", "to_workers": workers,
             "state_identical": True, "tensors_compared": compared, "data_position_exact": position,
             "batches_per_rank_at_resume": state.data["batches_per_rank"],
             "finished_step": end.step, "finished_world_size": end.world_size, "hpz_by_world_size": hpz_lines(logs)}
+        if a.width_on_resume:
+            self.width_run = run
+            self.results["width"] = {**self._width_measurements(run, workers, peaks, logs),
+                                     "measured_on": "the resume run (--quick: the width phase's shape is the drill's)"}
         if not position:
             raise AssertionError(f"data position after resume: {state.data} at grad_accum {tc['grad_accum']}")
 
     # width --------------------------------------------------------------------------------------------
     def width(self) -> None:
         a, url = self.args, self.cluster.url
-        run = self.storage / "width"
+        run = self.width_run = self.storage / "width"
         workers = a.width_workers
-        held_out = sorted(self.certify_data.glob("val-*.tar"))[0]
         over = [*shrink(a, width=a.width, depth=a.depth, steps=a.width_steps, micro=1, global_batch=workers, every=1),
                 "train.name=width", "optim.warmup_steps=0", "optim.min_lr_ratio=1.0",  # the recipe's lr, flat
-                "certify.during_training=true", f"certify.data_url={json.dumps(str(held_out))}",
-                "certify.resources={CPU=1}", "certify.actors=0", "certify.batch_size=16"]
+                *self._in_run_certify_overrides()]
         monitor = RssMonitor()
         monitor.start()
         try:
             logs = wait_job(url, submit(url, launcher(self.data, self.storage, str(workers), over)), timeout=1800)
         finally:
             peaks = monitor.stop()
+        self.results["width"] = self._width_measurements(run, workers, peaks, logs)
+
+    def _in_run_certify_overrides(self) -> list[str]:
+        """Every checkpoint certified while the run goes on, on the first held-out shard."""
+        held_out = sorted(self.certify_data.glob("val-*.tar"))[0]
+        return ["certify.during_training=true", f"certify.data_url={json.dumps(str(held_out))}",
+                "certify.resources={CPU=1}", "certify.actors=0", "certify.batch_size=16"]
+
+    def _width_measurements(self, run: Path, workers: int, peaks: list[dict], logs: str) -> dict:
+        """What the width phase reports, from a finished run's TensorBoard scalars, checkpoints and config."""
+        from lipnext_scale.config import config_from_dict
+
+        cfg = config_from_dict(json.loads((run / "config.json").read_text()))  # the run's resolved config
         tb = scalars(run)
         by_step = lambda tag: {int(s): v for s, v, _ in tb.get(tag, [])}  # noqa: E731
         branches = sorted(t[len("fast_exp/share_"):] for t in tb if t.startswith("fast_exp/share_"))
@@ -530,31 +560,31 @@ class Rehearsal:
                   "euclidean": "optimizer", "checkpoint": "checkpoint"}
         split = {k: {str(s): round(v, 3) for s, v in by_step(f"time/{tag}").items()} for k, tag in phases.items()}
         ckpts = sorted(run.glob("step_*"))
-        self.results["width"] = {
-            "width": a.width, "depth": a.depth, "workers": workers, "micro_batch": 1, "precision": "fp32",
-            "lr": sorted(set(by_step("train/lr").values())), "steps": a.width_steps,
-            "fast_exp_counts_per_step": fast_exp, "step_time_split_s": split,
-            "checkpoint_bytes": {c.name: dir_bytes(c) for c in ckpts},
-            "checkpoint_save_s": split["checkpoint"],
-            "peak_rss_bytes_per_rank": peaks, "plan": self._plan(workers, run),
-            "hpz_by_world_size": hpz_lines(logs),
-            "in_run_certification": self._in_run_certificates(run)}
-        plan_total = self.results["width"]["plan"]["total_bytes"]
-        self.results["width"]["peak_rss_vs_plan"] = [round(p["peak_rss"] / plan_total, 3) for p in peaks]
+        from lipnext_scale.ckpt import load_train_state
 
-    def _plan(self, workers: int, run: Path) -> dict:
-        """`lipnext plan` for exactly the width phase's shape (its constants as they are: this is their check)."""
-        from lipnext_scale.config import config_from_dict
+        micro = load_train_state(str(ckpts[-1])).data["batch_plan"]["micro"]  # as the run batched its steps
+        plan = self._plan(workers, micro, cfg)
+        return {
+            "width": cfg.model.width, "depth": cfg.model.depth, "workers": workers, "micro_batch": micro,
+            "precision": "fp32", "lr_by_step": {str(s): v for s, v in sorted(by_step("train/lr").items())},
+            "optim": {k: getattr(cfg.optim, k) for k in ("lr", "warmup_steps", "total_steps", "min_lr_ratio")},
+            "steps": len(fast_exp), "fast_exp_counts_per_step": fast_exp, "step_time_split_s": split,
+            "checkpoint_bytes": {c.name: dir_bytes(c) for c in ckpts}, "checkpoint_save_s": split["checkpoint"],
+            "peak_rss_bytes_per_rank": peaks, "plan": plan, "hpz_by_world_size": hpz_lines(logs),
+            "in_run_certification": self._in_run_certificates(run),
+            "peak_rss_vs_plan": [round(p["peak_rss"] / plan["total_bytes"], 3) for p in peaks]}
+
+    def _plan(self, workers: int, micro: int, cfg) -> dict:
+        """`lipnext plan` for exactly the measured run's shape (its constants as they are: this is their check)."""
         from lipnext_scale.plan import CPU_RUNTIME_BYTES, ZeroSettings, memory_plan
 
-        cfg = config_from_dict(json.loads((run / "config.json").read_text()))  # the run's resolved config
         zero = json.loads((REPO / cfg.train.deepspeed).read_text())["zero_optimization"]
-        plan = memory_plan("lipnext-2b", workers, 1, optim_cfg=cfg.optim,
+        plan = memory_plan("lipnext-2b", workers, micro, optim_cfg=cfg.optim,
                            zero=ZeroSettings(zero.get("stage3_prefetch_bucket_size", 50_000_000),
                                              zero.get("reduce_bucket_size", 50_000_000), precision="fp32"),
-                           runtime_bytes=CPU_RUNTIME_BYTES, width=self.args.width, depth=self.args.depth)
-        return {"command": f"lipnext plan lipnext-2b --gpus {workers} --gpu-mem 24 --micro-batch 1 --precision fp32 "
-                           f"--device cpu --width {self.args.width} --depth {self.args.depth} "
+                           runtime_bytes=CPU_RUNTIME_BYTES, width=cfg.model.width, depth=cfg.model.depth)
+        return {"command": f"lipnext plan lipnext-2b --gpus {workers} --gpu-mem 24 --micro-batch {micro} "
+                           f"--precision fp32 --device cpu --width {cfg.model.width} --depth {cfg.model.depth} "
                            f"(buckets of {cfg.train.deepspeed})",
                 "total_bytes": plan["total_bytes"], "bytes": plan["bytes"], "phases": plan["phases"]}
 
@@ -570,7 +600,7 @@ class Rehearsal:
     def certify(self) -> None:
         a, url = self.args, self.cluster.url
         out = self.workdir / "certify-width"
-        wait_job(url, submit(url, ["python", "launchers/certify.py", str(self.storage / "width"), "--data",
+        wait_job(url, submit(url, ["python", "launchers/certify.py", str(self.width_run), "--data",
                                    str(self.certify_data / "val"), "--out", str(out), "--actors", str(a.certify_actors),
                                    "--no-progress"]), timeout=1800)
         from ray.util.state import list_actors
@@ -618,6 +648,10 @@ def parse_args(argv=None):
     args.classes = 10
     args.train_per_class, args.val_per_class, args.shard_size = (6, 2, 6) if args.quick else (24, 8, 10)
     args.certify_actors = 2
+    # --quick at the drill's shape: the width phase would be another run of the resume's model on the same
+    # workers; the resume run (ended at its next checkpoint) is measured instead: one Ray Train run less.
+    args.width_on_resume = args.quick and (args.width, args.depth, args.width_workers) == (
+        args.drill_width, args.drill_depth, args.resume_workers)
     return args
 
 
@@ -640,7 +674,8 @@ def main(argv=None) -> int:
         r.timed("data", r.prepare_data)
         r.timed("drill", r.drill)
         r.timed("resume", r.resume)
-        r.timed("width", r.width)
+        if not args.width_on_resume:  # else measured on the resume run
+            r.timed("width", r.width)
         r.timed("certify", r.certify)
     except BaseException as e:
         r.results["error"] = f"{type(e).__name__}: {e}"[:4000]  # what ran is still written, with why it stopped

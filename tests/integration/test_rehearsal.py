@@ -9,8 +9,9 @@ job; `launchers/train_2b.py --num-workers 1-2` (the 2B recipe shrunk by --set: w
 px, fp32) on the multi-node ZeRO config the launcher picks itself; a node killed mid-run (restart at 1 from the
 last checkpoint, lost steps counted) and added back (2 again); a preemption drain (checkpoint on the notice, the
 run continues on the node left); the job stopped and resumed with --resume at another count (bit-identical
-state); width steps measured; in-run certification and a final `launchers/certify.py` job with actors on 2 nodes
-at the default tolerance.
+state); the width measurements (at this size on the resume run: its model and workers are the width phase's, so
+one Ray Train run less); in-run certification and a final `launchers/certify.py` job with actors on 2 nodes at
+the default tolerance.
 
 This replaces tests/integration/test_cluster_elastic.py (distinct nodes, node loss and return, exact resume at
 another size, certification actors on two nodes, preemption): the same checks on the documented commands."""
@@ -18,6 +19,7 @@ another size, certification actors on two nodes, preemption): the same checks on
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import rehearsal_run
@@ -92,9 +94,16 @@ def test_preemption_notice_checkpoints_and_the_run_continues_on_the_nodes_left(r
 
 
 def test_width_phase_measures_memory_fast_exp_and_the_step_split(rehearsal):
+    from lipnext_scale.optim import lr_multiplier
+
     width = rehearsal["width"]
-    assert width["lr"] == [pytest.approx(1e-3)]  # the recipe's optim.lr (stored as fp32)
-    assert len(width["fast_exp_counts_per_step"]) == width["steps"]
+    assert "resume run" in width["measured_on"] and (width["width"], width["depth"]) == (64, 1)
+    optim = SimpleNamespace(**width["optim"])
+    assert optim.lr == pytest.approx(1e-3)  # the recipe's optim.lr
+    lrs = {int(s): v for s, v in width["lr_by_step"].items()}
+    # each logged step's lr is the recipe's schedule at that step (the optimizer's 0-based step = step - 1)
+    assert lrs and all(v == pytest.approx(optim.lr * lr_multiplier(s - 1, optim), rel=1e-6) for s, v in lrs.items())
+    assert [c["step"] for c in width["fast_exp_counts_per_step"]] == sorted(lrs) and width["steps"] == len(lrs)
     for step in width["fast_exp_counts_per_step"]:
         assert step["updates"] == 1 + 2 * width["depth"]  # stem + rot + mix per block, one update each
     assert set(width["step_time_split_s"]) == {"data", "forward", "backward", "manifold", "euclidean", "checkpoint"}
