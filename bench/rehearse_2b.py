@@ -490,20 +490,14 @@ class Rehearsal:
                         global_batch=a.global_batch, every=a.ckpt_every), "train.name=drill-resumed",
                 *([f"train.steps={end_step}", *self._in_run_certify_overrides()] if a.width_on_resume
                   else ["certify.during_training=false"])]
-        monitor = RssMonitor() if a.width_on_resume else None
-        if monitor:
-            monitor.start()
-        try:
-            job = submit(url, launcher(self.data, self.storage, str(workers), over, resume=str(source)))
-            if a.width_on_resume:
-                logs = wait_job(url, job, timeout=1800)
-            else:
-                wait_for(lambda: end_step in valid_steps(run), f"step {end_step} after the resume",
-                         alive=running(url, job))
-                stop_job(url, job)
-                logs = job_logs(url, job)
-        finally:
-            peaks = monitor.stop() if monitor else []
+        command = launcher(self.data, self.storage, str(workers), over, resume=str(source))
+        if a.width_on_resume:
+            logs, peaks = self._run_measured(command)
+        else:
+            job = submit(url, command)
+            wait_for(lambda: end_step in valid_steps(run), f"step {end_step} after the resume", alive=running(url, job))
+            stop_job(url, job)
+            logs = job_logs(url, job)
         from lipnext_scale.ckpt import load_train_state
 
         compared = same_state(str(source), str(run / f"step_{at:08d}"))  # the copy its first save wrote
@@ -525,19 +519,24 @@ class Rehearsal:
 
     # width --------------------------------------------------------------------------------------------
     def width(self) -> None:
-        a, url = self.args, self.cluster.url
+        a = self.args
         run = self.width_run = self.storage / "width"
         workers = a.width_workers
         over = [*shrink(a, width=a.width, depth=a.depth, steps=a.width_steps, micro=1, global_batch=workers, every=1),
                 "train.name=width", "optim.warmup_steps=0", "optim.min_lr_ratio=1.0",  # the recipe's lr, flat
                 *self._in_run_certify_overrides()]
+        logs, peaks = self._run_measured(launcher(self.data, self.storage, str(workers), over))
+        self.results["width"] = self._width_measurements(run, workers, peaks, logs)
+
+    def _run_measured(self, command: list[str]) -> tuple[str, list[dict]]:
+        """Submit a training job and wait for its end, its workers' peak RSS polled meanwhile: (logs, peaks)."""
         monitor = RssMonitor()
         monitor.start()
         try:
-            logs = wait_job(url, submit(url, launcher(self.data, self.storage, str(workers), over)), timeout=1800)
+            logs = wait_job(self.cluster.url, submit(self.cluster.url, command), timeout=1800)
         finally:
             peaks = monitor.stop()
-        self.results["width"] = self._width_measurements(run, workers, peaks, logs)
+        return logs, peaks
 
     def _in_run_certify_overrides(self) -> list[str]:
         """Every checkpoint certified while the run goes on, on the first held-out shard."""
@@ -560,9 +559,7 @@ class Rehearsal:
                   "euclidean": "optimizer", "checkpoint": "checkpoint"}
         split = {k: {str(s): round(v, 3) for s, v in by_step(f"time/{tag}").items()} for k, tag in phases.items()}
         ckpts = sorted(run.glob("step_*"))
-        from lipnext_scale.ckpt import load_train_state
-
-        micro = load_train_state(str(ckpts[-1])).data["batch_plan"]["micro"]  # as the run batched its steps
+        micro = cfg.batch_plan(workers).micro  # as the run batched its steps at this world size
         plan = self._plan(workers, micro, cfg)
         return {
             "width": cfg.model.width, "depth": cfg.model.depth, "workers": workers, "micro_batch": micro,
