@@ -25,17 +25,15 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
     proc.wait()
 
 
-def descendants_running(marker: str, skip: set[int] = frozenset()) -> list:
-    """This process's descendants whose command line contains `marker` (a Ray actor's or worker's class name),
-    not looking inside the trees of the pids in `skip`; processes that exit or turn zombie meanwhile are
-    skipped."""
+def descendants_running(marker: str) -> list:
+    """This process's descendants whose command line contains `marker` (a Ray actor's or worker's class name);
+    processes that exit or turn zombie meanwhile are skipped. Another xdist worker's processes, and the
+    rehearsal's, are never among them."""
     import psutil
 
     found, stack = [], psutil.Process().children()
     while stack:
         p = stack.pop()
-        if p.pid in skip:
-            continue
         try:
             stack.extend(p.children())
             if marker in " ".join(p.cmdline()):

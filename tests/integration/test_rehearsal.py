@@ -1,17 +1,17 @@
 """The 2B release rehearsal, small: `python bench/rehearse_2b.py --quick` on a simulated multi-node cluster.
 
 One run of the rehearsal serves the module. It is its own process (Ray reads RAY_AUTH_MODE at import, and the
-suite's Ray runs without token auth), started in the background when the tests are collected, with its own
-RAY_TMPDIR; these checks run last (tests/rehearsal_run.py, tests/conftest.py). It runs a head with the Jobs API
-on 127.0.0.1 behind token auth and 2 one-CPU worker nodes on their own loopback addresses (the full rehearsal: 3
+suite's Ray runs without token auth) with its own RAY_TMPDIR (tests/rehearsal_run.py); xdist schedules this file
+first, so the other worker runs the rest of the suite meanwhile (tests/conftest.py). It runs a head with the Jobs
+API on 127.0.0.1 behind token auth and 2 one-CPU worker nodes on their own loopback addresses (the full rehearsal: 3
 nodes of 2 workers); an ImageNet look-alike (folders layout, 224 px) prepared by the `data_prep/imagenet.py` Ray
 job; `launchers/train_2b.py --num-workers 1-2` (the 2B recipe shrunk by --set: width 64, depth 1, patch 16 at 224
-px, fp32) on the multi-node ZeRO config the launcher picks itself; a node killed mid-run (restart at 1 from the
-last checkpoint, lost steps counted) and added back (2 again); a preemption drain (checkpoint on the notice, the
-run continues on the node left); the job stopped and resumed with --resume at another count (bit-identical
-state); the width measurements (at this size on the resume run: its model and workers are the width phase's, so
-one Ray Train run less); in-run certification and a final `launchers/certify.py` job with actors on 2 nodes at
-the default tolerance.
+px, fp32) on the multi-node ZeRO config the launcher picks itself; a node killed mid-run (restart at 1 from the last
+checkpoint, lost steps counted) and added back (2 again); a preemption drain (checkpoint on the notice, the run
+continues on the node left); the job stopped and resumed with --resume at another count (bit-identical state); the
+width measurements (at this size on the resume run: its model and workers are the width phase's, so one Ray Train
+run less); in-run certification and a final `launchers/certify.py` job with actors on 2 nodes at the default
+tolerance.
 
 This replaces tests/integration/test_cluster_elastic.py (distinct nodes, node loss and return, exact resume at
 another size, certification actors on two nodes, preemption): the same checks on the documented commands."""
@@ -32,7 +32,7 @@ NODES = rehearsal_run.NODES
 
 @pytest.fixture(scope="module")
 def rehearsal():
-    results = rehearsal_run.result()  # started in the background when the tests were collected
+    results = rehearsal_run.run_rehearsal()
     print("\nrehearsal phases (s):", json.dumps(results["phases_s"]))
     return results
 

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fixtures_data as fx  # noqa: E402
 from faulty_fs import FAULTS  # noqa: E402  (registers faulty://)
-import rehearsal_run  # noqa: E402
+from processes import descendants_running  # noqa: E402
 
 from lipnext_scale import storage  # noqa: E402
 from lipnext_scale.ckpt import (CheckpointError, checkpoint_dir_name, validate_checkpoint,  # noqa: E402
@@ -294,7 +294,7 @@ def test_a_certification_actor_killed_halfway_through_a_shard_changes_nothing(tm
         assert job.is_alive() and time.monotonic() < deadline
         time.sleep(0.05)
     # this process started the local Ray instance (conftest), so its actors are our descendants
-    (actor,) = rehearsal_run.own_processes("ShardCertifier")
+    (actor,) = descendants_running("ShardCertifier")
     assert not (out / "shards" / "val-000001.parquet").exists()  # halfway: shard 1 under way, not written
     actor.send_signal(signal.SIGKILL)
     job.join(timeout=180)

@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-import rehearsal_run
+from processes import descendants_running
 
 from lipnext_scale.config import load_config
 from lipnext_scale.model import orthogonality_error
@@ -130,9 +130,9 @@ def test_short_run_writes_checkpoints_and_tensorboard_scalars(ref, storage):
 
 
 def _worker_pids() -> list[int]:
-    """Ray Train worker processes started by this test process's own Ray instance (never anyone else's, nor the
-    background rehearsal's)."""
-    return [p.pid for p in rehearsal_run.own_processes("RayTrainWorker")]
+    """Ray Train worker processes started by this test process's own Ray instance (never anyone else's, such as
+    the other xdist worker's or the rehearsal's: they are not this process's descendants)."""
+    return [p.pid for p in descendants_running("RayTrainWorker")]
 
 
 def _kill_a_worker_after(ckpt_dir, killed: list, deadline_s: float = 300) -> None:
