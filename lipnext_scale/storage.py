@@ -478,6 +478,12 @@ def local_path(url: str, error: type[Exception] = StorageError) -> str | None:
     return path if ("file" in protocols or "local" in protocols) else None
 
 
+def du(url: str, error: type[Exception] = StorageError) -> int:
+    """Total bytes of the files under `url` (of the file, for a file)."""
+    fs, path = url_to_fs(url, error)
+    return int(_retried(url, "sizing", "size", error, lambda: fs.du(path, total=True)))
+
+
 def makedirs(url: str, error: type[Exception] = StorageError) -> None:
     """Create the directory `url` and its parents (nothing when it exists; object stores have none)."""
     fs, path = url_to_fs(url, error)

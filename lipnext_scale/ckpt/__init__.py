@@ -8,6 +8,8 @@
               the manifold state per owner
   zero.py     DeepSpeed ZeRO-3 engine <-> checkpoint tensors (DeepSpeed imported inside functions)
   manager.py  CheckpointManager: the start point of a job, save (synchronous or in the background), load, prune
+  staging.py  the local staging directories saves write (named by host and process), swept once their
+              process has ended (a worker killed mid-save)
   retention.py which checkpoints prune keeps (newest, best certified, under certification) and the
               certification records `{run}/certify/step_X/status.json` it reads
   export.py   the exported-model format (`lipnext export` writes it, `lipnext certify` reads it)

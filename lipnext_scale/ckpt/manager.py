@@ -31,7 +31,6 @@ import contextlib
 import functools
 import logging
 import math
-import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from lipnext_scale.ckpt.layout import RunLayout, step_dir_name
 from lipnext_scale.ckpt.retention import (
     Certification, Retention, UnreadableScore, read_certification, retained, superseded, write_certification,
 )
+from lipnext_scale.ckpt.staging import new_staging_dir, sweep_orphaned_staging
 from lipnext_scale.ckpt.state import load_manifold_state, load_train_state, manifold_tensors
 from lipnext_scale.ckpt.zero import collect_local_state, param_shapes, restore_local_state
 from lipnext_scale.storage import (
@@ -123,6 +123,8 @@ class CheckpointManager:
         self._uploading: tuple[str, str] | None = None  # (staging directory, checkpoint URL) of the last save
         self._writer: ThreadPoolExecutor | None = None  # the background write of asynchronous saves
         self._writing: Future | None = None
+        if report is not None:  # a rank that saves: its host's staging left by killed processes goes first
+            sweep_orphaned_staging()
 
     # ------------------------------------------------------------------ which checkpoint
 
@@ -191,7 +193,7 @@ class CheckpointManager:
                     "optim_state_keys": keys, "manifold_owners": manifold.owner_map(), "config": config,
                     "time": time.time(), "versions": _versions()}
         self._wait_for_upload()
-        local = tempfile.mkdtemp(prefix="lipnext-ckpt-")
+        local = new_staging_dir()
         try:
             if getattr(self.report, "waits_for_staging", False):
                 self._writer = self._writer or ThreadPoolExecutor(1, thread_name_prefix="lipnext-ckpt-write")

@@ -14,7 +14,8 @@ worker, as a crash mid-upload would; Ray Train restarts the worker (train.max_fa
   - certification ran while training did: one started before the final checkpoint was written (a checkpoint
     whose report Ray lost with the killed worker is certified after training, by `finish`);
   - retention: the newest checkpoint plus the best by clean accuracy remain, and every certification
-    finished (none lost its checkpoint to pruning while queued or running).
+    finished (none lost its checkpoint to pruning while queued or running);
+  - the killed worker's local staging directory (step 120's files) is gone: the restarted worker removed it.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def _upload_or_die(checkpoint, name: str):
     os.makedirs(dest, exist_ok=True)
     for file in sorted(os.listdir(checkpoint.path))[:2]:
         shutil.copyfile(os.path.join(checkpoint.path, file), os.path.join(dest, file))
-    open(crashed, "w").close()
+    with open(crashed, "w") as f:
+        f.write(checkpoint.path)  # its staging directory, which the restarted worker removes
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -161,3 +163,9 @@ def test_retention_keeps_the_newest_and_the_best_certified(run):
 
         report = json.loads((rundir / "certify" / f"step_{step:08d}" / "report.json").read_text())
         assert load_model(str(rundir / f"step_{step:08d}")).weights_sha256 == report["checkpoint"]["weights_sha256"]
+
+
+def test_the_killed_workers_staging_directory_is_removed_by_the_restarted_worker(run):
+    staging = (run["dir"] / "crashed-once").read_text()
+    assert os.path.basename(staging).startswith("lipnext-ckpt-"), staging
+    assert not os.path.exists(staging), f"{staging} was left behind by the killed worker"
