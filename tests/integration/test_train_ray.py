@@ -39,30 +39,8 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # never create ~/.ray/auth_token in the real HOME
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
-    if saved is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = saved
-
-
-@pytest.fixture(scope="module")
-def digits(ray_cluster, tmp_path_factory):
-    from lipnext_scale.data.prep import ShardFormat, prepare
-
-    out = tmp_path_factory.mktemp("digits")
-    prepare("digits", None, str(out), ShardFormat(image_size=32), progress=False)
-    return out
+def digits(ray_local, digits_shards):
+    return digits_shards()  # the session's digits shards (read only) on the session's local Ray
 
 
 @pytest.fixture(scope="module")
