@@ -62,8 +62,9 @@ def digits_shards(_ray_session, tmp_path_factory):
 
 
 # The suite runs under pytest-xdist (pyproject's addopts: `-n 2 --dist loadfile`): test files go to the 2 workers
-# whole, in collection order, so the longest start first and the short ones fill in at the end (measured: 500 s
-# for the whole suite where one process took 650 s with the rehearsal in the background). Seconds each, alone here.
+# whole, in collection order, so the longest start first and the short ones fill in at the end (measured back to
+# back on the 2-core machine: 586 s for the whole suite, 715 s in one process with the rehearsal in the
+# background). Seconds each file takes alone here:
 LONGEST_FIRST = {
     "tests/integration/test_rehearsal.py": 260, "tests/integration/test_train_ray.py": 130,
     "tests/integration/test_validation_training.py": 80, "tests/e2e/test_demo.py": 75,

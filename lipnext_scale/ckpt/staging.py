@@ -54,6 +54,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _still_there(url: str) -> bool:
+    try:
+        return is_dir(url, CheckpointError)
+    except CheckpointError:
+        return True  # cannot even look: worth the warning
+
+
 def sweep_orphaned_staging(temp_dir: str | None = None) -> tuple[int, int]:
     """Removes this host's staging directories whose writing process has ended; returns (directories, bytes)
     removed. Never raises: a directory another rank of the host removes first is skipped, one that cannot be
@@ -75,7 +82,7 @@ def sweep_orphaned_staging(temp_dir: str | None = None) -> tuple[int, int]:
         try:
             move(entry.url, claimed, CheckpointError)
         except CheckpointError as e:
-            if is_dir(entry.url, CheckpointError):  # else another rank of this host claimed it first
+            if _still_there(entry.url):  # else another rank of this host claimed it first
                 log.warning("could not remove the abandoned checkpoint staging directory %s: %s", entry.url, e)
             continue
         try:
