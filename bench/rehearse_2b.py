@@ -663,6 +663,9 @@ def main(argv=None) -> int:
         # not process start-up): 8 s is ample on an idle simulated cluster, and a timed-out start is retried
         # (a controller failure, unlimited by default), so the small drill does not sit 20 s per node loss.
         os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "8"
+        # Ray Train's controller takes one report off each worker per poll (every 2 s by default): the small
+        # drill's steps take a fraction of a second, so reports would queue and each run's end wait for them.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped rehearsal still shuts its cluster down
     started = time.monotonic()
     r = Rehearsal(args, workdir)

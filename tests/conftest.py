@@ -10,6 +10,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # A local ray.init() under Ray 2.60 turns token auth on and writes ~/.ray/auth_token, which then switches
 # every later Ray process of this user to token mode. Tests opt out; the token-auth test sets its own HOME.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray Train's controller takes one report off each worker per poll, every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
+# default; propagated from the driver): the tests' runs report every few 0.1-s steps, so reports queue up and a
+# run's end waits ~2 s per queued report (measured: a 24-step 2-worker run took 45-49 s at 2 s, 26-33 s at 0.2-0.25 s).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 import pytest  # noqa: E402  (after the environment: Ray and DeepSpeed read it at import)
 
