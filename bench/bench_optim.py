@@ -245,8 +245,9 @@ def zero3_worker(out: Path, steps: int) -> None:
     from lipnext_scale.config import OptimConfig
     from lipnext_scale.model import create_model
     from lipnext_scale.optim import ShardedManifoldStep, build_zero3_optimizers
+    from lipnext_scale.train.engine import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed("cpu")  # the trainer's: no JIT build of DeepSpeed's inference kernel
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.manual_seed(0)
     model = create_model("lipnext-tiny", **ZERO3_MODEL)

@@ -35,7 +35,6 @@ def run_rehearsal() -> dict:
     ray_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths live under it
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
     env["RAY_TMPDIR"] = ray_tmp
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     try:
         with open(root / "rehearsal.log", "w") as log:
             proc = subprocess.Popen(

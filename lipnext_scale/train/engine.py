@@ -169,8 +169,22 @@ def gather_node_of_rank(node: int, world: int) -> list[int]:
 
 
 def init_distributed(device: str) -> None:
-    import deepspeed
+    """DeepSpeed's process group on this rank (nccl on CUDA, gloo on CPU), without DeepSpeed's shared-memory
+    inference all-reduce kernel.
 
+    On the CPU accelerator, DeepSpeed's communication backend JIT-compiles that kernel (`deepspeed_shm_comm`, C++
+    against torch's headers) at start unless TORCH_EXTENSIONS_DIR already holds it: ~50 core-s of g++ on a fresh
+    machine (26 s on 2 cores here), and every rank starting meanwhile waits on the build lock. Only DeepSpeed's
+    inference (`inference_all_reduce`) uses it; ZeRO-3 training reduces through torch.distributed. DeepSpeed reads
+    one module-level op-compatibility dict to decide, and keeps edits to it, so the kernel is marked unavailable
+    there (no DeepSpeed option does this)."""
+    import deepspeed
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    shm_kernel = get_accelerator().get_op_builder("ShareMemCommBuilder")  # None where the accelerator has none
+    if shm_kernel is not None:
+        deepspeed.ops.__compatible_ops__[shm_kernel.NAME] = False
     deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo")
 
 

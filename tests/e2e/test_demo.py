@@ -27,8 +27,6 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
     env.update(HOME=str(home), OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
-    # Keep DeepSpeed's JIT-built CPU ops in the real cache: a temporary HOME would rebuild them every run.
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     cmd = [LIPNEXT, "demo", "--out", str(out), "--name", "e2e", "--steps", "4",
            "--set", "train.log_every=2", "--set", "train.eval_batches=1", "--set", "train.progress_bar=false"]
     proc = subprocess.run(cmd, env=env, cwd=str(out), capture_output=True, text=True, timeout=400)

@@ -93,8 +93,9 @@ def main() -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_local_grad
 
     from lipnext_scale.optim import ShardedManifoldStep, build_zero3_optimizers, orthogonality_error
+    from lipnext_scale.train.engine import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed("cpu")  # the trainer's: no JIT build of DeepSpeed's inference kernel
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     cfg = optim_config()
     model = build_model()

@@ -61,8 +61,6 @@ def token_head(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_TOKEN"))}
     env.update(HOME=str(home), RAY_AUTH_MODE="token", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-    # Keep DeepSpeed's JIT-built CPU ops in the real cache: a temporary HOME would rebuild them every run.
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
     dashboard_port = free_port()
     cmd = [RAY, "start", "--head", "--block", "--dashboard-host", "127.0.0.1",
            "--port", str(free_port()), "--dashboard-port", str(dashboard_port),

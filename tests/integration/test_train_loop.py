@@ -8,6 +8,8 @@
               4 < 3 + log_every) with a message naming the last good checkpoint, and writes no checkpoint after it.
   nan-weights a weight turns NaN right before a checkpoint step whose loss was still finite: the
               CheckpointManager refuses to write it, the run stops the same way.
+Every rank starts with an empty TORCH_EXTENSIONS_DIR, as on a fresh machine: none compiles or loads DeepSpeed's
+shared-memory inference kernel (train/engine.py's init_distributed).
 This file is also the worker script (`python this_file --worker MODE RUN SHARD OUT`).
 """
 
@@ -122,8 +124,11 @@ def _worker(mode: str, run: str, shard: str, out: str) -> None:
             shutil.copytree(local_dir, f"{run}/{name}", dirs_exist_ok=True)
 
     result = loop.train_worker(cfg, read_deepspeed_config(cfg.train.deepspeed), run, WorkerRuntime(), report=report)
+    from deepspeed.comm import comm
+
     Path(out).write_text(json.dumps({"result": {k: v for k, v in result.items() if isinstance(v, (int, float, str))},
-                                     "events": {k: {s: dict(c) for s, c in v.items()} for k, v in events.items()}}))
+                                     "events": {k: {s: dict(c) for s, c in v.items()} for k, v in events.items()},
+                                     "shm_kernel_loaded": comm.cdb.shm_comm_op is not None}))
 
 
 # ------------------------------------------------------------------ test side
@@ -138,12 +143,14 @@ def _free_port() -> int:
 def runs(shard, tmp_path_factory):
     """All modes at once (one process each), results by mode."""
     base = tmp_path_factory.mktemp("loop")
+    extensions = base / "torch_extensions"  # empty: what a fresh machine has; anything JIT-built lands here
     procs = {}
     for mode in MODES:
         run = base / mode
         run.mkdir()
         env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+               "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+               "TORCH_EXTENSIONS_DIR": str(extensions)}
         log = open(base / f"{mode}.log", "w")
         procs[mode] = (run, subprocess.Popen(
             [sys.executable, str(HERE), "--worker", mode, str(run), str(shard), str(base / f"{mode}.json")],
@@ -157,7 +164,15 @@ def runs(shard, tmp_path_factory):
         if proc.returncode != 0:
             pytest.fail(f"{mode} worker failed:\n{(base / f'{mode}.log').read_text()[-4000:]}")
         out[mode] = {"run": run, **json.loads((base / f"{mode}.json").read_text())}
+    out["built"] = sorted(p.name for p in extensions.glob("*")) if extensions.exists() else []
     return out
+
+
+def test_a_rank_starts_without_compiling_anything(runs):
+    """DeepSpeed's CPU backend JIT-compiles its shared-memory inference all-reduce kernel at start (~50 core-s of
+    g++ on a fresh machine) unless told it is unavailable; training never uses it (train/engine.py)."""
+    assert not any(runs[mode]["shm_kernel_loaded"] for mode in MODES), {m: runs[m]["shm_kernel_loaded"] for m in MODES}
+    assert runs["built"] == [], runs["built"]
 
 
 def test_no_host_sync_or_collective_of_the_loop_between_log_steps(runs):
